@@ -1,0 +1,38 @@
+"""dmd-jax: Distribution Matching Distillation (DMD, DMD2) in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name="dmd_jax",
+    version="0.1.0",
+    description="One-step diffusion distillation (DMD / DMD2) in JAX and Flax, sharded with jit + Mesh.",
+    packages=find_packages(include=["dmd_jax", "dmd_jax.*"]),
+    package_data={"dmd_jax": ["assets/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10,<0.13",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "ml-collections>=1.0,<2",
+        "clu>=0.0.12",
+        "tensorboardX>=2.6,<3",
+        "tensorflow-datasets>=4.9.8,<5",
+        "grain>=0.2.12,<0.3",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "scipy>=1.13",
+        "pillow>=10",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        # torch (CPU, 2.13.0) and the PyTorch reference packages are used only as parity references.
+        "test": [
+            "pytest>=8",
+            "torch==2.13.0",
+            "diffusers>=0.40",
+            "transformers>=5",
+        ],
+        "tpu": ["jax[tpu]>=0.10,<0.13"],
+        "cuda": ["jax[cuda12]>=0.10,<0.13"],
+    },
+)
