@@ -1,0 +1,55 @@
+"""Orbax checkpoints under ``<workdir>/checkpoints/<step>``: the train state (generator and fake score with
+their optimizer states, the step) plus a JSON item with the config and metadata. The frozen teacher is not
+saved: the config names its converted weights.
+
+Orbax writes each step to a temporary folder and renames it when complete, so a run killed mid-save keeps
+the previous good checkpoint, and ``latest_step`` never returns a half-written one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+
+def _abs(path: str) -> str:
+  return path if "://" in path else os.path.abspath(path)
+
+
+class Checkpointer:
+  def __init__(self, workdir: str, max_to_keep: int = 3, read_only: bool = False):
+    self.directory = epath.Path(_abs(workdir)) / "checkpoints"
+    self._mngr = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
+                                             read_only=read_only))
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state: Any, meta: dict) -> None:
+    """Starts an asynchronous save; call ``wait`` before exiting."""
+    self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                  meta=ocp.args.JsonSave(meta)), force=True)
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    """Restores straight into the shardings of ``abstract_state`` (a pytree of ShapeDtypeStructs)."""
+    out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                           meta=ocp.args.JsonRestore()))
+    return out["state"], out["meta"]
+
+  def restore_meta(self, step: int) -> dict:
+    return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def close(self) -> None:
+    self._mngr.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

@@ -1,0 +1,100 @@
+"""Meshes, sharding rules and multi-host input.
+
+The mesh has axes ``('data', 'fsdp')``. Batches are sharded over both axes along their leading dimension.
+Parameters and optimizer state (the teacher's too) are sharded FSDP-style: an array with at least
+``min_shard_size`` elements is split over ``'fsdp'`` along its largest dimension divisible by the fsdp
+size; smaller arrays are replicated.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def maybe_initialize_distributed(enabled: bool | None = None) -> None:
+  """Calls ``jax.distributed.initialize()`` on a multi-host job.
+
+  ``enabled=True`` forces it (config ``distributed = True``); ``None`` initialises when the environment
+  describes a cluster (``JAX_COORDINATOR_ADDRESS``, SLURM, or a Cloud TPU pod worker list).
+  """
+  if enabled is False or jax.distributed.is_initialized():
+    return
+  env = os.environ
+  cluster = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
+             or "," in env.get("TPU_WORKER_HOSTNAMES", "")
+             or int(env.get("SLURM_NTASKS", "1")) > 1)
+  if enabled or cluster:
+    jax.distributed.initialize()
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
+  """A ``(data, fsdp)`` mesh over all devices; one of the sizes may be -1 (all remaining devices)."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if data == -1 and fsdp == -1:
+    raise ValueError("mesh.data and mesh.fsdp cannot both be -1")
+  if data == -1:
+    data = n // fsdp if fsdp > 0 and n % fsdp == 0 else 0
+  elif fsdp == -1:
+    fsdp = n // data if data > 0 and n % data == 0 else 0
+  if data <= 0 or fsdp <= 0 or data * fsdp != n:
+    raise ValueError(f"mesh.data × mesh.fsdp must equal the number of devices ({n}); "
+                     f"got data={data}, fsdp={fsdp}")
+  return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def fsdp_spec(shape, fsdp_size: int, min_shard_size: int) -> P:
+  """The partition spec of one parameter-like array under the FSDP rule above."""
+  if fsdp_size <= 1 or int(np.prod(shape, dtype=np.int64)) < min_shard_size:
+    return P()
+  dims = sorted(range(len(shape)), key=lambda d: (-shape[d], d))
+  for d in dims:
+    if shape[d] % fsdp_size == 0:
+      spec = [None] * len(shape)
+      spec[d] = "fsdp"
+      return P(*spec)
+  return P()
+
+
+def tree_sharding(mesh: Mesh, tree: Any, min_shard_size: int = 2 ** 18) -> Any:
+  """NamedShardings for a pytree of arrays (or ShapeDtypeStructs) under the FSDP rule."""
+  fsdp_size = mesh.shape["fsdp"]
+  return jax.tree.map(
+      lambda x: NamedSharding(mesh, fsdp_spec(np.shape(x), fsdp_size, min_shard_size)), tree)
+
+
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray], global_batch_size: int) -> dict[str, jax.Array]:
+  """Assembles per-process rows into global arrays sharded over the batch axes.
+
+  Each process passes its own contiguous slice of the global batch (``process_slice``).
+  """
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])
+          for k, v in local.items()}
+
+
+def process_slice(global_batch_size: int) -> slice:
+  """Rows of the global batch that this process loads."""
+  n = jax.process_count()
+  if global_batch_size % n:
+    raise ValueError(f"global batch {global_batch_size} is not divisible by the {n} processes")
+  per = global_batch_size // n
+  i = jax.process_index()
+  return slice(i * per, (i + 1) * per)

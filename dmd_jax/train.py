@@ -1,0 +1,357 @@
+"""The host-side loop: mesh → networks → regression pairs → state (fresh or resumed) → compiled step →
+periodic logging / checkpoints → final evaluation. Also the ``sample``, ``eval`` and ``pairs`` modes."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from dmd_jax import checkpoint, dmd, networks, sharding, writers
+from dmd_jax.data.pairs import EpochSampler, PairStore, build_pairs
+from dmd_jax.data.toy import GaussianMixture
+from dmd_jax.evaluation import toy as toy_eval
+
+
+# ---------------------------------------------------------------------------------------------------
+# Set-up shared by every mode.
+# ---------------------------------------------------------------------------------------------------
+
+def prepare_workdir(workdir: str) -> str:
+  """Creates ``workdir`` (local paths) and checks it is a writable folder; clear errors otherwise."""
+  if not workdir:
+    raise ValueError("--workdir is required")
+  if "://" in workdir:
+    return workdir
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir} exists and is not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write-test-{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise ValueError(f"--workdir={workdir} is not a writable directory: {e}") from e
+  return workdir
+
+
+class Setup:
+  """Everything built from the config before a mode runs."""
+
+  def __init__(self, config, workdir: str):
+    distributed = {"auto": None, "yes": True, "no": False}.get(config.distributed)
+    if config.distributed not in ("auto", "yes", "no"):
+      raise ValueError(f"config.distributed must be 'auto', 'yes' or 'no', got {config.distributed!r}")
+    sharding.maybe_initialize_distributed(distributed)
+    self.config = config
+    self.workdir = prepare_workdir(workdir)
+    self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+    self.nets, frozen = networks.build(config)
+    self.frozen_sharding = sharding.tree_sharding(self.mesh, frozen, config.mesh.min_shard_size)
+    self.frozen = jax.device_put(frozen, self.frozen_sharding)
+    self.hyper = make_hyper(config, self.nets, self.mesh)
+    self.key = jax.random.PRNGKey(config.seed)
+    self.init_key, self.step_key = jax.random.split(self.key)
+    self.abstract_state = jax.eval_shape(self._init_state, self.init_key)
+    self.state_sharding = sharding.tree_sharding(self.mesh, self.abstract_state, config.mesh.min_shard_size)
+    self.is_main = jax.process_index() == 0
+
+  def _init_state(self, key):
+    return dmd.init_state(self.nets, self.hyper, *self.nets.init(key))
+
+  def init_state(self):
+    return jax.jit(self._init_state, out_shardings=self.state_sharding)(self.init_key)
+
+  def restore(self, ckpt: checkpoint.Checkpointer, step: int):
+    abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_sharding)
+    return ckpt.restore(step, abstract)
+
+
+def make_hyper(config, nets, mesh) -> dmd.DMDHyper:
+  o = config.optim
+  n = config.dmd.fake_updates_per_generator_update
+  if n < 1:
+    raise ValueError(f"dmd.fake_updates_per_generator_update must be >= 1, got {n}")
+  make = functools.partial(dmd.make_optimizer, warmup_steps=o.warmup_steps, b1=o.b1, b2=o.b2, eps=o.eps,
+                           weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay=o.decay)
+  distance = config.regression.distance
+  if distance not in dmd.REGRESSION_DISTANCES:
+    raise ValueError(f"regression.distance must be one of {sorted(dmd.REGRESSION_DISTANCES)}, "
+                     f"got {distance!r}")
+  batch = sharding.batch_sharding(mesh)
+  n_dev = mesh.devices.size
+  for name, b in (("batch_size", config.batch_size), ("regression.batch_size", config.regression.batch_size)):
+    if b % n_dev:
+      raise ValueError(f"{name}={b} must be divisible by the number of devices ({n_dev})")
+  return dmd.DMDHyper(
+      batch_size=config.batch_size,
+      generator_optimizer=make(o.lr, total_steps=config.num_train_steps // n),
+      fake_score_optimizer=make(o.lr, total_steps=config.num_train_steps),
+      dm_weight=config.dmd.dm_weight,
+      regression_weight=config.regression.weight,
+      regression_distance=dmd.REGRESSION_DISTANCES[distance],
+      fake_updates_per_generator_update=n,
+      ema_decay=config.ema.decay,
+      constrain_batch=lambda x: jax.lax.with_sharding_constraint(x, batch),
+  )
+
+
+def pair_store(config, workdir) -> PairStore:
+  r = config.regression
+  spec = {"num_pairs": r.num_pairs, "shard_size": r.shard_size, "seed": config.seed,
+          "sampler": "edm_heun", "sampler_steps": r.sampler_steps}
+  return PairStore(os.path.join(workdir, "pairs"), spec).open()
+
+
+def ensure_pairs(setup: Setup) -> dict[str, np.ndarray]:
+  """Builds the missing regression-pair shards (all processes), then loads the whole set."""
+  store = pair_store(setup.config, setup.workdir)
+  nets = setup.nets
+  teacher = setup.frozen["teacher"]
+  build_pairs(store, lambda z, cond: nets.teacher_sample(teacher, z, cond), setup.mesh,
+              seed=setup.config.seed + 1, sample_shape=nets.sample_shape)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("regression pairs built")
+  return store.load()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training.
+# ---------------------------------------------------------------------------------------------------
+
+class _SigtermFlag:
+  def __init__(self):
+    self.raised = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
+    self.raised = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def train(config, workdir: str) -> dict | None:
+  t_start = time.time()
+  setup = Setup(config, workdir)
+  workdir = setup.workdir
+  writer = writers.create_writer(workdir, setup.is_main)
+  ckpt = checkpoint.Checkpointer(workdir)
+
+  # ---- state: resume from the latest checkpoint, or start fresh ----
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, _ = setup.restore(ckpt, latest)
+    logging.info("resumed from %s at step %d", ckpt.directory, latest)
+  else:
+    state = setup.init_state()
+  start = int(jax.device_get(state["step"]))
+  total = config.num_train_steps
+  if start >= total:
+    logging.info("this run has finished: step %d of %d in %s (nothing to do)", start, total, workdir)
+    print(f"run already finished at step {start}/{total}; outputs are in {workdir}")
+    return None
+
+  # ---- regression pairs ----
+  pairs = sampler = None
+  if config.regression.weight > 0:
+    pairs = ensure_pairs(setup)
+    sampler = EpochSampler(len(pairs["index"]), config.regression.batch_size, config.seed)
+    logging.info("regression set: %d pairs", len(pairs["index"]))
+  rows = sharding.process_slice(config.regression.batch_size)
+
+  def batch_for(step: int):
+    if pairs is None:
+      return {}
+    idx = sampler.indices(step)[rows]
+    local = {"reg_z": pairs["z"][idx], "reg_x": pairs["x"][idx]}
+    if "cond" in pairs:
+      local["reg_cond"] = pairs["cond"][idx]
+    return sharding.global_batch(setup.mesh, local, config.regression.batch_size)
+
+  # ---- compile once ----
+  example = batch_for(start)
+  batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(setup.mesh), example)
+  repl = sharding.replicated(setup.mesh)
+  step_fn = jax.jit(functools.partial(dmd.train_step, nets=setup.nets, hyper=setup.hyper),
+                    in_shardings=(setup.state_sharding, setup.frozen_sharding, batch_sh, repl),
+                    out_shardings=(setup.state_sharding, repl), donate_argnums=(0,))
+  t_compile = time.time()
+  step_fn = step_fn.lower(state, setup.frozen, example, setup.step_key).compile()
+  logging.info("compiled the train step in %.1f s", time.time() - t_compile)
+
+  # ---- loop ----
+  sigterm = _SigtermFlag()
+  meta = {"config": config.to_json_best_effort()}
+  t_loop, last_log, last_step = time.time(), time.time(), start
+  step = start
+  try:
+    while step < total:
+      batch = example if step == start else batch_for(step)
+      state, metrics = step_fn(state, setup.frozen, batch, setup.step_key)
+      step += 1
+      if step % config.log_every == 0 or step == total:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        rate = (step - last_step) / max(now - last_log, 1e-9)
+        metrics["steps_per_sec"] = rate
+        writer.write_scalars(step, metrics)
+        logging.info("step %d/%d  %.1f steps/s  ETA %.0f s", step, total, rate, (total - step) / rate)
+        last_log, last_step = now, step
+      if step % config.checkpoint_every == 0 or step == total or sigterm.raised:
+        ckpt.save(step, state, {**meta, "step": step})
+      if sigterm.raised:
+        ckpt.wait()
+        logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume", step)
+        return None
+  finally:
+    sigterm.restore()
+    ckpt.wait()
+  train_seconds = time.time() - t_loop
+  writer.flush()
+
+  # ---- final evaluation and pictures ----
+  results = evaluate(setup, state["generator"], writer, step)
+  results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start, steps=step)
+  if setup.is_main:
+    _write_json(os.path.join(workdir, "metrics.json"), results)
+  writer.flush()
+  ckpt.close()
+  print(json.dumps(_summary(results), indent=1))
+  return results
+
+
+def _write_json(path, obj):
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _summary(results: dict) -> dict:
+  keep = ("tv", "precision", "min_mode_share", "mmd2_ratio")
+  out = {}
+  for who in ("generator", "teacher"):
+    if who in results:
+      out[who] = {k: round(results[who][k], 4) for k in keep if k in results[who]}
+  for k in ("train_seconds", "total_seconds", "steps"):
+    if k in results:
+      out[k] = round(results[k], 1) if isinstance(results[k], float) else results[k]
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling and evaluation.
+# ---------------------------------------------------------------------------------------------------
+
+def generator_params(gen_state) -> dict:
+  """The generator parameters used for sampling: the EMA when there is one."""
+  return gen_state.get("ema_params", gen_state["params"])
+
+
+def generate(setup: Setup, params, num: int, seed: int, chunk: int = 65536) -> np.ndarray:
+  """``num`` one-step samples, deterministic for ``seed`` (independent of the device count)."""
+  nets = setup.nets
+  batch = sharding.batch_sharding(setup.mesh)
+  n_dev = setup.mesh.devices.size
+  chunk = min(chunk, -(-num // n_dev) * n_dev)
+  chunk = -(-chunk // n_dev) * n_dev
+
+  @functools.partial(jax.jit, out_shardings=batch)
+  def one(params, key):
+    r_z, r_c = jax.random.split(key)
+    z = jax.lax.with_sharding_constraint(nets.sample_noise(r_z, chunk), batch)
+    return nets.generate(params, z, nets.sample_cond(r_c, chunk))
+
+  key = jax.random.PRNGKey(seed)
+  out = [np.asarray(jax.device_get(one(params, jax.random.fold_in(key, i))))
+         for i in range(-(-num // chunk))]
+  return np.concatenate(out)[:num]
+
+
+def teacher_samples(setup: Setup, num: int, seed: int) -> np.ndarray:
+  nets = setup.nets
+  batch = sharding.batch_sharding(setup.mesh)
+  n_pad = -(-num // setup.mesh.devices.size) * setup.mesh.devices.size
+  z = jax.device_put(jax.random.normal(jax.random.PRNGKey(seed), (n_pad,) + nets.sample_shape), batch)
+  fn = jax.jit(lambda t, z: nets.teacher_sample(t, z, None), out_shardings=batch)
+  return np.asarray(jax.device_get(fn(setup.frozen["teacher"], z)))[:num]
+
+
+def evaluate(setup: Setup, gen_state, writer, step: int) -> dict:
+  """Family-specific evaluation of the current generator; writes scalars and a picture."""
+  config = setup.config
+  if config.model.family != "toy":
+    raise NotImplementedError(f"evaluation for model.family={config.model.family!r}")
+  mixture = GaussianMixture.from_config(config.toy)
+  n = config.eval.num_samples
+  gen = generate(setup, generator_params(gen_state), n, seed=config.seed + 1000)
+  teach = teacher_samples(setup, n, seed=config.seed + 2000)
+  floor = toy_eval.mmd2_floor(mixture, config.seed)
+  results = {"generator": toy_eval.toy_metrics(gen, mixture, config.seed, floor),
+             "teacher": toy_eval.toy_metrics(teach, mixture, config.seed, floor),
+             "generator_nfe": 1, "teacher_nfe": 2 * config.regression.sampler_steps - 1,
+             "step": step}
+  writer.write_scalars(step, {f"eval/{who}/{k}": v for who in ("generator", "teacher")
+                              for k, v in results[who].items() if not isinstance(v, list)})
+  if setup.is_main:
+    os.makedirs(os.path.join(setup.workdir, "samples"), exist_ok=True)
+    path = os.path.join(setup.workdir, "samples", f"toy_step{step}.png")
+    toy_eval.scatter_png(path, [(f"teacher Heun-{config.regression.sampler_steps} "
+                                 f"({results['teacher_nfe']} NFE)", teach),
+                                (f"one-step generator, step {step}", gen)], mixture)
+    results["samples_png"] = path
+  return results
+
+
+def _latest_generator(setup: Setup):
+  ckpt = checkpoint.Checkpointer(setup.workdir, read_only=True)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (same --workdir)")
+  state, _ = setup.restore(ckpt, latest)
+  return state["generator"], latest
+
+
+def sample(config, workdir: str, num_samples: int, output: str, seed: int) -> str:
+  """Writes ``num_samples`` one-step samples of the latest checkpoint to ``output`` (.npz, 'samples')."""
+  if not output.endswith(".npz"):
+    raise ValueError(f"--output must be a .npz file, got {output!r}")
+  setup = Setup(config, workdir)
+  gen_state, step = _latest_generator(setup)
+  x = generate(setup, generator_params(gen_state), num_samples, seed)
+  if setup.is_main:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = output + f".tmp-{os.getpid()}.npz"
+    np.savez(tmp, samples=x, step=step, seed=seed)
+    os.replace(tmp, output)
+  print(f"wrote {num_samples} samples of step {step} to {output}")
+  return output
+
+
+def evaluate_latest(config, workdir: str) -> dict:
+  setup = Setup(config, workdir)
+  gen_state, step = _latest_generator(setup)
+  writer = writers.create_writer(setup.workdir, setup.is_main)
+  results = evaluate(setup, gen_state, writer, step)
+  if setup.is_main:
+    _write_json(os.path.join(setup.workdir, f"eval_step{step}.json"), results)
+  writer.flush()
+  print(json.dumps(_summary(results), indent=1))
+  return results
+
+
+def make_pairs(config, workdir: str) -> None:
+  setup = Setup(config, workdir)
+  n = len(ensure_pairs(setup)["index"])
+  print(f"regression set complete: {n} pairs in {os.path.join(setup.workdir, 'pairs')}")

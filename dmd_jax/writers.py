@@ -1,0 +1,88 @@
+"""Metric writers: ``clu.metric_writers`` to stdout (absl logging) and TensorBoard event files.
+
+clu's own TensorBoard writer needs TensorFlow or torch; ``TensorboardXWriter`` implements clu's
+``MetricWriter`` interface on the pure-Python ``tensorboardX`` event-file writer instead.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def _without_tensorflow():
+  """clu 0.0.12's ``metric_writers/__init__`` imports its TensorFlow summary writer unconditionally.
+  When TensorFlow is absent, register a stand-in for that one module so the rest of clu imports;
+  using the stand-in raises."""
+  name = "clu.metric_writers.summary_writer"
+  if name in sys.modules or importlib.util.find_spec("tensorflow") is not None:
+    return
+  stub = types.ModuleType(name)
+
+  class SummaryWriter:  # pylint: disable=too-few-public-methods
+    def __init__(self, *args, **kwargs):
+      raise ImportError("clu's SummaryWriter needs TensorFlow; dmd_jax writes TensorBoard files with "
+                        "dmd_jax.writers.TensorboardXWriter")
+
+  stub.SummaryWriter = SummaryWriter
+  sys.modules[name] = stub
+
+
+_without_tensorflow()
+from clu import metric_writers  # noqa: E402  (after the stand-in above)
+from clu import periodic_actions  # noqa: E402,F401
+
+
+class TensorboardXWriter(metric_writers.MetricWriter):
+  def __init__(self, logdir: str):
+    from tensorboardX import SummaryWriter
+    self._writer = SummaryWriter(logdir=logdir)
+
+  def write_summaries(self, step: int, values: Mapping[str, Any], metadata=None):
+    for key, value in values.items():
+      self._writer.add_scalar(key, float(np.asarray(value)), global_step=step)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for key, value in scalars.items():
+      self._writer.add_scalar(key, float(value), global_step=step)
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    for key, value in images.items():
+      value = np.asarray(value)
+      if value.ndim == 4:
+        value = value[0]
+      self._writer.add_image(key, value, global_step=step, dataformats="HWC")
+
+  def write_videos(self, step: int, videos: Mapping[str, Any]):
+    pass
+
+  def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
+    pass
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    for key, value in texts.items():
+      self._writer.add_text(key, value, global_step=step)
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets=None):
+    for key, value in arrays.items():
+      self._writer.add_histogram(key, np.asarray(value), global_step=step)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    self._writer.add_text("hparams", "\n".join(f"{k}: {v}" for k, v in sorted(hparams.items())), 0)
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+def create_writer(workdir: str, is_main: bool) -> metric_writers.MetricWriter:
+  """Logging on every process; TensorBoard event files in ``workdir`` on process 0 only."""
+  writers = [metric_writers.LoggingWriter()]
+  if is_main:
+    writers.append(TensorboardXWriter(workdir))
+  return metric_writers.MultiWriter(writers)
