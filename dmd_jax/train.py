@@ -63,6 +63,10 @@ class Setup:
     self.abstract_state = jax.eval_shape(self._init_state, self.init_key)
     self.state_sharding = sharding.tree_sharding(self.mesh, self.abstract_state, config.mesh.min_shard_size)
     self.is_main = jax.process_index() == 0
+    sharded = [s for s in jax.tree.leaves(self.state_sharding) if "fsdp" in s.spec]
+    logging.info("mesh %s over %d devices; %d of %d state arrays FSDP-sharded",
+                 dict(self.mesh.shape), self.mesh.devices.size, len(sharded),
+                 len(jax.tree.leaves(self.state_sharding)))
 
   def _init_state(self, key):
     return dmd.init_state(self.nets, self.hyper, *self.nets.init(key))

@@ -1,5 +1,8 @@
 """Test configuration: tests run on CPU; tests that need several devices run in a subprocess with
 XLA_FLAGS=--xla_force_host_platform_device_count=8 (see tests/helpers.py)."""
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
