@@ -52,8 +52,8 @@ def get_config(arg: str = ""):
       kind="edm", sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5,
       num_timesteps=1000, dm_t_min=20, dm_t_max=980))
 
-  c.generator = ml_collections.ConfigDict(dict(hidden=(256, 256, 256)))
-  c.fake_score = ml_collections.ConfigDict(dict(hidden=(256, 256, 256), num_fourier=64, fourier_scale=2.0))
+  c.generator = ml_collections.ConfigDict(dict(hidden=(128, 128, 128)))
+  c.fake_score = ml_collections.ConfigDict(dict(hidden=(128, 128, 128), num_fourier=64, fourier_scale=2.0))
 
   c.dmd = ml_collections.ConfigDict(dict(
       dm_weight=1.0,
