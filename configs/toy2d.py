@@ -18,10 +18,10 @@ def get_config(arg: str = ""):
   variant = arg or "default"
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.num_train_steps = 20_000
+  c.num_train_steps = 30_000
   c.batch_size = 512                  # generator / fake-score batch per iteration (global)
-  c.checkpoint_every = 5_000
-  c.log_every = 1_000
+  c.checkpoint_every = 10_000
+  c.log_every = 2_000
   c.distributed = "auto"              # 'auto' (from the environment), 'yes', 'no': jax.distributed
 
   c.mesh = ml_collections.ConfigDict()
