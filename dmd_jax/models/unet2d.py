@@ -1,0 +1,566 @@
+"""The Stable Diffusion UNet (diffusers' ``UNet2DConditionModel``, SD 1.x / 2.x) in Flax Linen, NHWC.
+
+Built from a diffusers ``unet/config.json`` through :class:`UNetConfig`; values this port does not implement
+raise a ``ValueError`` that names the key and the value. Parameter names mirror the diffusers state dict with
+list indices folded into the name (``down_blocks.0.resnets.1.conv1.weight`` ↔
+``down_blocks_0/resnets_1/conv1/kernel``), so the converter (``dmd_jax.convert.sd``) only renames and
+transposes.
+
+Precision: parameters are float32; activations run in ``dtype`` (float32 or bfloat16). Group/LayerNorm
+statistics, attention logits and softmax, and the timestep embedding are computed in float32; the returned
+epsilon is float32.
+
+The building blocks here (GroupNorm, ResnetBlock2D, Attention, resamplers) are shared with ``vae.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------------
+
+def _conv(features: int, kernel: int, dtype: Dtype, name: Optional[str] = None, stride: int = 1,
+          padding: Optional[int] = None) -> nn.Conv:
+  pad = (kernel - 1) // 2 if padding is None else padding
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+                 dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def _dense(features: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class GroupNorm(nn.Module):
+  """``torch.nn.GroupNorm`` (affine): statistics in float32 with the two-pass variance, output in ``dtype``."""
+  num_groups: int
+  epsilon: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    if c % self.num_groups:
+      raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    g = xf.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
+    mean = g.mean(axes, keepdims=True)
+    var = jnp.square(g - mean).mean(axes, keepdims=True)
+    g = (g - mean) / jnp.sqrt(var + self.epsilon)
+    return (g.reshape(x.shape) * scale + bias).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+  """``torch.nn.LayerNorm`` over the last axis: statistics in float32, output in ``dtype``."""
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) / jnp.sqrt(var + self.epsilon)
+    return (y * scale + bias).astype(self.dtype)
+
+
+def dot_product_attention(q, k, v, heads: int, upcast: bool = False, mask=None):
+  """Multi-head attention on ``[B, N, heads*d]`` inputs; logits (scale ``d**-0.5``) and softmax in float32.
+
+  ``upcast`` (diffusers' ``upcast_attention``) also computes q·k from float32 inputs; ``mask`` is added to
+  the logits (broadcast to ``[B, heads, N, M]``).
+  """
+  b, n, inner = q.shape
+  d = inner // heads
+  q = q.reshape(b, n, heads, d)
+  k = k.reshape(b, k.shape[1], heads, d)
+  v = v.reshape(b, v.shape[1], heads, d)
+  if upcast:
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+  if mask is not None:
+    logits = logits + mask
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+  return out.reshape(b, n, heads * d)
+
+
+class Attention(nn.Module):
+  """diffusers ``Attention`` as used by the UNet's transformer blocks (no q/k/v bias).
+
+  Takes ``[B, N, C]`` tokens; ``context`` (``[B, M, D]``) makes it cross-attention.
+  """
+  heads: int
+  dim_head: int
+  out_dim: int
+  upcast: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    context = x if context is None else context
+    inner = self.heads * self.dim_head
+    q = _dense(inner, self.dtype, "to_q", use_bias=False)(x)
+    k = _dense(inner, self.dtype, "to_k", use_bias=False)(context)
+    v = _dense(inner, self.dtype, "to_v", use_bias=False)(context)
+    out = dot_product_attention(q, k, v, self.heads, self.upcast)
+    return _dense(self.out_dim, self.dtype, "to_out_0")(out)
+
+
+class ResnetBlock2D(nn.Module):
+  """``x + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb)))))``, 1×1 shortcut when channels change."""
+  out_channels: int
+  groups: int
+  eps: float
+  output_scale_factor: float = 1.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb=None):
+    h = nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x))
+    h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
+    if temb is not None:
+      t = _dense(self.out_channels, self.dtype, "time_emb_proj")(nn.silu(temb))
+      h = h + t[:, None, None, :]
+    h = nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name="norm2")(h))
+    h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = _conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
+    out = x + h
+    if self.output_scale_factor != 1.0:
+      out = out / self.output_scale_factor
+    return out
+
+
+class Downsample2D(nn.Module):
+  """3×3 conv with stride 2; ``padding == 0`` pads right/bottom by one first (the VAE encoder's form)."""
+  channels: int
+  padding: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    if self.padding == 0:
+      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return _conv(self.channels, 3, self.dtype, "conv", stride=2, padding=self.padding)(x)
+
+
+def nearest_resize(x, size: Sequence[int]):
+  """``F.interpolate(mode='nearest')`` on NHWC: source index ``floor(dst · in / out)``."""
+  h, w = x.shape[1:3]
+  oh, ow = size
+  if (oh, ow) == (2 * h, 2 * w):
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  iy = jnp.floor(jnp.arange(oh, dtype=jnp.float32) * jnp.float32(h / oh)).astype(jnp.int32)
+  ix = jnp.floor(jnp.arange(ow, dtype=jnp.float32) * jnp.float32(w / ow)).astype(jnp.int32)
+  return x[:, jnp.minimum(iy, h - 1)][:, :, jnp.minimum(ix, w - 1)]
+
+
+class Upsample2D(nn.Module):
+  """Nearest-neighbour upsampling (2× or to ``size``) followed by a 3×3 conv."""
+  channels: int
+  size: Optional[tuple[int, int]] = None
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    size = self.size if self.size is not None else (2 * x.shape[1], 2 * x.shape[2])
+    x = nearest_resize(x, size)
+    return _conv(self.channels, 3, self.dtype, "conv")(x)
+
+
+def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: float,
+                       max_period: float = 10000.0):
+  """Sinusoidal embedding of diffusers' ``get_timestep_embedding``, in float32: ``[sin, cos]`` of
+  ``t · exp(-ln(max_period) · i / (dim/2 - freq_shift))``, flipped to ``[cos, sin]`` if asked."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+  exponent = exponent / (half - freq_shift)
+  args = jnp.asarray(timesteps, jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  if flip_sin_to_cos:
+    emb = jnp.concatenate([emb[:, half:], emb[:, :half]], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Transformer
+# ---------------------------------------------------------------------------------------------------------
+
+class GEGLU(nn.Module):
+  """``proj(x) = [h, gate]``; ``h · gelu(gate)`` (exact erf GELU)."""
+  dim_out: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h, gate = jnp.split(_dense(2 * self.dim_out, self.dtype, "proj")(x), 2, axis=-1)
+    return h * nn.gelu(gate, approximate=False)
+
+
+class FeedForward(nn.Module):
+  dim: int
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    x = GEGLU(self.dim * self.mult, self.dtype, name="net_0")(x)
+    return _dense(self.dim, self.dtype, "net_2")(x)
+
+
+class BasicTransformerBlock(nn.Module):
+  """Pre-LayerNorm self-attention, cross-attention on the text tokens, GEGLU feed-forward; all residual."""
+  dim: int
+  heads: int
+  dim_head: int
+  upcast: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context):
+    kw = dict(heads=self.heads, dim_head=self.dim_head, out_dim=self.dim, upcast=self.upcast, dtype=self.dtype)
+    x = Attention(**kw, name="attn1")(LayerNorm(1e-5, self.dtype, name="norm1")(x)) + x
+    x = Attention(**kw, name="attn2")(LayerNorm(1e-5, self.dtype, name="norm2")(x), context) + x
+    x = FeedForward(self.dim, dtype=self.dtype, name="ff")(LayerNorm(1e-5, self.dtype, name="norm3")(x)) + x
+    return x
+
+
+class Transformer2DModel(nn.Module):
+  """GroupNorm (eps 1e-6) → proj_in (1×1 conv, or linear when ``use_linear_projection``) → transformer
+  blocks on the ``H·W`` tokens → proj_out → + input."""
+  heads: int
+  dim_head: int
+  num_layers: int
+  groups: int
+  use_linear_projection: bool
+  upcast: bool = False
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, context):
+    b, h, w, c = x.shape
+    inner = self.heads * self.dim_head
+    residual = x
+    x = GroupNorm(self.groups, 1e-6, self.dtype, name="norm")(x)
+    if self.use_linear_projection:
+      x = _dense(inner, self.dtype, "proj_in")(x.reshape(b, h * w, c))
+    else:
+      x = _conv(inner, 1, self.dtype, "proj_in")(x).reshape(b, h * w, inner)
+    for i in range(self.num_layers):
+      x = BasicTransformerBlock(inner, self.heads, self.dim_head, self.upcast, self.dtype,
+                                name=f"transformer_blocks_{i}")(x, context)
+    if self.use_linear_projection:
+      x = _dense(c, self.dtype, "proj_out")(x).reshape(b, h, w, c)
+    else:
+      x = _conv(c, 1, self.dtype, "proj_out")(x.reshape(b, h, w, inner))
+    return x + residual
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------
+
+# Every UNet2DConditionModel argument this port implements only at one value: {key: allowed value}.
+_FIXED = dict(
+    mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, act_fn="silu", dropout=0.0,
+    reverse_transformer_layers_per_block=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
+    num_attention_heads=None, dual_cross_attention=False, class_embed_type=None, addition_embed_type=None,
+    addition_time_embed_dim=None, num_class_embeds=None, resnet_time_scale_shift="default",
+    resnet_skip_time_act=False, resnet_out_scale_factor=1.0, time_embedding_type="positional",
+    time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
+    projection_class_embeddings_input_dim=None, attention_type="default", class_embeddings_concat=False,
+    mid_block_only_cross_attention=None, cross_attention_norm=None)
+# Arguments that do not change the network (or only matter with features rejected above).
+_IGNORED = ("sample_size", "addition_embed_type_num_heads")
+_DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+
+def _per_block(cfg: Mapping[str, Any], key: str, n: int, kind=int) -> tuple:
+  v = cfg[key]
+  if isinstance(v, (list, tuple)):
+    if len(v) != n or not all(isinstance(e, kind) and not isinstance(e, bool) for e in v):
+      raise ValueError(f"unsupported UNet config: {key}={v!r} (expected one {kind.__name__} or {n} of them)")
+    return tuple(v)
+  if not isinstance(v, kind) or isinstance(v, bool):
+    raise ValueError(f"unsupported UNet config: {key}={v!r}")
+  return (v,) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+  """The UNet's architecture, normalised from a diffusers config: per-block values are tuples over the down
+  blocks (the up blocks use them reversed). ``num_heads`` is diffusers' ``attention_head_dim`` (which, for
+  historical reasons, holds the number of heads; the head width is ``channels // num_heads``)."""
+  in_channels: int = 4
+  out_channels: int = 4
+  center_input_sample: bool = False
+  flip_sin_to_cos: bool = True
+  freq_shift: float = 0.0
+  down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+  up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+  block_out_channels: tuple = (320, 640, 1280, 1280)
+  layers_per_block: tuple = (2, 2, 2, 2)
+  downsample_padding: int = 1
+  mid_block_scale_factor: float = 1.0
+  norm_num_groups: int = 32
+  norm_eps: float = 1e-5
+  cross_attention_dim: tuple = (768,) * 4
+  transformer_layers_per_block: tuple = (1, 1, 1, 1)
+  num_heads: tuple = (8, 8, 8, 8)
+  use_linear_projection: bool = False
+  upcast_attention: bool = False
+  time_embedding_dim: Optional[int] = None
+  conv_in_kernel: int = 3
+  conv_out_kernel: int = 3
+
+  @classmethod
+  def from_diffusers(cls, config: Mapping[str, Any]) -> "UNetConfig":
+    """Builds the config from a diffusers ``config.json`` dict, raising ``ValueError`` for what is not
+    implemented (naming the key and value)."""
+    defaults = dict(
+        in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+        down_block_types=cls.down_block_types, up_block_types=cls.up_block_types,
+        block_out_channels=cls.block_out_channels, layers_per_block=2, downsample_padding=1,
+        mid_block_scale_factor=1, norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1280,
+        transformer_layers_per_block=1, attention_head_dim=8, use_linear_projection=False,
+        upcast_attention=False, time_embedding_dim=None, conv_in_kernel=3, conv_out_kernel=3)
+    cfg = dict(defaults)
+    for k, v in config.items():
+      if k.startswith("_") or k in _IGNORED:
+        continue
+      if k in _FIXED:
+        allowed = _FIXED[k]
+        same = (v == allowed) or (allowed is False and v is None) or (allowed is None and v is False)
+        if isinstance(v, (list, tuple)):  # e.g. only_cross_attention given per block
+          same = all(e == allowed for e in v)
+        if not same:
+          raise ValueError(f"unsupported UNet config: {k}={v!r} (this port implements only {allowed!r})")
+        continue
+      if k not in defaults:
+        raise ValueError(f"unsupported UNet config: unknown key {k}={v!r}")
+      cfg[k] = v
+    down = tuple(cfg["down_block_types"])
+    up = tuple(cfg["up_block_types"])
+    down = tuple(t[7:] if t.startswith("UNetRes") else t for t in down)
+    up = tuple(t[7:] if t.startswith("UNetRes") else t for t in up)
+    for t in down:
+      if t not in _DOWN:
+        raise ValueError(f"unsupported UNet config: down_block_types contains {t!r} (supported: {_DOWN})")
+    for t in up:
+      if t not in _UP:
+        raise ValueError(f"unsupported UNet config: up_block_types contains {t!r} (supported: {_UP})")
+    n = len(down)
+    if len(up) != n or len(cfg["block_out_channels"]) != n:
+      raise ValueError(f"unsupported UNet config: down_block_types={down}, up_block_types={up} and "
+                       f"block_out_channels={cfg['block_out_channels']} differ in length")
+    if cfg["norm_num_groups"] is None:
+      raise ValueError("unsupported UNet config: norm_num_groups=None")
+    tlpb = cfg["transformer_layers_per_block"]
+    if isinstance(tlpb, (list, tuple)) and any(isinstance(e, (list, tuple)) for e in tlpb):
+      raise ValueError(f"unsupported UNet config: transformer_layers_per_block={tlpb!r} (nested lists)")
+    for k in ("conv_in_kernel", "conv_out_kernel"):
+      if cfg[k] % 2 != 1:
+        raise ValueError(f"unsupported UNet config: {k}={cfg[k]!r} (odd sizes only)")
+    return cls(
+        in_channels=int(cfg["in_channels"]), out_channels=int(cfg["out_channels"]),
+        center_input_sample=bool(cfg["center_input_sample"]), flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
+        freq_shift=float(cfg["freq_shift"]), down_block_types=down, up_block_types=up,
+        block_out_channels=tuple(int(c) for c in cfg["block_out_channels"]),
+        layers_per_block=_per_block(cfg, "layers_per_block", n),
+        downsample_padding=int(cfg["downsample_padding"]),
+        mid_block_scale_factor=float(cfg["mid_block_scale_factor"]),
+        norm_num_groups=int(cfg["norm_num_groups"]), norm_eps=float(cfg["norm_eps"]),
+        cross_attention_dim=_per_block(cfg, "cross_attention_dim", n),
+        transformer_layers_per_block=_per_block(cfg, "transformer_layers_per_block", n),
+        num_heads=_per_block(cfg, "attention_head_dim", n),
+        use_linear_projection=bool(cfg["use_linear_projection"]),
+        upcast_attention=bool(cfg["upcast_attention"]),
+        time_embedding_dim=None if cfg["time_embedding_dim"] is None else int(cfg["time_embedding_dim"]),
+        conv_in_kernel=int(cfg["conv_in_kernel"]), conv_out_kernel=int(cfg["conv_out_kernel"]))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------------------
+
+class DownBlock(nn.Module):
+  """``DownBlock2D`` / ``CrossAttnDownBlock2D``: resnets (each followed by a transformer when
+  ``cross_attn``), then an optional stride-2 conv. Returns the output and the skip features."""
+  out_channels: int
+  num_layers: int
+  cross_attn: bool
+  heads: int
+  transformer_layers: int
+  add_downsample: bool
+  groups: int
+  eps: float
+  use_linear_projection: bool
+  upcast: bool
+  downsample_padding: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context):
+    skips = []
+    for i in range(self.num_layers):
+      x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+      if self.cross_attn:
+        x = Transformer2DModel(self.heads, self.out_channels // self.heads, self.transformer_layers,
+                               self.groups, self.use_linear_projection, self.upcast, self.dtype,
+                               name=f"attentions_{i}")(x, context)
+      skips.append(x)
+    if self.add_downsample:
+      x = Downsample2D(self.out_channels, self.downsample_padding, self.dtype, name="downsamplers_0")(x)
+      skips.append(x)
+    return x, tuple(skips)
+
+
+class UpBlock(nn.Module):
+  """``UpBlock2D`` / ``CrossAttnUpBlock2D``: each resnet takes ``concat([x, skip])`` (skips popped from the
+  end), then an optional nearest upsampling to ``upsample_size`` and a 3×3 conv."""
+  out_channels: int
+  num_layers: int
+  cross_attn: bool
+  heads: int
+  transformer_layers: int
+  upsample_size: Optional[tuple[int, int]]
+  groups: int
+  eps: float
+  use_linear_projection: bool
+  upcast: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, skips, temb, context):
+    skips = list(skips)
+    for i in range(self.num_layers):
+      x = jnp.concatenate([x, skips.pop().astype(x.dtype)], axis=-1)
+      x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
+      if self.cross_attn:
+        x = Transformer2DModel(self.heads, self.out_channels // self.heads, self.transformer_layers,
+                               self.groups, self.use_linear_projection, self.upcast, self.dtype,
+                               name=f"attentions_{i}")(x, context)
+    if self.upsample_size is not None:
+      x = Upsample2D(self.out_channels, self.upsample_size, self.dtype, name="upsamplers_0")(x)
+    return x
+
+
+class MidBlockCrossAttn(nn.Module):
+  """``UNetMidBlock2DCrossAttn``: resnet → transformer → resnet."""
+  heads: int
+  transformer_layers: int
+  groups: int
+  eps: float
+  output_scale_factor: float
+  use_linear_projection: bool
+  upcast: bool
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb, context):
+    c = x.shape[-1]
+    x = ResnetBlock2D(c, self.groups, self.eps, self.output_scale_factor, self.dtype, name="resnets_0")(x, temb)
+    x = Transformer2DModel(self.heads, c // self.heads, self.transformer_layers, self.groups,
+                           self.use_linear_projection, self.upcast, self.dtype, name="attentions_0")(x, context)
+    return ResnetBlock2D(c, self.groups, self.eps, self.output_scale_factor, self.dtype, name="resnets_1")(x, temb)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# UNet
+# ---------------------------------------------------------------------------------------------------------
+
+class TimestepEmbedding(nn.Module):
+  """``linear_2(silu(linear_1(t_emb)))``."""
+  dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return _dense(self.dim, self.dtype, "linear_2")(nn.silu(_dense(self.dim, self.dtype, "linear_1")(x)))
+
+
+class UNet2DConditionModel(nn.Module):
+  """``apply({'params': p}, latents [B,H,W,C], timesteps [B] or scalar, text [B,L,D]) -> eps [B,H,W,C]``
+  (float32). With ``return_mid_features=True`` returns ``(eps, mid)``, ``mid`` the mid-block output
+  ``[B, H/2^k, W/2^k, C_last]`` in ``dtype`` (the bottleneck DMD2's GAN head reads).
+
+  ``remat`` rematerialises each down/mid/up block in the backward pass (gradient checkpointing).
+  """
+  config: UNetConfig
+  dtype: Dtype = jnp.float32
+  remat: bool = False
+
+  @nn.compact
+  def __call__(self, sample, timesteps, encoder_hidden_states, return_mid_features: bool = False):
+    cfg = self.config
+    wrap = nn.remat if self.remat else (lambda m: m)
+    ch = cfg.block_out_channels
+    n = len(ch)
+    groups, eps = cfg.norm_num_groups, cfg.norm_eps
+
+    if cfg.center_input_sample:
+      sample = 2 * sample - 1.0
+    b = sample.shape[0]
+    t = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (b,))
+    temb = timestep_embedding(t, ch[0], cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
+    temb_dim = cfg.time_embedding_dim or 4 * ch[0]
+    temb = TimestepEmbedding(temb_dim, self.dtype, name="time_embedding")(temb)
+    context = jnp.asarray(encoder_hidden_states).astype(self.dtype)
+
+    x = _conv(ch[0], cfg.conv_in_kernel, self.dtype, "conv_in")(sample.astype(self.dtype))
+    skips = [x]
+    for i, kind in enumerate(cfg.down_block_types):
+      x, res = wrap(DownBlock)(
+          ch[i], cfg.layers_per_block[i], kind == "CrossAttnDownBlock2D", cfg.num_heads[i],
+          cfg.transformer_layers_per_block[i], i < n - 1, groups, eps, cfg.use_linear_projection,
+          cfg.upcast_attention, cfg.downsample_padding, self.dtype, name=f"down_blocks_{i}")(x, temb, context)
+      skips.extend(res)
+
+    x = wrap(MidBlockCrossAttn)(
+        cfg.num_heads[-1], cfg.transformer_layers_per_block[-1], groups, eps, cfg.mid_block_scale_factor,
+        cfg.use_linear_projection, cfg.upcast_attention, self.dtype, name="mid_block")(x, temb, context)
+    mid = x
+
+    rev = lambda v: tuple(reversed(v))
+    r_ch, r_layers, r_heads, r_tl = rev(ch), rev(cfg.layers_per_block), rev(cfg.num_heads), rev(
+        cfg.transformer_layers_per_block)
+    for i, kind in enumerate(cfg.up_block_types):
+      k = r_layers[i] + 1
+      res, skips = skips[-k:], skips[:-k]
+      size = tuple(skips[-1].shape[1:3]) if i < n - 1 else None
+      x = wrap(UpBlock)(
+          r_ch[i], k, kind == "CrossAttnUpBlock2D", r_heads[i], r_tl[i], size, groups, eps,
+          cfg.use_linear_projection, cfg.upcast_attention, self.dtype, name=f"up_blocks_{i}")(
+              x, tuple(res), temb, context)
+
+    x = nn.silu(GroupNorm(groups, eps, self.dtype, name="conv_norm_out")(x))
+    eps_out = _conv(cfg.out_channels, cfg.conv_out_kernel, self.dtype, "conv_out")(x).astype(jnp.float32)
+    if return_mid_features:
+      return eps_out, mid
+    return eps_out
+
+
+def dummy_inputs(config: UNetConfig, batch: int = 1):
+  """Smallest inputs that trace the whole network (for ``init`` / ``eval_shape``)."""
+  s = 2 ** (len(config.block_out_channels) - 1)
+  return (jnp.zeros((batch, s, s, config.in_channels), jnp.float32), jnp.zeros((batch,), jnp.float32),
+          jnp.zeros((batch, 1, config.cross_attention_dim[0]), jnp.float32))
