@@ -1,12 +1,13 @@
 """Entry point: ``python -m dmd_jax.main --config=configs/toy2d.py --workdir=DIR [--mode=...]``.
 
 Modes: ``train`` (default; resumes from the latest checkpoint in the workdir), ``sample`` (one-step samples
-of the latest checkpoint to an .npz), ``eval`` (the config's metrics on the latest checkpoint), ``pairs``
+of the latest checkpoint to an .npz), ``teacher_sample`` (the teacher's ODE samples, same format), ``eval`` (the config's metrics on the latest checkpoint), ``pairs``
 (build the regression set). Config fields are overridden with ``--config.a.b=value``; unknown keys are
 errors.
 """
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 
 from absl import app, flags, logging
@@ -15,21 +16,21 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/toy2d.py[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, samples, pairs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "pairs"], "What to do.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "--mode=sample: how many samples.")
-_OUTPUT = flags.DEFINE_string("output", None, "--mode=sample: the output .npz file.")
-_SEED = flags.DEFINE_integer("seed", 0, "--mode=sample: the sampling seed.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "teacher_sample", "eval", "pairs"], "What to do.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "--mode=sample / teacher_sample: how many samples.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode=sample / teacher_sample: the output .npz file.")
+_SEED = flags.DEFINE_integer("seed", 0, "--mode=sample / teacher_sample: the sampling seed.")
 
 
 class _QuietLibraries:
   """Keeps INFO chatter of Orbax's internals out of the progress log (warnings and errors still show)."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
 def main(argv):
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  std_logging.getLogger("absl").addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from dmd_jax import train  # imported here so that --help stays fast
@@ -45,6 +46,10 @@ def main(argv):
     if not _OUTPUT.value:
       raise app.UsageError("--mode=sample needs --output=FILE.npz")
     train.sample(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value)
+  elif mode == "teacher_sample":
+    if not _OUTPUT.value:
+      raise app.UsageError("--mode=teacher_sample needs --output=FILE.npz")
+    train.sample_teacher(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value)
   elif mode == "eval":
     train.evaluate_latest(config, workdir)
   elif mode == "pairs":

@@ -14,8 +14,9 @@ import numpy as np
 from absl import logging
 
 from dmd_jax import checkpoint, dmd, networks, sharding, writers
-from dmd_jax.data.pairs import EpochSampler, PairStore, build_pairs
+from dmd_jax.data.pairs import EpochSampler, PairStore, build_pairs, pair_labels
 from dmd_jax.data.toy import GaussianMixture
+from dmd_jax.evaluation import images as image_io
 from dmd_jax.evaluation import toy as toy_eval
 
 
@@ -54,7 +55,7 @@ class Setup:
     self.config = config
     self.workdir = prepare_workdir(workdir)
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-    self.nets, frozen = networks.build(config)
+    self.nets, frozen = networks.build(config, self.workdir)
     self.frozen_sharding = sharding.tree_sharding(self.mesh, frozen, config.mesh.min_shard_size)
     self.frozen = jax.device_put(frozen, self.frozen_sharding)
     self.hyper = make_hyper(config, self.nets, self.mesh)
@@ -120,8 +121,10 @@ def ensure_pairs(setup: Setup) -> dict[str, np.ndarray]:
   store = pair_store(setup.config, setup.workdir)
   nets = setup.nets
   teacher = setup.frozen["teacher"]
+  seed = setup.config.seed + 1
+  cond_fn = (lambda idx: pair_labels(seed, idx, nets.num_classes)) if nets.num_classes else None
   build_pairs(store, lambda z, cond: nets.teacher_sample(teacher, z, cond), setup.mesh,
-              seed=setup.config.seed + 1, sample_shape=nets.sample_shape)
+              seed=seed, sample_shape=nets.sample_shape, cond_fn=cond_fn)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("regression pairs built")
@@ -263,44 +266,69 @@ def generator_params(gen_state) -> dict:
   return gen_state.get("ema_params", gen_state["params"])
 
 
-def generate(setup: Setup, params, num: int, seed: int, chunk: int = 65536) -> np.ndarray:
-  """``num`` one-step samples, deterministic for ``seed`` (independent of the device count)."""
+def generate(setup: Setup, params, num: int, seed: int, chunk: int = 4096):
+  """``num`` one-step samples and their conditions (class labels or None), deterministic for ``seed`` and
+  independent of the device count. Chunk i uses ``fold_in(key(seed), i)``."""
   nets = setup.nets
   batch = sharding.batch_sharding(setup.mesh)
   n_dev = setup.mesh.devices.size
-  chunk = min(chunk, -(-num // n_dev) * n_dev)
-  chunk = -(-chunk // n_dev) * n_dev
+  chunk = -(-min(chunk, num) // n_dev) * n_dev
 
   @functools.partial(jax.jit, out_shardings=batch)
   def one(params, key):
     r_z, r_c = jax.random.split(key)
     z = jax.lax.with_sharding_constraint(nets.sample_noise(r_z, chunk), batch)
-    return nets.generate(params, z, nets.sample_cond(r_c, chunk))
+    cond = nets.sample_cond(r_c, chunk)
+    return nets.generate(params, z, cond), (jnp.zeros((chunk,), jnp.int32) if cond is None else cond)
 
   key = jax.random.PRNGKey(seed)
-  out = [np.asarray(jax.device_get(one(params, jax.random.fold_in(key, i))))
-         for i in range(-(-num // chunk))]
-  return np.concatenate(out)[:num]
+  xs, cs = [], []
+  for i in range(-(-num // chunk)):
+    x, c = jax.device_get(one(params, jax.random.fold_in(key, i)))
+    xs.append(np.asarray(x))
+    cs.append(np.asarray(c))
+  cond = np.concatenate(cs)[:num] if nets.num_classes else None
+  return np.concatenate(xs)[:num], cond
 
 
-def teacher_samples(setup: Setup, num: int, seed: int) -> np.ndarray:
+def teacher_samples(setup: Setup, num: int, seed: int, chunk: int = 4096):
+  """``num`` samples of the teacher's ODE sampler (same noise / condition recipe as ``generate``)."""
   nets = setup.nets
   batch = sharding.batch_sharding(setup.mesh)
-  n_pad = -(-num // setup.mesh.devices.size) * setup.mesh.devices.size
-  z = jax.device_put(jax.random.normal(jax.random.PRNGKey(seed), (n_pad,) + nets.sample_shape), batch)
-  fn = jax.jit(lambda t, z: nets.teacher_sample(t, z, None), out_shardings=batch)
-  return np.asarray(jax.device_get(fn(setup.frozen["teacher"], z)))[:num]
+  n_dev = setup.mesh.devices.size
+  chunk = -(-min(chunk, num) // n_dev) * n_dev
+
+  @functools.partial(jax.jit, out_shardings=batch)
+  def one(teacher, key):
+    r_z, r_c = jax.random.split(key)
+    z = jax.lax.with_sharding_constraint(nets.sample_noise(r_z, chunk), batch)
+    cond = nets.sample_cond(r_c, chunk)
+    return nets.teacher_sample(teacher, z, cond), (jnp.zeros((chunk,), jnp.int32) if cond is None else cond)
+
+  key = jax.random.PRNGKey(seed)
+  xs, cs = [], []
+  for i in range(-(-num // chunk)):
+    x, c = jax.device_get(one(setup.frozen["teacher"], jax.random.fold_in(key, i)))
+    xs.append(np.asarray(x))
+    cs.append(np.asarray(c))
+  cond = np.concatenate(cs)[:num] if nets.num_classes else None
+  return np.concatenate(xs)[:num], cond
 
 
 def evaluate(setup: Setup, gen_state, writer, step: int) -> dict:
   """Family-specific evaluation of the current generator; writes scalars and a picture."""
   config = setup.config
-  if config.model.family != "toy":
-    raise NotImplementedError(f"evaluation for model.family={config.model.family!r}")
+  if config.model.family == "toy":
+    return _evaluate_toy(setup, gen_state, writer, step)
+  return _sample_grids(setup, gen_state, step)
+
+
+def _evaluate_toy(setup: Setup, gen_state, writer, step: int) -> dict:
+  config = setup.config
   mixture = GaussianMixture.from_config(config.toy)
   n = config.eval.num_samples
-  gen = generate(setup, generator_params(gen_state), n, seed=config.seed + 1000)
-  teach = teacher_samples(setup, n, seed=config.seed + 2000)
+  gen, _ = generate(setup, generator_params(gen_state), n, seed=config.seed + 1000)
+  teach, _ = teacher_samples(setup, n, seed=config.seed + 2000)
   floor = toy_eval.mmd2_floor(mixture, config.seed)
   results = {"generator": toy_eval.toy_metrics(gen, mixture, config.seed, floor),
              "teacher": toy_eval.toy_metrics(teach, mixture, config.seed, floor),
@@ -318,6 +346,22 @@ def evaluate(setup: Setup, gen_state, writer, step: int) -> dict:
   return results
 
 
+def _sample_grids(setup: Setup, gen_state, step: int, num: int = 64) -> dict:
+  """Image families: a grid of one-step samples above a grid of teacher samples (same seed recipe)."""
+  config = setup.config
+  gen, _ = generate(setup, generator_params(gen_state), num, seed=config.seed + 1000)
+  teach, _ = teacher_samples(setup, num, seed=config.seed + 1000)
+  results = {"step": step, "generator_nfe": 1, "teacher_nfe": 2 * config.regression.sampler_steps - 1}
+  if setup.is_main:
+    os.makedirs(os.path.join(setup.workdir, "samples"), exist_ok=True)
+    path = os.path.join(setup.workdir, "samples", f"step{step}.png")
+    cols = int(np.ceil(np.sqrt(num)))
+    g, t = image_io.grid(image_io.to_uint8(gen), cols), image_io.grid(image_io.to_uint8(teach), cols)
+    image_io.save_png(path, np.concatenate([g, np.full((8,) + g.shape[1:], 255, np.uint8), t]))
+    results["samples_png"] = path
+  return results
+
+
 def _latest_generator(setup: Setup):
   ckpt = checkpoint.Checkpointer(setup.workdir, read_only=True)
   latest = ckpt.latest_step()
@@ -327,19 +371,41 @@ def _latest_generator(setup: Setup):
   return state["generator"], latest
 
 
+def _write_samples(setup: Setup, output: str, x: np.ndarray, cond, **extra) -> None:
+  """Toy: float ``samples`` [N, D]; images: uint8 NHWC ``samples`` plus ``labels`` (conditional nets)."""
+  if not output.endswith(".npz"):
+    raise ValueError(f"--output must be a .npz file, got {output!r}")
+  if not setup.is_main:
+    return
+  arrays = {"samples": x if setup.config.model.family == "toy" else image_io.to_uint8(x), **extra}
+  if cond is not None:
+    arrays["labels"] = np.asarray(cond, np.int32)
+  os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+  tmp = output + f".tmp-{os.getpid()}.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, output)
+
+
 def sample(config, workdir: str, num_samples: int, output: str, seed: int) -> str:
-  """Writes ``num_samples`` one-step samples of the latest checkpoint to ``output`` (.npz, 'samples')."""
+  """Writes ``num_samples`` one-step samples of the latest checkpoint to ``output`` (.npz)."""
   if not output.endswith(".npz"):
     raise ValueError(f"--output must be a .npz file, got {output!r}")
   setup = Setup(config, workdir)
   gen_state, step = _latest_generator(setup)
-  x = generate(setup, generator_params(gen_state), num_samples, seed)
-  if setup.is_main:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + f".tmp-{os.getpid()}.npz"
-    np.savez(tmp, samples=x, step=step, seed=seed)
-    os.replace(tmp, output)
+  x, cond = generate(setup, generator_params(gen_state), num_samples, seed)
+  _write_samples(setup, output, x, cond, step=step, seed=seed)
   print(f"wrote {num_samples} samples of step {step} to {output}")
+  return output
+
+
+def sample_teacher(config, workdir: str, num_samples: int, output: str, seed: int) -> str:
+  """Writes ``num_samples`` teacher ODE samples (baselines) in the ``--mode=sample`` format."""
+  if not output.endswith(".npz"):
+    raise ValueError(f"--output must be a .npz file, got {output!r}")
+  setup = Setup(config, workdir)
+  x, cond = teacher_samples(setup, num_samples, seed)
+  _write_samples(setup, output, x, cond, seed=seed, nfe=2 * config.regression.sampler_steps - 1)
+  print(f"wrote {num_samples} teacher samples to {output}")
   return output
 
 

@@ -13,12 +13,23 @@ FAST = ["--config.generator.hidden=(32,32)", "--config.fake_score.hidden=(32,32)
         "--config.eval.num_samples=1000", "--config.log_every=10"]
 
 
-def env_with_devices(n: int | None) -> dict:
+# For the :tiny image configs: compile fast (the programs are tiny; LLVM's optimisation is what takes time)
+# and reuse compiled programs across the processes of one test session (train, resume, sample, ...).
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+CACHE_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dmd_jax_test_cache_{os.getuid()}")
+
+
+def env_with_devices(n: int | None, fast_compile: bool = False) -> dict:
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
-  env.pop("XLA_FLAGS", None)
+  flags = []
   if n:
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+    flags.append(f"--xla_force_host_platform_device_count={n}")
+  if fast_compile:
+    flags.append(FAST_COMPILE)
+    env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "2"
+  env["XLA_FLAGS"] = " ".join(flags)
   return env
 
 
@@ -26,8 +37,9 @@ def main_cmd(*args, config=TOY) -> list[str]:
   return [sys.executable, "-m", "dmd_jax.main", f"--config={config}", *args]
 
 
-def run_main(*args, devices=None, timeout=600, check=True, config=TOY) -> subprocess.CompletedProcess:
-  p = subprocess.run(main_cmd(*args, config=config), cwd=ROOT, env=env_with_devices(devices),
+def run_main(*args, devices=None, timeout=600, check=True, config=TOY, fast_compile=False
+             ) -> subprocess.CompletedProcess:
+  p = subprocess.run(main_cmd(*args, config=config), cwd=ROOT, env=env_with_devices(devices, fast_compile),
                      capture_output=True, text=True, timeout=timeout)
   if check and p.returncode != 0:
     raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}")

@@ -357,3 +357,43 @@ def add_arguments(parser) -> None:
 def run(args) -> None:
   module, params = convert_file(args.src, args.dst, args.init_kwargs)
   print(f"converted EDM {module.model_type} ({count_params(params):,} parameters) from {args.src} -> {args.dst}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random-weight teachers for the ``:tiny`` configs: a state dict in the real (PyTorch) format, converted by the
+# same path as a downloaded checkpoint.
+# ---------------------------------------------------------------------------------------------------------------
+
+def random_state_dict(init_kwargs: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+  """An EDMPrecond state dict with He-scaled random weights (PyTorch keys and layouts)."""
+  module = edm_models.edm_module_from_kwargs(init_kwargs)
+  params_spec, buffer_spec = expected_state_dict(module)
+  rng = np.random.default_rng(seed)
+  sd = {}
+  for names, (key, shape) in params_spec.items():
+    leaf = names[-1]
+    if leaf == "freqs":
+      sd[key] = rng.normal(0.0, 16.0, shape).astype(np.float32)
+    elif leaf in ("kernel",):
+      fan_in = int(np.prod(shape[1:]))
+      sd[key] = (rng.normal(size=shape) / np.sqrt(fan_in)).astype(np.float32)
+    elif leaf == "scale":
+      sd[key] = np.ones(shape, np.float32)
+    else:
+      sd[key] = np.zeros(shape, np.float32)
+  f = edm_models.resample_filter_2d(init_kwargs.get("resample_filter", (1, 1))
+                                    if module.model_type == "SongUNet" else (1, 1))
+  for key, shape in buffer_spec.items():
+    sd[key] = f.reshape(shape).astype(np.float32)
+  return sd
+
+
+def write_random_teacher(dst, init_kwargs: Mapping[str, Any], seed: int = 0):
+  """Writes a random state dict as ``.npz`` + ``init_kwargs.json`` next to ``dst`` and converts it into ``dst``."""
+  dst = os.fspath(dst)
+  src_dir = dst + "-source"
+  os.makedirs(src_dir, exist_ok=True)
+  np.savez(os.path.join(src_dir, "state_dict.npz"), **random_state_dict(init_kwargs, seed))
+  with open(os.path.join(src_dir, "init_kwargs.json"), "w") as f:
+    json.dump(dict(init_kwargs), f)
+  return convert_file(os.path.join(src_dir, "state_dict.npz"), dst, os.path.join(src_dir, "init_kwargs.json"))

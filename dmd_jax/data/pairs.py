@@ -92,6 +92,13 @@ def pair_noise(seed: int, indices, shape) -> jax.Array:
       jnp.asarray(indices, jnp.uint32))
 
 
+def pair_labels(seed: int, indices, num_classes: int) -> jax.Array:
+  """Class label of pair i, uniform in [0, num_classes), drawn from ``fold_in(key(seed), i)``."""
+  key = jax.random.fold_in(jax.random.PRNGKey(seed), 0x6C61626C)   # a stream apart from the noise
+  return jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, num_classes))(
+      jnp.asarray(indices, jnp.uint32))
+
+
 def build_pairs(store: PairStore, sample_fn: Callable, mesh, seed: int, sample_shape: tuple,
                 cond_fn: Callable | None = None) -> None:
   """Builds every missing shard: each process takes shards i with ``i % process_count == process_index``,

@@ -1,0 +1,31 @@
+"""DMD on CIFAR-10 with EDM teachers (DMD paper, CIFAR-10 rows; method.md §2–6).
+
+Variants (``--config=configs/cifar10.py:VARIANTS``, comma-separated):
+  cond (default)  class-conditional teacher edm-cifar10-32x32-cond-vp (DDPM++), lambda_reg 0.25, 100k pairs
+  uncond          unconditional teacher edm-cifar10-32x32-uncond-vp, lambda_reg 0.5, 500k pairs
+  tiny            the same pipeline with a small random-weight DDPM++ teacher, CPU-sized (the test suite)
+
+Convert the teacher first, then point ``teacher.path`` at it:
+  python -m dmd_jax.convert edm --src=edm-cifar10-32x32-cond-vp.pkl --dst=teachers/cifar10-cond
+  python -m dmd_jax.main --config=configs/cifar10.py --config.teacher.path=teachers/cifar10-cond --workdir=...
+"""
+from dmd_jax.config_lib import edm_config, parse_variants
+
+TINY_DDPMPP = dict(
+    img_resolution=16, img_channels=3, label_dim=10, model_type="SongUNet", embedding_type="positional",
+    encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1],
+    model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=9, dropout=0.0)
+
+
+def get_config(arg: str = ""):
+  v = parse_variants(arg, {"cond", "uncond", "tiny"})
+  uncond = "uncond" in v
+  tiny = None
+  if "tiny" in v:
+    tiny = dict(TINY_DDPMPP, label_dim=0 if uncond else 10)
+  return edm_config(
+      lr=5e-5, batch_size=392, num_train_steps=300_000,
+      regression_weight=0.5 if uncond else 0.25,
+      num_pairs=500_000 if uncond else 100_000,
+      sampler_steps=18,                      # EDM Heun, 35 NFE
+      tiny_init_kwargs=tiny)

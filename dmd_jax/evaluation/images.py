@@ -1,0 +1,26 @@
+"""Image outputs: [-1, 1] floats → uint8 (EDM's convention), and PNG grids of samples."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def to_uint8(x) -> np.ndarray:
+  """``uint8(clip(x * 127.5 + 128, 0, 255))`` for NHWC images in [-1, 1] (EDM's generate.py)."""
+  return np.clip(np.asarray(x, np.float32) * 127.5 + 128, 0, 255).astype(np.uint8)
+
+
+def grid(images: np.ndarray, cols: int) -> np.ndarray:
+  """uint8 NHWC → one uint8 HWC grid with a 2-pixel white border between tiles."""
+  n, h, w, c = images.shape
+  rows = -(-n // cols)
+  out = np.full((rows * (h + 2) + 2, cols * (w + 2) + 2, c), 255, np.uint8)
+  for i, im in enumerate(images):
+    r, k = divmod(i, cols)
+    out[2 + r * (h + 2):2 + r * (h + 2) + h, 2 + k * (w + 2):2 + k * (w + 2) + w] = im
+  return out
+
+
+def save_png(path: str, image_hwc: np.ndarray) -> None:
+  from PIL import Image
+  img = image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc
+  Image.fromarray(img).save(path)
