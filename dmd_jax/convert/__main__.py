@@ -17,6 +17,7 @@ FAMILIES = {
     "sd": "dmd_jax.convert.sd",
     "inception": "dmd_jax.convert.inception",
     "lpips": "dmd_jax.convert.lpips",
+    "clip": "dmd_jax.convert.clip",
 }
 
 

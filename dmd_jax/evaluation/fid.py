@@ -9,7 +9,12 @@ Two resize/normalise protocols feed the FID Inception-v3 (``dmd_jax.models.incep
   centres), then ``2x - 1``.
 
 At 32–64 px the two resizes differ by about half a source pixel, which moves FID: compare numbers only
-within one protocol. (clean-fid's PIL-bicubic default is a third, non-comparable protocol.)
+within one protocol. A third protocol takes images resized on the host:
+
+- ``'clean'`` — clean-fid's default ("clean" mode, the COCO protocol of method.md §8): the caller resizes
+  each channel to 299×299 with PIL bicubic as float32 ``F`` images and clips to [0, 255]
+  (``dmd_jax.evaluation.coco_fid.clean_resize``); the network gets those float32 pixels with clean-fid's
+  normalisation ``(x - 128) / 128`` (its ``InceptionV3W`` with ``resize_inside=False``) and no resize.
 
 Feature extraction is one ``jax.jit`` over a ``Mesh`` with axes ``('data', 'fsdp')``: the batch is sharded
 over both axes, the parameters are replicated, the last partial batch is padded and its rows dropped, and
@@ -44,7 +49,7 @@ from dmd_jax.sharding import BATCH_AXES
 
 INCEPTION_SIZE = 299
 FEATURE_DIM = 2048
-PROTOCOLS = ("tf1", "pytorch_fid")
+PROTOCOLS = ("tf1", "pytorch_fid", "clean")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,8 +98,14 @@ def tf1_resize(images: jax.Array, size: int = INCEPTION_SIZE) -> jax.Array:
 
 
 def preprocess(images: jax.Array, protocol: str = "tf1") -> jax.Array:
-  """uint8 NHWC images of any size → the Inception input ``[N, 299, 299, 3]`` in [-1, 1] for ``protocol``."""
+  """uint8 NHWC images of any size → the Inception input ``[N, 299, 299, 3]`` in [-1, 1] for ``protocol``
+  (``'clean'``: float32 pixels in [0, 255] already resized to 299×299)."""
   x = jnp.asarray(images, jnp.float32)
+  if protocol == "clean":
+    if x.shape[1:3] != (INCEPTION_SIZE, INCEPTION_SIZE):
+      raise ValueError(f"the 'clean' FID protocol takes images already resized to {INCEPTION_SIZE}x"
+                       f"{INCEPTION_SIZE} on the host (coco_fid.clean_resize), got shape {x.shape}")
+    return (x - 128.0) / 128.0
   if protocol == "tf1":
     return (tf1_resize(x) - 128.0) / 128.0
   if protocol == "pytorch_fid":
@@ -133,8 +144,9 @@ def inception_features(module, params: Any, images: np.ndarray, protocol: str = 
     module, params: from ``dmd_jax.convert.inception`` (``convert_state_dict`` or
       ``load_converted_inception``). Host arrays are replicated over the mesh on every call; when calling
       once per chunk of samples, place them once with ``jax.device_put(params, NamedSharding(mesh, P()))``.
-    images: this process's images, uint8 ``[n, H, W, 3]`` (``[n, H, W, 1]`` is repeated to 3 channels).
-    protocol: ``'tf1'`` (TF-FID / EDM / DMD) or ``'pytorch_fid'``.
+    images: this process's images, uint8 ``[n, H, W, 3]`` (``[n, H, W, 1]`` is repeated to 3 channels);
+      for ``'clean'``, float32 ``[n, 299, 299, 3]`` in [0, 255] from ``coco_fid.clean_resize``.
+    protocol: ``'tf1'`` (TF-FID / EDM / DMD), ``'pytorch_fid'`` or ``'clean'`` (clean-fid).
     batch_size: global images per step (all devices and hosts); rounded up to a multiple of the device count.
     mesh: a ``('data', 'fsdp')`` mesh; default every device along ``data``.
     gather: with several processes, return every process's features (in process order) on every
@@ -146,7 +158,11 @@ def inception_features(module, params: Any, images: np.ndarray, protocol: str = 
   if protocol not in PROTOCOLS:
     raise ValueError(f"unknown FID protocol {protocol!r}: expected one of {PROTOCOLS}")
   images = np.asarray(images)
-  if images.dtype != np.uint8:
+  if protocol == "clean":
+    if images.dtype != np.float32 or images.shape[1:3] != (INCEPTION_SIZE, INCEPTION_SIZE):
+      raise ValueError(f"the 'clean' FID protocol takes float32 images already resized to {INCEPTION_SIZE}x"
+                       f"{INCEPTION_SIZE} (coco_fid.clean_resize), got {images.dtype} {images.shape}")
+  elif images.dtype != np.uint8:
     raise ValueError(f"FID images must be uint8 (got {images.dtype}); convert with "
                      "np.clip(x * 127.5 + 128, 0, 255).astype(np.uint8) from [-1, 1]")
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -189,7 +205,7 @@ def inception_features(module, params: Any, images: np.ndarray, protocol: str = 
     chunk = images[i * local_batch:(i + 1) * local_batch]
     n_valid = chunk.shape[0]
     if n_valid < local_batch:  # pad the last (or an empty) batch; the padded rows are dropped below.
-      pad = np.zeros((local_batch - n_valid,) + images.shape[1:], np.uint8)
+      pad = np.zeros((local_batch - n_valid,) + images.shape[1:], images.dtype)
       chunk = np.concatenate([chunk, pad], axis=0)
     out = step(params, to_global(chunk))  # dispatched asynchronously
     if pending is not None:  # fetch the previous step while this one runs

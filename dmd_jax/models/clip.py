@@ -1,14 +1,20 @@
-"""CLIP transformers (``transformers.CLIPTextModel``'s ``text_model``) in Flax Linen.
+"""CLIP transformers in Flax Linen: the text transformer (``transformers.CLIPTextModel``'s ``text_model``, the
+Stable Diffusion text encoder) and, for CLIP score, the vision tower and the two-tower :class:`CLIPModel`.
 
     text = CLIPTextTransformer(CLIPTextConfig.from_hf(json.load(open('text_encoder/config.json'))))
     hidden = text.apply({'params': p}, input_ids)                       # last_hidden_state [B, L, D]
     hidden, pooled = text.apply({'params': p}, input_ids, return_pooled=True)
 
+    clip = CLIPModel(CLIPConfig.from_hf(json.load(open('clip/config.json'))))   # a transformers CLIPModel
+    img = clip.apply({'params': q}, pixels_nhwc, method='get_image_features')
+    txt = clip.apply({'params': q}, input_ids, method='get_text_features')
+
 Stable Diffusion 1.x conditions on ``last_hidden_state`` (after the final LayerNorm). The pre-LN encoder
-(:class:`CLIPEncoder`) takes an optional additive mask, so a vision tower (patch embedding + class token +
-``pre_layrnorm`` + the same encoder + ``post_layernorm``) can reuse it for CLIP score. Parameter names mirror
-the PyTorch state dict without the ``text_model.`` prefix (``encoder.layers.3.mlp.fc1.weight`` ↔
-``encoder/layers_3/mlp/fc1/kernel``). LayerNorm statistics and the softmax are float32.
+(:class:`CLIPEncoder`) takes an optional additive mask; the vision tower (patch embedding + class token +
+``pre_layrnorm`` + the same encoder + ``post_layernorm``) reuses it unmasked. Parameter names mirror
+the PyTorch state dict (the text transformer's without the ``text_model.`` prefix:
+``encoder.layers.3.mlp.fc1.weight`` ↔ ``encoder/layers_3/mlp/fc1/kernel``). LayerNorm statistics and the
+softmax are float32.
 """
 from __future__ import annotations
 
@@ -161,3 +167,160 @@ class CLIPTextTransformer(nn.Module):
 
 def dummy_inputs(config: CLIPTextConfig, batch: int = 1):
   return (jnp.zeros((batch, 1), jnp.int32),)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The vision tower and the two-tower CLIPModel (CLIP score)
+# ---------------------------------------------------------------------------------------------------------
+
+# transformers' defaults, used for keys a saved CLIPModel config.json leaves out.
+_HF_TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+                         layer_norm_eps=1e-5, eos_token_id=49407, projection_dim=512)
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  num_channels: int = 3
+  image_size: int = 224
+  patch_size: int = 32
+  hidden_act: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+
+  @classmethod
+  def from_hf(cls, config: Mapping[str, Any]) -> "CLIPVisionConfig":
+    """From a transformers ``CLIPVisionConfig`` dict (missing keys take transformers' defaults)."""
+    if config.get("model_type", "clip_vision_model") != "clip_vision_model":
+      raise ValueError(f"unsupported vision config: model_type={config['model_type']!r}")
+    kw = {f.name: config[f.name] for f in dataclasses.fields(cls) if f.name in config}
+    for key in ("image_size", "patch_size"):
+      v = kw.get(key)
+      if isinstance(v, (list, tuple)):
+        if len(set(v)) != 1:
+          raise ValueError(f"unsupported vision config: non-square {key}={v}")
+        kw[key] = int(v[0])
+    if kw.get("hidden_act", "quick_gelu") not in _ACTIVATIONS:
+      raise ValueError(f"unsupported vision config: hidden_act={kw['hidden_act']!r} "
+                       f"(supported: {sorted(_ACTIVATIONS)})")
+    cfg = cls(**kw)
+    if cfg.image_size % cfg.patch_size:
+      raise ValueError(f"unsupported vision config: image_size {cfg.image_size} is not a multiple of "
+                       f"patch_size {cfg.patch_size}")
+    return cfg
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  text: CLIPTextConfig = CLIPTextConfig()
+  vision: CLIPVisionConfig = CLIPVisionConfig()
+  projection_dim: int = 768
+
+  @classmethod
+  def from_hf(cls, config: Mapping[str, Any]) -> "CLIPConfig":
+    """From a transformers ``CLIPModel`` ``config.json`` dict (``model_type`` ``"clip"``, with
+    ``text_config`` and ``vision_config``)."""
+    if config.get("model_type", "clip") != "clip":
+      raise ValueError(f"unsupported CLIP config: model_type={config['model_type']!r} (expected 'clip', a "
+                       "transformers CLIPModel)")
+    # Old hub configs (transformers < 4.20) may carry the sub-configs as `*_config_dict` only.
+    text = config.get("text_config") or config.get("text_config_dict") or {}
+    vision = config.get("vision_config") or config.get("vision_config_dict") or {}
+    return cls(text=CLIPTextConfig.from_hf(dict(_HF_TEXT_DEFAULTS, **text)),
+               vision=CLIPVisionConfig.from_hf(vision),
+               projection_dim=int(config.get("projection_dim", 512)))
+
+
+class CLIPVisionEmbeddings(nn.Module):
+  """Patch embedding (a stride-``p`` conv without bias) with the class token in front, plus positions."""
+  config: CLIPVisionConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixel_values):
+    cfg = self.config
+    b, h, w, _ = pixel_values.shape
+    if (h, w) != (cfg.image_size, cfg.image_size):
+      raise ValueError(f"CLIP vision tower expects {cfg.image_size}x{cfg.image_size} images, got {h}x{w}")
+    d = cfg.hidden_size
+    class_embedding = self.param("class_embedding", nn.initializers.normal(0.02), (d,), jnp.float32)
+    p = cfg.patch_size
+    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
+                param_dtype=jnp.float32, name="patch_embedding")(pixel_values.astype(self.dtype))
+    x = x.reshape(b, -1, d)                              # row-major patches, as torch's flatten(2)
+    cls = jnp.broadcast_to(class_embedding.astype(x.dtype), (b, 1, d))
+    x = jnp.concatenate([cls, x], axis=1)
+    pos = nn.Embed(cfg.num_patches + 1, d, param_dtype=jnp.float32, name="position_embedding")
+    return (x + pos(jnp.arange(cfg.num_patches + 1))[None]).astype(self.dtype)
+
+
+class CLIPVisionTransformer(nn.Module):
+  """``pixel_values [B, S, S, C]`` (NHWC, normalised) → ``(last_hidden_state, pooled)``: embeddings,
+  ``pre_layrnorm`` (transformers' spelling), the shared pre-LN encoder without a mask, ``post_layernorm`` of
+  the class token (the pooled output)."""
+  config: CLIPVisionConfig
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, pixel_values):
+    cfg = self.config
+    x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values)
+    x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="pre_layrnorm")(x)
+    x = CLIPEncoder(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act,
+                    cfg.layer_norm_eps, self.dtype, name="encoder")(x)
+    pooled = LayerNorm(cfg.layer_norm_eps, jnp.float32, name="post_layernorm")(x[:, 0])
+    return x, pooled
+
+
+class CLIPModel(nn.Module):
+  """transformers' ``CLIPModel`` for embedding: both towers and the two projections (no bias).
+
+      model = CLIPModel(CLIPConfig.from_hf(json.load(open('config.json'))))
+      img = model.apply({'params': p}, pixel_values_nhwc, method='get_image_features')   # [B, P] float32
+      txt = model.apply({'params': p}, input_ids, method='get_text_features')            # [B, P] float32
+      img, txt, logits = model.apply({'params': p}, input_ids, pixel_values_nhwc)        # logits [B_img, B_txt]
+
+  Features are unnormalised (as transformers returns them). Parameter paths are the PyTorch keys
+  (``vision_model/encoder/layers_3/mlp/fc1/kernel`` ↔ ``vision_model.encoder.layers.3.mlp.fc1.weight``);
+  ``logit_scale`` is kept for completeness (only ``__call__``'s logits use it).
+  """
+  config: CLIPConfig
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    cfg = self.config
+    self.text_model = CLIPTextTransformer(cfg.text, self.dtype)
+    self.vision_model = CLIPVisionTransformer(cfg.vision, self.dtype)
+    self.visual_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
+                                      param_dtype=jnp.float32)
+    self.text_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
+                                    param_dtype=jnp.float32)
+    self.logit_scale = self.param("logit_scale", nn.initializers.constant(2.6592), (), jnp.float32)
+
+  def get_image_features(self, pixel_values):
+    _, pooled = self.vision_model(pixel_values)
+    return self.visual_projection(pooled).astype(jnp.float32)
+
+  def get_text_features(self, input_ids):
+    _, pooled = self.text_model(input_ids, return_pooled=True)
+    return self.text_projection(pooled).astype(jnp.float32)
+
+  def __call__(self, input_ids, pixel_values):
+    img = self.get_image_features(pixel_values)
+    txt = self.get_text_features(input_ids)
+    norm = lambda v: v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+    logits = jnp.exp(self.logit_scale) * norm(img) @ norm(txt).T
+    return img, txt, logits
+
+
+def clip_dummy_inputs(config: CLIPConfig, batch: int = 1):
+  """``(input_ids, pixel_values)`` to initialise or trace a :class:`CLIPModel`."""
+  s, c = config.vision.image_size, config.vision.num_channels
+  return (jnp.zeros((batch, 1), jnp.int32), jnp.zeros((batch, s, s, c), jnp.float32))

@@ -1,0 +1,162 @@
+"""transformers ``CLIPModel`` folder → Flax :class:`dmd_jax.models.clip.CLIPModel` (for CLIP score).
+
+    python -m dmd_jax.convert clip --src=CLIP-ViT-g-14-laion2B-s12B-b42K/ --dst=weights/clip
+
+``--src`` is a folder written by ``CLIPModel.save_pretrained`` (``config.json`` with ``model_type: clip`` and
+``model.safetensors``, or ``pytorch_model.bin`` which needs torch; sharded checkpoints through their
+``.index.json``) plus the tokenizer files (``vocab.json`` + ``merges.txt``, or ``tokenizer.json``), as the hub
+releases of OpenAI's and LAION's (OpenCLIP) CLIP models have them. The state dict is checked against the
+module built from ``config.json`` — missing, unexpected and mis-shaped keys are all named — before anything is
+written. The destination holds ``params.npz`` + the original ``config.json`` (``common.save_converted``) and
+``tokenizer/``.
+
+Names: the Flax path is the PyTorch key with list indices folded into the module name
+(``vision_model.encoder.layers.3.mlp.fc1.weight`` ↔ ``vision_model/encoder/layers_3/mlp/fc1/kernel``); the
+patch-embedding conv goes OIHW → HWIO, linear weights are transposed, LayerNorm ``weight`` → ``scale``,
+embedding ``weight`` → ``embedding``; ``class_embedding`` and ``logit_scale`` keep their names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmd_jax.convert.common import (ConversionError, check_state_dict, conv_kernel, flatten_params,
+                                    linear_kernel, load_converted, load_state_dict, save_converted,
+                                    unflatten_params)
+from dmd_jax.convert.sd import expected_shapes, load_tokenizer
+from dmd_jax.models import clip as clip_lib
+
+HELP = "transformers CLIPModel folder (config.json + model.safetensors / pytorch_model.bin + tokenizer files)"
+# Buffers some files carry; never parameters.
+IGNORED = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+_LIST = re.compile(r"^(layers)_(\d+)$")
+_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def torch_key(flax_path: str) -> str:
+  """``vision_model/encoder/layers_1/self_attn/q_proj/kernel`` → ``vision_model.encoder.layers.1.self_attn.q_proj.weight``."""
+  *mods, leaf = flax_path.split("/")
+  parts = [m.group(1) + "." + m.group(2) if (m := _LIST.match(p)) else p for p in mods]
+  parts.append(_LEAF.get(leaf, leaf))
+  return ".".join(parts)
+
+
+def _torch_shape(leaf: str, shape: tuple) -> tuple:
+  if leaf == "kernel" and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  if leaf == "kernel" and len(shape) == 2:
+    return (shape[1], shape[0])
+  return tuple(shape)
+
+
+def _to_flax(leaf: str, value: np.ndarray, shape: tuple) -> np.ndarray:
+  if leaf == "kernel" and len(shape) == 4:
+    return conv_kernel(value)
+  if leaf == "kernel" and len(shape) == 2:
+    return linear_kernel(value)
+  return np.asarray(value, np.float32).reshape(shape)
+
+
+def build_clip(config: Mapping[str, Any], dtype=jnp.float32):
+  """``(CLIPModel, dummy inputs)`` from a transformers CLIPModel ``config.json`` dict; ``ConversionError`` for
+  a configuration this port does not support."""
+  try:
+    cfg = clip_lib.CLIPConfig.from_hf(config)
+  except (ValueError, TypeError) as e:
+    raise ConversionError(f"CLIP config.json: {e}") from e
+  return clip_lib.CLIPModel(cfg, dtype=dtype), clip_lib.clip_dummy_inputs(cfg)
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any], what: str = "CLIP",
+                       dtype=jnp.float32):
+  """Checks a PyTorch ``CLIPModel`` state dict against the module of ``config`` and converts it:
+  ``(module, params)``."""
+  module, inputs = build_clip(config, dtype)
+  shapes = expected_shapes(module, inputs)
+  expected = {torch_key(p): _torch_shape(p.rsplit("/", 1)[-1], s) for p, s in shapes.items()}
+  check_state_dict(state_dict, expected, what, ignore=IGNORED)
+  flat = {p: _to_flax(p.rsplit("/", 1)[-1], state_dict[torch_key(p)], s) for p, s in shapes.items()}
+  for p, s in shapes.items():
+    assert flat[p].shape == s, (p, flat[p].shape, s)
+  return module, unflatten_params(flat)
+
+
+def _weight_files(folder: str) -> list[str]:
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    if os.path.exists(os.path.join(folder, name)):
+      return [os.path.join(folder, name)]
+  for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    idx = os.path.join(folder, name)
+    if os.path.exists(idx):
+      with open(idx) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+      return [os.path.join(folder, sh) for sh in shards]
+  raise ConversionError(f"no weights in {folder!r} (expected model.safetensors or pytorch_model.bin)")
+
+
+def read_config(src_dir: str) -> dict[str, Any]:
+  path = os.path.join(src_dir, "config.json")
+  if not os.path.exists(path):
+    raise ConversionError(f"missing config: {path!r}")
+  with open(path) as f:
+    return json.load(f)
+
+
+def convert_clip_model(src_dir: str | os.PathLike, dtype=jnp.float32, tokenizer_dir: str | None = None):
+  """Converts a transformers CLIPModel folder: ``(module, params, tokenizer)``.
+
+  ``module.apply({'params': params}, pixels_nhwc, method='get_image_features')`` and
+  ``module.apply({'params': params}, input_ids, method='get_text_features')`` give transformers'
+  ``get_image_features`` / ``get_text_features``. ``tokenizer`` is a ``transformers.CLIPTokenizer`` read from
+  ``tokenizer_dir`` (default: ``src_dir``). ``dtype`` is the activation dtype (parameters stay float32).
+  """
+  src_dir = os.fspath(src_dir)
+  if not os.path.isdir(src_dir):
+    raise ConversionError(f"no such folder: {src_dir!r}")
+  config = read_config(src_dir)
+  build_clip(config, dtype)  # fail on the config before the (slow) weight read
+  tokenizer = load_tokenizer(os.fspath(tokenizer_dir) if tokenizer_dir is not None else src_dir)
+  sd = {}
+  for path in _weight_files(src_dir):
+    sd.update(load_state_dict(path))
+  module, params = convert_state_dict(sd, config, f"CLIP ({src_dir})", dtype)
+  return module, params, tokenizer
+
+
+def save_converted_clip(dst_dir: str | os.PathLike, params, config: Mapping[str, Any], tokenizer) -> None:
+  """Writes ``dst/params.npz``, ``dst/config.json`` (the transformers config) and ``dst/tokenizer/``."""
+  dst_dir = os.fspath(dst_dir)
+  tokenizer.save_pretrained(os.path.join(dst_dir, "tokenizer"))
+  save_converted(dst_dir, jax.device_get(params), config)
+
+
+def load_converted_clip(src_dir: str | os.PathLike, dtype=jnp.float32):
+  """Reads what :func:`save_converted_clip` wrote: ``(module, params, tokenizer)`` (shapes checked)."""
+  src_dir = os.fspath(src_dir)
+  params, config = load_converted(src_dir)
+  module, inputs = build_clip(config, dtype)
+  check_state_dict(flatten_params(params), expected_shapes(module, inputs), f"converted CLIP ({src_dir})")
+  return module, params, load_tokenizer(os.path.join(src_dir, "tokenizer"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--src", required=True, help="transformers CLIPModel folder")
+  parser.add_argument("--dst", required=True, help="output folder for the converted model")
+  parser.add_argument("--tokenizer", default=None, help="tokenizer folder if not in --src")
+
+
+def run(args: argparse.Namespace) -> None:
+  module, params, tokenizer = convert_clip_model(args.src, tokenizer_dir=args.tokenizer)
+  save_converted_clip(args.dst, params, read_config(args.src), tokenizer)
+  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params))
+  cfg = module.config
+  print(f"CLIP: {n:,} parameters (vision {cfg.vision.num_hidden_layers}x{cfg.vision.hidden_size}, patch "
+        f"{cfg.vision.patch_size}, {cfg.vision.image_size} px; text {cfg.text.num_hidden_layers}x"
+        f"{cfg.text.hidden_size}; projection {cfg.projection_dim}) -> {args.dst}")
