@@ -18,6 +18,7 @@ setup(
         "tensorboardX>=2.6,<3",
         "tensorflow-datasets>=4.9.8,<5",
         "grain>=0.2.12,<0.3",
+        "array-record>=0.7",
         "absl-py>=2.1",
         "numpy>=1.26",
         "scipy>=1.13",
@@ -28,6 +29,7 @@ setup(
         # torch (CPU, 2.13.0) and the PyTorch reference packages are used only as parity references.
         "test": [
             "pytest>=8",
+            "pytest-xdist>=3.5",
             "torch==2.13.0",
             "diffusers>=0.40",
             "transformers>=5",
