@@ -43,8 +43,8 @@ def edm_config(*, lr: float, batch_size: int, num_train_steps: int, regression_w
       dtype="bfloat16",     # activations; parameters, optimizer state and DM-loss arithmetic stay float32
       remat=False))
   c.teacher = ml_collections.ConfigDict(dict(
-      path="",              # a folder written by `python -m dmd_jax.convert edm`
-      random_init_kwargs=""))   # JSON init_kwargs of a random-weight teacher (the :tiny variants)
+      path="",              # a folder written by `python -m dmd_jax.convert edm`; 'random' for the :tiny variants
+      random_init_kwargs=""))   # JSON init_kwargs of the random-weight teacher (teacher.path='random')
   c.generator = ml_collections.ConfigDict(dict(sigma=80.0))   # G(z, c) = D(80 z; sigma = 80, c)
   c.optim.lr = lr
   c.batch_size = batch_size
@@ -53,13 +53,32 @@ def edm_config(*, lr: float, batch_size: int, num_train_steps: int, regression_w
   c.log_every = 100
   c.regression = ml_collections.ConfigDict(dict(
       weight=regression_weight,
-      distance="l2",
+      distance="lpips",     # LPIPS-VGG after bilinear upsampling to 224 (method.md §5); or 'l2' / 'mse'
+      lpips_path="",        # a folder written by `python -m dmd_jax.convert lpips --src=vgg16.pth`
+      lpips_resize=224,
       num_pairs=num_pairs,
       shard_size=1_000,
       batch_size=batch_size,
       sampler_steps=sampler_steps))   # EDM Heun steps of the teacher ODE pairs (2N - 1 NFE)
+  # method.md §8: 50k samples, TF-FID protocol, EDM's reference statistics
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=50_000,
+      batch_size=500,       # images per generation / Inception step (global)
+      inception_path="",    # a folder written by `python -m dmd_jax.convert inception --src=pt_inception-...pth`
+      reference_stats="",   # .npz with mu, sigma (EDM fid-refs); 'teacher' = stats of the teacher's own samples
+      protocol="tf1",       # 'tf1' (EDM / DMD numbers) or 'pytorch_fid'
+      every_steps=0,        # > 0: a monitoring FID on periodic_num_samples every this many steps
+      periodic_num_samples=5_000))
   if tiny_init_kwargs is not None:
+    c.teacher.path = "random"
     c.teacher.random_init_kwargs = json.dumps(tiny_init_kwargs)
+    c.regression.lpips_path = "random"
+    c.regression.lpips_resize = 32
+    c.eval.num_samples = 16
+    c.eval.batch_size = 8
+    c.eval.inception_path = "random"
+    c.eval.reference_stats = "teacher"
+    c.eval.periodic_num_samples = 8
     c.model.dtype = "float32"
     c.batch_size = 8
     c.num_train_steps = 6

@@ -72,13 +72,13 @@ def fake_score_loss(nets, fake_params, x, cond, rng):
   return jnp.mean(weight * _per_sample_mean((pred - x) ** 2))
 
 
-def l2_distance(x, y):
-  """Per-sample Euclidean distance ``||x - y||_2``."""
+def l2_distance(params, x, y):
+  """Per-sample Euclidean distance ``||x - y||_2`` (``params`` unused: the distances share one signature)."""
   d2 = jnp.sum(((x - y).astype(jnp.float32) ** 2).reshape(x.shape[0], -1), axis=-1)
   return jnp.sqrt(d2 + 1e-12)
 
 
-def mse_distance(x, y):
+def mse_distance(params, x, y):
   """Per-sample mean squared error."""
   return _per_sample_mean((x - y).astype(jnp.float32) ** 2)
 
@@ -86,9 +86,10 @@ def mse_distance(x, y):
 REGRESSION_DISTANCES = {"l2": l2_distance, "mse": mse_distance}
 
 
-def regression_loss(distance: Callable, x_pred, y):
-  """``E[d(G(z), y)]`` over precomputed teacher ODE pairs (method.md §5, DMD Eq. 9)."""
-  return jnp.mean(distance(x_pred, y))
+def regression_loss(distance: Callable, params, x_pred, y):
+  """``E[d(G(z), y)]`` over precomputed teacher ODE pairs (method.md §5, DMD Eq. 9); ``distance(params, x, y)``
+  is per-sample (L2, or LPIPS with its frozen VGG ``params``)."""
+  return jnp.mean(distance(params, x_pred, y))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -126,7 +127,6 @@ class DMDHyper:
   fake_score_optimizer: optax.GradientTransformation
   dm_weight: float = 1.0
   regression_weight: float = 0.0
-  regression_distance: Callable = l2_distance
   fake_updates_per_generator_update: int = 1   # 1 = DMD; 5 or 10 = DMD2's two time-scale rule
   ema_decay: float = 0.0                       # 0 = no EMA of the generator
   constrain_batch: Callable = lambda x: x      # sharding constraint for per-sample arrays
@@ -150,7 +150,7 @@ def generator_loss(gen_params, nets, hyper: DMDHyper, frozen, fake_params, z, co
   loss = hyper.dm_weight * loss
   if hyper.regression_weight > 0:
     x_reg = nets.generate(gen_params, batch["reg_z"], batch.get("reg_cond"))
-    reg = regression_loss(hyper.regression_distance, x_reg, batch["reg_x"])
+    reg = regression_loss(nets.regression_distance, frozen.get("regression"), x_reg, batch["reg_x"])
     metrics["regression_loss"] = reg
     loss = loss + hyper.regression_weight * reg
   metrics["generator_loss"] = loss

@@ -30,6 +30,7 @@ class DMDNetworks:
   teacher_sample: Callable  # (teacher_params, z, cond) -> x  (the teacher's ODE sampler)
   init: Callable            # rng -> (generator_params, fake_params)
   sample_shape: tuple       # shape of one generated sample
+  regression_distance: Callable = None   # (frozen['regression'], x, y) -> per-sample distance
   num_classes: int = 0      # > 0: conditions are integer class labels in [0, num_classes)
 
 
@@ -44,6 +45,53 @@ def build(config, workdir: str | None = None) -> tuple[DMDNetworks, dict]:
   if family == "edm":
     return _build_edm(config, workdir)
   raise ValueError(f"model.family {family!r} is not known; expected one of: 'toy', 'edm'")
+
+
+def _simple_distance(name: str) -> Callable:
+  from dmd_jax import dmd
+  if name not in dmd.REGRESSION_DISTANCES:
+    raise ValueError(f"regression.distance must be one of {sorted(dmd.REGRESSION_DISTANCES)} here, got {name!r}")
+  return dmd.REGRESSION_DISTANCES[name]
+
+
+def _image_distance(config, workdir) -> tuple[Callable, dict]:
+  """The regression distance of image families: 'lpips' (the papers': VGG LPIPS after bilinear upsampling
+  to ``regression.lpips_resize``), or 'l2' / 'mse'. Returns ``(distance, its frozen params)``."""
+  r = config.regression
+  if r.distance != "lpips":
+    return _simple_distance(r.distance), {}
+  from dmd_jax.convert import lpips as lpips_convert
+  from dmd_jax.models.lpips import lpips_distance
+  path = frozen_network_dir(r.lpips_path, "regression.lpips_path", "lpips", workdir, config.seed,
+                            lambda dst: _write_random(dst, lpips_convert._trunk_expected("torchvision"),
+                                                      lpips_convert.convert_file, config.seed))
+  module, params = lpips_convert.load_converted_lpips(path)
+  resize = int(r.lpips_resize)
+  return (lambda p, x, y: lpips_distance(module, p, x, y, resize_to=resize)), params
+
+
+def _write_random(dst, shapes, convert_file, seed):
+  from dmd_jax.convert.common import write_random_network
+  write_random_network(dst, shapes, convert_file, seed)
+
+
+def frozen_network_dir(path: str, field: str, family: str, workdir: str | None, seed: int, write_random) -> str:
+  """The folder of a converted frozen network (``python -m dmd_jax.convert FAMILY``). ``path='random'`` asks
+  for a random-weight stand-in (the ``:tiny`` configs), written once under the workdir."""
+  if path and path != "random":
+    return path
+  if not path:
+    raise ValueError(f"{field} is empty: convert the network first (python -m dmd_jax.convert {family} "
+                     f"--src=... --dst=DIR) and pass --config.{field}=DIR")
+  if workdir is None:
+    raise ValueError(f"{field}='random' needs a workdir to write the random-weight network to")
+  dst = os.path.join(workdir, f"random_{family}")
+  if not os.path.exists(os.path.join(dst, "config.json")) and jax.process_index() == 0:
+    write_random(dst)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"random {family} written")
+  return dst
 
 
 def _build_toy(config):
@@ -77,6 +125,7 @@ def _build_toy(config):
           mog, z, steps, schedule.sigma_min, schedule.sigma_max, schedule.rho),
       init=init,
       sample_shape=(dim,),
+      regression_distance=_simple_distance(config.regression.distance),
   )
   return nets, {"teacher": {}}
 
@@ -91,24 +140,17 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _teacher_dir(config, workdir):
-  """The converted teacher folder; a ``:tiny`` config writes a random-weight one under the workdir first."""
+  """The converted teacher folder; ``teacher.path='random'`` (the ``:tiny`` configs) writes a random-weight
+  teacher of ``teacher.random_init_kwargs`` under the workdir, through the real converter."""
   from dmd_jax.convert import edm as edm_convert
   t = config.teacher
-  if t.path:
-    return t.path
-  if not t.random_init_kwargs:
-    raise ValueError("teacher.path is empty: convert a teacher first (python -m dmd_jax.convert edm "
-                     "--src=... --dst=DIR) and pass --config.teacher.path=DIR")
-  if workdir is None:
-    raise ValueError("a random-weight teacher (teacher.random_init_kwargs) needs a workdir to be written to")
-  path = os.path.join(workdir, "random_teacher")
-  if not os.path.exists(os.path.join(path, "config.json")) and jax.process_index() == 0:
-    kwargs = json.loads(t.random_init_kwargs)
-    edm_convert.write_random_teacher(path, kwargs, seed=config.seed)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("random teacher written")
-  return path
+
+  def write(dst):
+    if not t.random_init_kwargs:
+      raise ValueError("teacher.path='random' needs teacher.random_init_kwargs (a JSON EDM init_kwargs dict)")
+    edm_convert.write_random_teacher(dst, json.loads(t.random_init_kwargs), seed=config.seed)
+
+  return frozen_network_dir(t.path, "teacher.path", "edm", workdir, config.seed, write)
 
 
 def _build_edm(config, workdir):
@@ -119,6 +161,7 @@ def _build_edm(config, workdir):
   student, _ = load_converted_edm(path, dtype=_DTYPES[config.model.dtype], remat=config.model.remat)
   res, ch, label_dim = teacher.img_resolution, teacher.img_channels, teacher.label_dim
   sigma_gen = float(config.generator.sigma)
+  distance, distance_params = _image_distance(config, workdir)
 
   def one_hot(cond):
     return None if not label_dim else jax.nn.one_hot(cond, label_dim, dtype=jnp.float32)
@@ -152,5 +195,6 @@ def _build_edm(config, workdir):
       init=init,
       sample_shape=(res, res, ch),
       num_classes=label_dim,
+      regression_distance=distance,
   )
-  return nets, {"teacher": teacher_params}
+  return nets, {"teacher": teacher_params, "regression": distance_params}

@@ -64,6 +64,7 @@ class Setup:
     self.abstract_state = jax.eval_shape(self._init_state, self.init_key)
     self.state_sharding = sharding.tree_sharding(self.mesh, self.abstract_state, config.mesh.min_shard_size)
     self.is_main = jax.process_index() == 0
+    self.inception = None   # (module, params) of the FID network, loaded on first use
     sharded = [s for s in jax.tree.leaves(self.state_sharding) if "fsdp" in s.spec]
     logging.info("mesh %s over %d devices; %d of %d state arrays FSDP-sharded",
                  dict(self.mesh.shape), self.mesh.devices.size, len(sharded),
@@ -87,10 +88,6 @@ def make_hyper(config, nets, mesh) -> dmd.DMDHyper:
     raise ValueError(f"dmd.fake_updates_per_generator_update must be >= 1, got {n}")
   make = functools.partial(dmd.make_optimizer, warmup_steps=o.warmup_steps, b1=o.b1, b2=o.b2, eps=o.eps,
                            weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay=o.decay)
-  distance = config.regression.distance
-  if distance not in dmd.REGRESSION_DISTANCES:
-    raise ValueError(f"regression.distance must be one of {sorted(dmd.REGRESSION_DISTANCES)}, "
-                     f"got {distance!r}")
   batch = sharding.batch_sharding(mesh)
   n_dev = mesh.devices.size
   for name, b in (("batch_size", config.batch_size), ("regression.batch_size", config.regression.batch_size)):
@@ -102,7 +99,6 @@ def make_hyper(config, nets, mesh) -> dmd.DMDHyper:
       fake_score_optimizer=make(o.lr, total_steps=config.num_train_steps),
       dm_weight=config.dmd.dm_weight,
       regression_weight=config.regression.weight,
-      regression_distance=dmd.REGRESSION_DISTANCES[distance],
       fake_updates_per_generator_update=n,
       ema_decay=config.ema.decay,
       constrain_batch=lambda x: jax.lax.with_sharding_constraint(x, batch),
@@ -198,6 +194,7 @@ def train(config, workdir: str) -> dict | None:
   logging.info("compiled the train step in %.1f s", time.time() - t_compile)
 
   # ---- loop ----
+  fid_every = config.eval.get("every_steps", 0)   # monitoring FID (image families)
   sigterm = _SigtermFlag()
   meta = {"config": config.to_json_best_effort()}
   t_loop, last_log, last_step = time.time(), time.time(), start
@@ -215,6 +212,11 @@ def train(config, workdir: str) -> dict | None:
         writer.write_scalars(step, metrics)
         logging.info("step %d/%d  %.1f steps/s  ETA %.0f s", step, total, rate, (total - step) / rate)
         last_log, last_step = now, step
+      if fid_every and step % fid_every == 0 and step < total:
+        n = config.eval.periodic_num_samples
+        value = fid_of_generator(setup, generator_params(state["generator"]), n)
+        writer.write_scalars(step, {f"eval/fid{n}": value})
+        logging.info("monitoring FID (%d samples) at step %d: %.4f", n, step, value)
       if step % config.checkpoint_every == 0 or step == total or sigterm.raised:
         ckpt.save(step, state, {**meta, "step": step})
       if sigterm.raised:
@@ -251,7 +253,7 @@ def _summary(results: dict) -> dict:
   for who in ("generator", "teacher"):
     if who in results:
       out[who] = {k: round(results[who][k], 4) for k in keep if k in results[who]}
-  for k in ("train_seconds", "total_seconds", "steps"):
+  for k in ("fid", "fid_num_samples", "train_seconds", "total_seconds", "steps"):
     if k in results:
       out[k] = round(results[k], 1) if isinstance(results[k], float) else results[k]
   return out
@@ -266,9 +268,9 @@ def generator_params(gen_state) -> dict:
   return gen_state.get("ema_params", gen_state["params"])
 
 
-def generate(setup: Setup, params, num: int, seed: int, chunk: int = 4096):
-  """``num`` one-step samples and their conditions (class labels or None), deterministic for ``seed`` and
-  independent of the device count. Chunk i uses ``fold_in(key(seed), i)``."""
+def _sample_chunks(setup: Setup, fn, params, num: int, seed: int, chunk: int):
+  """Yields ``(x, cond)`` host chunks of ``fn(params, z, cond)`` over fresh noise / conditions; chunk i uses
+  ``fold_in(key(seed), i)``, so the samples do not depend on the device count."""
   nets = setup.nets
   batch = sharding.batch_sharding(setup.mesh)
   n_dev = setup.mesh.devices.size
@@ -279,40 +281,86 @@ def generate(setup: Setup, params, num: int, seed: int, chunk: int = 4096):
     r_z, r_c = jax.random.split(key)
     z = jax.lax.with_sharding_constraint(nets.sample_noise(r_z, chunk), batch)
     cond = nets.sample_cond(r_c, chunk)
-    return nets.generate(params, z, cond), (jnp.zeros((chunk,), jnp.int32) if cond is None else cond)
+    return fn(params, z, cond), (jnp.zeros((chunk,), jnp.int32) if cond is None else cond)
 
   key = jax.random.PRNGKey(seed)
-  xs, cs = [], []
   for i in range(-(-num // chunk)):
     x, c = jax.device_get(one(params, jax.random.fold_in(key, i)))
-    xs.append(np.asarray(x))
-    cs.append(np.asarray(c))
-  cond = np.concatenate(cs)[:num] if nets.num_classes else None
-  return np.concatenate(xs)[:num], cond
+    keep = min(chunk, num - i * chunk)
+    yield np.asarray(x)[:keep], (np.asarray(c)[:keep] if nets.num_classes else None)
+
+
+def _collect(chunks):
+  xs, cs = zip(*chunks)
+  return np.concatenate(xs), (None if cs[0] is None else np.concatenate(cs))
+
+
+def generate(setup: Setup, params, num: int, seed: int, chunk: int = 4096):
+  """``num`` one-step samples and their conditions (class labels or None), deterministic for ``seed``."""
+  return _collect(_sample_chunks(setup, setup.nets.generate, params, num, seed, chunk))
 
 
 def teacher_samples(setup: Setup, num: int, seed: int, chunk: int = 4096):
   """``num`` samples of the teacher's ODE sampler (same noise / condition recipe as ``generate``)."""
-  nets = setup.nets
-  batch = sharding.batch_sharding(setup.mesh)
-  n_dev = setup.mesh.devices.size
-  chunk = -(-min(chunk, num) // n_dev) * n_dev
+  return _collect(_sample_chunks(setup, setup.nets.teacher_sample, setup.frozen["teacher"], num, seed, chunk))
 
-  @functools.partial(jax.jit, out_shardings=batch)
-  def one(teacher, key):
-    r_z, r_c = jax.random.split(key)
-    z = jax.lax.with_sharding_constraint(nets.sample_noise(r_z, chunk), batch)
-    cond = nets.sample_cond(r_c, chunk)
-    return nets.teacher_sample(teacher, z, cond), (jnp.zeros((chunk,), jnp.int32) if cond is None else cond)
 
-  key = jax.random.PRNGKey(seed)
-  xs, cs = [], []
-  for i in range(-(-num // chunk)):
-    x, c = jax.device_get(one(setup.frozen["teacher"], jax.random.fold_in(key, i)))
-    xs.append(np.asarray(x))
-    cs.append(np.asarray(c))
-  cond = np.concatenate(cs)[:num] if nets.num_classes else None
-  return np.concatenate(xs)[:num], cond
+# ---- FID (method.md §8): Inception features of uint8 samples, data-parallel over the mesh ----
+
+def _inception(setup: Setup):
+  if setup.inception is None:
+    from dmd_jax.convert import inception as inception_convert
+    e, seed = setup.config.eval, setup.config.seed
+    path = networks.frozen_network_dir(
+        e.inception_path, "eval.inception_path", "inception", setup.workdir, seed,
+        lambda dst: networks._write_random(dst, inception_convert.expected_shapes(),
+                                           inception_convert.convert_file, seed))
+    module, params = inception_convert.load_converted_inception(path)
+    setup.inception = (module, jax.device_put(params, sharding.replicated(setup.mesh)))
+  return setup.inception
+
+
+def _fid_stats(setup: Setup, chunks) -> tuple[np.ndarray, np.ndarray, int]:
+  from dmd_jax.evaluation import fid
+  module, params = _inception(setup)
+  e = setup.config.eval
+  stats = fid.FeatureStats()
+  t0 = time.time()
+  for x, _ in chunks:
+    stats.update(fid.inception_features(module, params, image_io.to_uint8(x), protocol=e.protocol,
+                                        batch_size=e.batch_size, mesh=setup.mesh, log_every=0))
+    logging.info("FID: %d images (%.1f images/s)", stats.count, stats.count / (time.time() - t0))
+  mu, sigma = stats.mu_sigma()
+  return mu, sigma, stats.count
+
+
+def _reference_stats(setup: Setup):
+  from dmd_jax.evaluation import fid
+  e = setup.config.eval
+  if not e.reference_stats:
+    raise ValueError("eval.reference_stats is empty: pass an .npz with mu and sigma (e.g. EDM's fid-refs), "
+                     "or 'teacher' for the statistics of the teacher's own samples")
+  if e.reference_stats != "teacher":
+    ref = fid.load_reference_stats(e.reference_stats)
+    return ref["mu"], ref["sigma"]
+  cache = os.path.join(setup.workdir, f"fid_reference_teacher_{e.num_samples}.npz")
+  if os.path.exists(cache):
+    ref = fid.load_reference_stats(cache)
+    return ref["mu"], ref["sigma"]
+  logging.info("FID reference: statistics of %d teacher samples (cached in %s)", e.num_samples, cache)
+  mu, sigma, _ = _fid_stats(setup, _sample_chunks(setup, setup.nets.teacher_sample, setup.frozen["teacher"],
+                                                  e.num_samples, setup.config.seed + 5000, e.batch_size))
+  if setup.is_main:
+    fid.save_reference_stats(cache, mu, sigma)
+  return mu, sigma
+
+
+def fid_of_generator(setup: Setup, params, num: int) -> float:
+  from dmd_jax.evaluation import fid
+  ref_mu, ref_sigma = _reference_stats(setup)
+  mu, sigma, _ = _fid_stats(setup, _sample_chunks(setup, setup.nets.generate, params, num,
+                                                  setup.config.seed + 3000, setup.config.eval.batch_size))
+  return fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
 
 
 def evaluate(setup: Setup, gen_state, writer, step: int) -> dict:
@@ -320,7 +368,15 @@ def evaluate(setup: Setup, gen_state, writer, step: int) -> dict:
   config = setup.config
   if config.model.family == "toy":
     return _evaluate_toy(setup, gen_state, writer, step)
-  return _sample_grids(setup, gen_state, step)
+  results = _sample_grids(setup, gen_state, step)
+  if config.eval.inception_path:
+    n = config.eval.num_samples
+    results["fid"] = fid_of_generator(setup, generator_params(gen_state), n)
+    results["fid_num_samples"] = n
+    results["fid_protocol"] = config.eval.protocol
+    writer.write_scalars(step, {f"eval/fid{n}": results["fid"]})
+    logging.info("FID (%d samples, %s protocol) at step %d: %.4f", n, config.eval.protocol, step, results["fid"])
+  return results
 
 
 def _evaluate_toy(setup: Setup, gen_state, writer, step: int) -> dict:

@@ -141,5 +141,5 @@ def test_edm_precond_coefficients():
 def test_regression_distances():
   x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
   y = jnp.zeros((2, 2))
-  np.testing.assert_allclose(dmd.l2_distance(x, y), [5.0, 1e-6], atol=1e-6)
-  np.testing.assert_allclose(dmd.mse_distance(x, y), [12.5, 0.0])
+  np.testing.assert_allclose(dmd.l2_distance(None, x, y), [5.0, 1e-6], atol=1e-6)
+  np.testing.assert_allclose(dmd.mse_distance(None, x, y), [12.5, 0.0])

@@ -21,8 +21,14 @@ CONFIGS = {"cifar10": (os.path.join(ROOT, "configs", "cifar10.py:tiny"), 10),
 def test_tiny_config_end_to_end(tmp_path, name):
   config, num_classes = CONFIGS[name]
   run = lambda *a: run_main(f"--workdir={tmp_path}", *a, config=config, fast_compile=True, timeout=900)
-  p = run("--config.num_train_steps=4")
+  extra = ["--config.eval.every_steps=2"] if name == "imagenet64" else []   # + a monitoring FID at step 2
+  p = run("--config.num_train_steps=4", *extra)
   assert "compiled the train step" in p.stderr
+  if extra:
+    assert "monitoring FID (8 samples) at step 2" in p.stderr
+  assert os.path.isdir(tmp_path / "random_lpips") and os.path.isdir(tmp_path / "random_inception")
+  m = json.load(open(tmp_path / "metrics.json"))
+  assert m["fid_num_samples"] == 16 and np.isfinite(m["fid"]) and m["fid"] >= 0
   pairs = sorted(glob.glob(str(tmp_path / "pairs" / "shard-*.npz")))
   assert len(pairs) == 3
   with np.load(pairs[0]) as f:
@@ -32,7 +38,7 @@ def test_tiny_config_end_to_end(tmp_path, name):
       assert f["cond"].dtype.kind == "i" and 0 <= f["cond"].min() and f["cond"].max() < num_classes
     else:
       assert "cond" not in f.files
-  assert os.path.isfile(tmp_path / "random_teacher" / "params.npz")
+  assert os.path.isfile(tmp_path / "random_edm" / "params.npz")
   assert glob.glob(str(tmp_path / "samples" / "step4.png"))
 
   p = run("--config.num_train_steps=6")          # resume from step 4 to 6
@@ -49,6 +55,10 @@ def test_tiny_config_end_to_end(tmp_path, name):
     else:
       assert "labels" not in f.files
   if name == "cifar10":
+    run("--mode=eval")
+    res = json.load(open(tmp_path / "eval_step6.json"))
+    assert res["fid_num_samples"] == 16 and res["fid_protocol"] == "tf1" and np.isfinite(res["fid"])
+    assert os.path.exists(tmp_path / "fid_reference_teacher_16.npz")
     out_t = tmp_path / "t.npz"
     run("--mode=teacher_sample", "--num_samples=3", f"--output={out_t}")
     with np.load(out_t) as f:
@@ -96,3 +106,20 @@ def test_pairs_with_another_spec_are_refused(tmp_path):
   p = run_main(f"--workdir={tmp_path}", "--mode=pairs", *FAST, "--config.regression.sampler_steps=10",
                check=False)
   assert p.returncode == 2 and "different spec" in p.stderr
+
+
+def test_half_written_shards_never_count_and_are_cleaned(tmp_path):
+  from dmd_jax.data.pairs import PairStore
+  spec = {"num_pairs": 10, "shard_size": 4}
+  store = PairStore(str(tmp_path), spec).open()
+  assert store.missing_shards() == [0, 1, 2]
+  store.write_shard(0, {"index": np.arange(4), "z": np.zeros((4, 2)), "x": np.zeros((4, 2))})
+  stale = tmp_path / "shard-00001.npz.tmp-p0-999999"     # what a killed writer leaves behind
+  stale.write_bytes(b"partial")
+  assert store.missing_shards() == [1, 2]
+  PairStore(str(tmp_path), spec).open()
+  assert not stale.exists() and (tmp_path / "shard-00000.npz").exists()
+  with pytest.raises(FileNotFoundError, match="2 of 3 regression-pair shards are missing"):
+    store.load()
+  with pytest.raises(ValueError, match="different spec"):
+    PairStore(str(tmp_path), {"num_pairs": 12, "shard_size": 4}).open()

@@ -173,3 +173,29 @@ def load_converted(src_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str
   with np.load(par_path, allow_pickle=False) as f:
     params = unflatten_params({k: f[k] for k in f.files})
   return params, config
+
+
+def random_state_dict(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
+  """A random state dict in PyTorch layout for ``shapes`` (key → shape), for the ``:tiny`` configs' stand-in
+  networks: weights of rank ≥ 2 He-scaled normal, rank-1 weights (norm scales) and running variances 1, the rest 0."""
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key, shape in shapes.items():
+    if len(shape) >= 2:
+      out[key] = (rng.normal(size=shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+    elif key.endswith(("running_var", "weight")):   # rank-1 weights are norm scales
+      out[key] = np.ones(shape, np.float32)
+    else:
+      out[key] = np.zeros(shape, np.float32)
+  return out
+
+
+def write_random_network(dst: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]], convert_file,
+                         seed: int = 0, **convert_kwargs):
+  """Writes ``random_state_dict(shapes)`` as ``<dst>-source/state_dict.npz`` and converts it into ``dst`` with
+  the family's own ``convert_file`` — the path a real checkpoint takes."""
+  dst = os.fspath(dst)
+  src = os.path.join(dst + "-source", "state_dict.npz")
+  os.makedirs(os.path.dirname(src), exist_ok=True)
+  np.savez(src, **random_state_dict(shapes, seed))
+  return convert_file(src, dst, **convert_kwargs)

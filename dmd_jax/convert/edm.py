@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmd_jax.convert import common
 from dmd_jax.convert.common import (ConversionError, check_state_dict, conv_kernel, linear_kernel,
                                     load_converted, load_state_dict, save_converted)
 from dmd_jax.models import edm as edm_models
@@ -368,19 +369,10 @@ def random_state_dict(init_kwargs: Mapping[str, Any], seed: int = 0) -> dict[str
   """An EDMPrecond state dict with He-scaled random weights (PyTorch keys and layouts)."""
   module = edm_models.edm_module_from_kwargs(init_kwargs)
   params_spec, buffer_spec = expected_state_dict(module)
-  rng = np.random.default_rng(seed)
-  sd = {}
+  sd = common.random_state_dict({key: shape for key, shape in params_spec.values()}, seed)
   for names, (key, shape) in params_spec.items():
-    leaf = names[-1]
-    if leaf == "freqs":
-      sd[key] = rng.normal(0.0, 16.0, shape).astype(np.float32)
-    elif leaf in ("kernel",):
-      fan_in = int(np.prod(shape[1:]))
-      sd[key] = (rng.normal(size=shape) / np.sqrt(fan_in)).astype(np.float32)
-    elif leaf == "scale":
-      sd[key] = np.ones(shape, np.float32)
-    else:
-      sd[key] = np.zeros(shape, np.float32)
+    if names[-1] == "freqs":
+      sd[key] = np.random.default_rng(seed).normal(0.0, 16.0, shape).astype(np.float32)
   f = edm_models.resample_filter_2d(init_kwargs.get("resample_filter", (1, 1))
                                     if module.model_type == "SongUNet" else (1, 1))
   for key, shape in buffer_spec.items():

@@ -44,7 +44,17 @@ class PairStore:
             f"  config:  {self.spec}\nuse a new workdir or delete that folder to rebuild them")
     elif jax.process_index() == 0:
       _atomic_write_json(path, self.spec)
+    self._remove_stale_temporaries()
     return self
+
+  def _tmp_prefix(self) -> str:
+    return f".tmp-p{jax.process_index()}-"
+
+  def _remove_stale_temporaries(self) -> None:
+    """Deletes half-written shards left by a killed run of this process index (never a live writer's)."""
+    for name in os.listdir(self.directory):
+      if self._tmp_prefix() in name and not name.endswith(f"{self._tmp_prefix()}{os.getpid()}"):
+        os.remove(os.path.join(self.directory, name))
 
   def shard_path(self, i: int) -> str:
     return os.path.join(self.directory, f"shard-{i:05d}.npz")
@@ -57,7 +67,7 @@ class PairStore:
 
   def write_shard(self, i: int, arrays: dict[str, np.ndarray]) -> None:
     path = self.shard_path(i)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = f"{path}{self._tmp_prefix()}{os.getpid()}"
     with open(tmp, "wb") as f:
       np.savez(f, **arrays)
     os.replace(tmp, path)
