@@ -33,7 +33,6 @@ def _without_tensorflow():
 
 _without_tensorflow()
 from clu import metric_writers  # noqa: E402  (after the stand-in above)
-from clu import periodic_actions  # noqa: E402,F401
 
 
 class TensorboardXWriter(metric_writers.MetricWriter):

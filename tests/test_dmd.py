@@ -2,7 +2,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from dmd_jax import dmd, schedules
 from dmd_jax.denoisers import edm_precond, gaussian_mixture_denoiser

@@ -84,7 +84,7 @@ def test_sigkill_and_resume_gives_the_uninterrupted_generator(tmp_path, uninterr
   assert killed_at < 2000, "the run finished before it was killed: the test proved nothing"
   assert not os.path.exists(d / "metrics.json")
   p = run_main(f"--workdir={d}", *RESUME)
-  assert f"resumed from" in p.stderr
+  assert "resumed from" in p.stderr
   ref_dir, ref = uninterrupted
   np.testing.assert_array_equal(_samples(d, tmp_path / "s.npz"), ref)
 

@@ -106,6 +106,25 @@ def linear_kernel(w_oi: np.ndarray) -> np.ndarray:
   return np.transpose(np.asarray(w_oi, np.float32), (1, 0))
 
 
+def torch_shape(leaf: str, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The PyTorch shape of a Flax parameter named ``leaf``: kernels HWIO → OIHW and [in, out] → [out, in]."""
+  if leaf == "kernel" and len(flax_shape) == 4:
+    return (flax_shape[3], flax_shape[2], flax_shape[0], flax_shape[1])
+  if leaf == "kernel" and len(flax_shape) == 2:
+    return (flax_shape[1], flax_shape[0])
+  return tuple(flax_shape)
+
+
+def from_torch(leaf: str, value: np.ndarray) -> np.ndarray:
+  """A PyTorch tensor → the Flax parameter named ``leaf`` (the inverse of ``torch_shape``), float32."""
+  value = np.asarray(value, np.float32)
+  if leaf == "kernel" and value.ndim == 4:
+    return conv_kernel(value)
+  if leaf == "kernel" and value.ndim == 2:
+    return linear_kernel(value)
+  return value
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
   out = {}
   for k, v in params.items():

@@ -24,8 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax.convert import common
-from dmd_jax.convert.common import (ConversionError, check_state_dict, conv_kernel, linear_kernel,
-                                    load_converted, load_state_dict, save_converted)
+from dmd_jax.convert.common import (ConversionError, check_state_dict, load_converted, load_state_dict,
+                                    save_converted)
 from dmd_jax.models import edm as edm_models
 
 FAMILY = "edm"
@@ -48,23 +48,6 @@ def _torch_key(path: tuple[str, ...]) -> str:
   return ".".join(parts)
 
 
-def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
-  if leaf == "kernel" and len(shape) == 4:  # HWIO → OIHW
-    return (shape[3], shape[2], shape[0], shape[1])
-  if leaf == "kernel" and len(shape) == 2:  # [in, out] → [out, in]
-    return (shape[1], shape[0])
-  return tuple(shape)
-
-
-def _from_torch(leaf: str, value: np.ndarray) -> np.ndarray:
-  value = np.asarray(value, np.float32)
-  if leaf == "kernel" and value.ndim == 4:
-    return conv_kernel(value)
-  if leaf == "kernel" and value.ndim == 2:
-    return linear_kernel(value)
-  return value
-
-
 def _path_names(path) -> tuple[str, ...]:
   return tuple(str(getattr(k, "key", k)) for k in path)
 
@@ -76,7 +59,7 @@ def expected_state_dict(module: edm_models.EDMPrecond):
   params = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
     names = _path_names(path)
-    params[names] = (_torch_key(names), _torch_shape(names[-1], leaf.shape))
+    params[names] = (_torch_key(names), common.torch_shape(names[-1], leaf.shape))
   buffers = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables.get(edm_models.TORCH_BUFFERS, {}))[0]:
     buffers[_torch_key(_path_names(path))] = tuple(leaf.shape)
@@ -114,7 +97,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], init_kwargs: Mappin
     node = params
     for p in names[:-1]:
       node = node.setdefault(p, {})
-    node[names[-1]] = _from_torch(names[-1], state_dict[key])
+    node[names[-1]] = common.from_torch(names[-1], state_dict[key])
   return module, params
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax.convert.common import (ConversionError, check_state_dict, conv_kernel, load_converted,
-                                    load_state_dict, save_converted)
+                                    load_state_dict, save_converted, torch_shape)
 from dmd_jax.models.inception import InceptionV3FID
 
 HELP = "FID Inception-v3 (pytorch-fid pt_inception-2015-12-05 .pth, torchvision naming) -> Flax folder"
@@ -50,16 +50,9 @@ def _torch_name(path: tuple[str, ...]) -> str:
   return ".".join(mods) + "." + _BN_NAMES[leaf]
 
 
-def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-  if path[-1] == "kernel":
-    h, w, i, o = shape
-    return (o, i, h, w)
-  return shape
-
-
 def expected_shapes() -> dict[str, tuple[int, ...]]:
   """The PyTorch state-dict keys and shapes the converter expects (``fc.*`` etc. excluded)."""
-  return {_torch_name(p): _torch_shape(p, s) for p, s in _param_shapes().items()}
+  return {_torch_name(p): torch_shape(p[-1], s) for p, s in _param_shapes().items()}
 
 
 def convert_state_dict(state_dict: Mapping[str, Any]) -> tuple[InceptionV3FID, dict[str, Any]]:

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax.convert.common import (ConversionError, check_state_dict, conv_kernel, flatten_params,
-                                    linear_kernel, load_converted, load_state_dict, save_converted,
+from dmd_jax.convert.common import (ConversionError, check_state_dict, flatten_params, from_torch,
+                                    load_converted, load_state_dict, save_converted, torch_shape,
                                     unflatten_params)
 from dmd_jax.models import clip as clip_lib
 from dmd_jax.models import unet2d as unet_lib
@@ -54,22 +54,6 @@ def torch_key(flax_path: str) -> str:
   return ".".join(parts)
 
 
-def _torch_shape(leaf: str, shape: tuple) -> tuple:
-  if leaf == "kernel" and len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  if leaf == "kernel" and len(shape) == 2:
-    return (shape[1], shape[0])
-  return tuple(shape)
-
-
-def _to_flax(leaf: str, value: np.ndarray, shape: tuple) -> np.ndarray:
-  if leaf == "kernel" and len(shape) == 4:
-    return conv_kernel(value)
-  if leaf == "kernel" and len(shape) == 2:
-    return linear_kernel(value)
-  return np.asarray(value, np.float32)
-
-
 def expected_shapes(module, inputs) -> dict[str, tuple]:
   """The module's parameter shapes ``{flax path: shape}``, traced abstractly (no memory, no compute)."""
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs))["params"]
@@ -90,9 +74,9 @@ def expected_shapes(module, inputs) -> dict[str, tuple]:
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Mapping[str, tuple], what: str,
                        ignore=()) -> dict[str, Any]:
   """Checks a PyTorch state dict against the Flax shapes and returns the Flax parameter tree."""
-  expected = {torch_key(p): _torch_shape(p.rsplit("/", 1)[-1], s) for p, s in shapes.items()}
+  expected = {torch_key(p): torch_shape(p.rsplit("/", 1)[-1], s) for p, s in shapes.items()}
   check_state_dict(state_dict, expected, what, ignore=ignore)
-  flat = {p: _to_flax(p.rsplit("/", 1)[-1], state_dict[torch_key(p)], s) for p, s in shapes.items()}
+  flat = {p: from_torch(p.rsplit("/", 1)[-1], state_dict[torch_key(p)]) for p, s in shapes.items()}
   for p, s in shapes.items():  # internal consistency: the layout map must land on the module's shapes
     assert flat[p].shape == s, (p, flat[p].shape, s)
   return unflatten_params(flat)
