@@ -31,6 +31,8 @@ def main():
   ap.add_argument("--out", default="runs/ablation")
   ap.add_argument("--only", default=",".join(RUNS))
   ap.add_argument("--steps", type=int, default=0, help="override num_train_steps (0 = the config's)")
+  ap.add_argument("--eval_only", action="store_true",
+                  help="re-evaluate the finished runs under --out (--mode=eval) instead of training")
   args = ap.parse_args()
   rows = []
   for name in args.only.split(","):
@@ -40,6 +42,8 @@ def main():
            f"--workdir={workdir}", *extra]
     if args.steps:
       cmd.append(f"--config.num_train_steps={args.steps}")
+    if args.eval_only:
+      cmd.append("--mode=eval")
     t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
@@ -47,6 +51,10 @@ def main():
       print(p.stderr[-3000:], file=sys.stderr)
       raise SystemExit(f"{name} failed")
     m = json.load(open(os.path.join(workdir, "metrics.json")))
+    if args.eval_only:   # training times from the run, metrics from the fresh evaluation
+      m.update({k: v for k, v in json.load(open(os.path.join(workdir, f"eval_step{m['steps']}.json"))).items()
+                if k in ("generator", "teacher")})
+      wall = m["total_seconds"]
     rows.append((name, m, wall))
     print(f"{name}: done in {wall:.0f} s", file=sys.stderr, flush=True)
   print("| run | samples | TV | precision | min mode share | MMD² / floor | train s | wall s |")
