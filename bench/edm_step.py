@@ -1,0 +1,317 @@
+"""DMD step time and compiled memory of the EDM ImageNet-64 ADM (DhariwalUNet, 295,899,267 parameters).
+
+    python bench/edm_step.py                                     # full size, batch 2 per device, f32 + bf16
+    python bench/edm_step.py --config=imagenet64_tiny --repeats=2          # a quick check (tiny random ADM)
+    python bench/edm_step.py --batch_per_device=8 --dtype=bfloat16 --remat=off,on --out=edm_step.md
+
+Everything is the real code path: a random-weight teacher in the published checkpoint's shape is written with
+``dmd_jax.convert.edm.write_random_teacher`` (once, cached under ``--workdir``), ``configs/imagenet64.py`` points
+``teacher.path`` at it, and ``dmd_jax.train.Setup`` builds the networks (``networks.build``), the optimizers
+(``train.make_hyper``), the mesh, the shardings and the initial state (generator and fake score copied from the
+teacher, AdamW states). Three functions are jitted with those shardings and the state donated, as
+``train.py`` does:
+
+- generator step: ``dmd.generator_update`` (generator forward/backward, teacher and fake-score forwards for the
+  DM loss, the regression term on ``regression.batch_size`` pairs with the config's distance, LPIPS by
+  default with random VGG weights, AdamW);
+- fake-score step: ``dmd.fake_score_update`` (fake-score forward/backward on detached samples, AdamW);
+- full DMD iteration: ``dmd.train_step`` (both of the above in one program, as training runs it).
+
+For each: compile time (``lower`` + ``compile``), the median wall time of ``--repeats`` calls after
+``--warmup`` calls, XLA's ``compiled.memory_analysis()`` (temp, argument, output, alias, generated code; per
+device) and XLA's flop count (``cost_analysis``). The global batch is ``batch_per_device`` times the number of
+devices, for the DM batch and the regression batch alike. Weights are random: timing does not depend on them.
+Prints a Markdown table (rows as they finish) and, with ``--out``, writes it to a file after every row.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dmd_jax import dmd, sharding, train  # noqa: E402
+from dmd_jax.convert import edm as edm_convert  # noqa: E402
+
+# The init_kwargs edm-imagenet-64x64-cond-adm.pkl records (EDM's train.py --arch=adm --dropout=0.1 --augment=0
+# --fp16=1; DhariwalUNet / EDMPrecond defaults for the rest); shared/docs/references.md.
+IMAGENET_ADM = dict(
+    img_resolution=64, img_channels=3, label_dim=1000, use_fp16=True, sigma_data=0.5,
+    model_type="DhariwalUNet", model_channels=192, channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3,
+    attn_resolutions=[32, 16, 8], dropout=0.1, label_dropout=0.0, augment_dim=0)
+IMAGENET_ADM_PARAMS = 295_899_267
+
+CONFIGS = {"imagenet64": "", "imagenet64_tiny": "tiny"}
+STEPS = ("generator step", "fake-score step", "full DMD iteration")
+MIB = 2.0 ** 20
+
+
+def load_config(name: str):
+  if name not in CONFIGS:
+    raise ValueError(f"--config must be one of {sorted(CONFIGS)}, got {name!r}")
+  spec = importlib.util.spec_from_file_location("imagenet64_config", os.path.join(REPO, "configs", "imagenet64.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(CONFIGS[name])
+
+
+def random_teacher_dir(workdir: str, seed: int) -> str:
+  """The full-size random-weight ADM teacher, written once through the real converter."""
+  dst = os.path.join(workdir, "edm-imagenet-64x64-cond-adm-random")
+  if not os.path.exists(os.path.join(dst, "config.json")):
+    t0 = time.perf_counter()
+    print(f"writing a random-weight ADM teacher to {dst} ...", file=sys.stderr, flush=True)
+    edm_convert.write_random_teacher(dst, IMAGENET_ADM, seed=seed)
+    gc.collect()
+    print(f"  done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+  return dst
+
+
+def make_config(args, dtype: str, remat: bool, workdir: str):
+  config = load_config(args.config)
+  config.model.dtype = dtype
+  config.model.remat = remat
+  n_dev = jax.device_count()
+  config.batch_size = args.batch_per_device * n_dev
+  config.regression.batch_size = args.batch_per_device * n_dev
+  config.mesh.fsdp = args.fsdp
+  if args.regression_distance:
+    config.regression.distance = args.regression_distance
+  if config.regression.get("distance") == "lpips" and not config.regression.get("lpips_path"):
+    config.regression.lpips_path = "random"      # random VGG weights: the same compute
+  if args.config == "imagenet64":
+    config.teacher.path = random_teacher_dir(workdir, config.seed)
+  return config
+
+
+def _memory(compiled) -> dict:
+  try:
+    m = compiled.memory_analysis()
+  except Exception as e:  # noqa: BLE001  (a backend without it)
+    print(f"memory_analysis unavailable: {e}", file=sys.stderr)
+    return {}
+  if m is None:
+    return {}
+  names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+           "generated_code_size_in_bytes")
+  return {n.replace("_size_in_bytes", ""): int(getattr(m, n, 0) or 0) for n in names}
+
+
+def _flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def measure(jitted, args, feed, *, warmup: int, repeats: int, run: bool = True) -> dict:
+  """Compiles ``jitted`` for ``args`` and times ``warmup + repeats`` calls; ``feed(args, out)`` returns the next
+  call's arguments (the donated state replaced by the returned one). ``run=False``: compile only."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  row = {"compile_s": compile_s, "memory": _memory(compiled), "flops": _flops(compiled)}
+  print(f"    compiled in {compile_s:.1f} s; memory {row['memory']}; flops {row['flops']}", file=sys.stderr,
+        flush=True)
+  times = []
+  for i in range(warmup + repeats if run else 0):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(compiled(*args))
+    dt = time.perf_counter() - t0
+    if i >= warmup:
+      times.append(dt)
+    args = feed(args, out)
+    del out
+  row["times"] = times
+  row["median_s"] = float(np.median(times)) if times else float("nan")
+  return row, args
+
+
+def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
+  config = make_config(args, dtype, remat, workdir)
+  t0 = time.perf_counter()
+  setup = train.Setup(config, os.path.join(workdir, f"run-{args.config}"))
+  nets, hyper, mesh = setup.nets, setup.hyper, setup.mesh
+  state = setup.init_state()
+  jax.block_until_ready(state)
+  print(f"[{dtype}, remat={remat}] networks, state: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+  B = config.batch_size
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  state_sh, frozen_sh = setup.state_sharding, setup.frozen_sharding
+  gen_sh, fake_sh = state_sh["generator"], state_sh["fake_score"]
+
+  # Per-step inputs, drawn as train_step draws them (fold_in(key, step), split 4).
+  r_z, r_c, r_dm, r_fake = jax.random.split(jax.random.fold_in(setup.step_key, 0), 4)
+  r_rz, r_rx, r_rc = jax.random.split(jax.random.PRNGKey(123), 3)
+  put = lambda a: jax.device_put(a, batch_sh)
+  z, cond = put(nets.sample_noise(r_z, B)), nets.sample_cond(r_c, B)
+  cond = None if cond is None else put(cond)
+  batch = {}
+  if config.regression.weight > 0:
+    rb = config.regression.batch_size
+    batch = {"reg_z": put(nets.sample_noise(r_rz, rb)), "reg_x": put(0.5 * nets.sample_noise(r_rx, rb))}
+    reg_cond = nets.sample_cond(r_rc, rb)
+    if reg_cond is not None:
+      batch["reg_cond"] = put(reg_cond)
+  batch_tree_sh = jax.tree.map(lambda _: batch_sh, batch)
+  x_fake = put(jnp.clip(0.5 * nets.sample_noise(r_fake, B), -1, 1))   # stands for detached generator samples
+
+  common = dict(warmup=args.warmup, repeats=args.repeats)
+  base = dict(dtype=dtype, remat=remat, batch_per_device=args.batch_per_device, global_batch=B)
+
+  # ---- generator step ----
+  if "generator" in args.steps:
+    _gen_row(args, nets, hyper, setup, state, gen_sh, frozen_sh, fake_sh, batch_sh, batch_tree_sh, repl,
+             z, cond, batch, r_dm, common, base, emit)
+  if "fake_score" in args.steps:
+    _fake_row(nets, hyper, state, fake_sh, batch_sh, repl, x_fake, cond, r_fake, common, base, emit)
+  if "full" in args.steps:
+    jitted = jax.jit(functools.partial(dmd.train_step, nets=nets, hyper=hyper),
+                     in_shardings=(state_sh, frozen_sh, batch_tree_sh, repl), out_shardings=(state_sh, repl),
+                     donate_argnums=(0,))
+    full_args = (state, setup.frozen, batch, setup.step_key)
+    del state
+    row, full_args = measure(jitted, full_args, lambda a, out: (out[0],) + a[1:], **common,
+                             run=not args.full_compile_only)
+    del full_args, jitted
+    emit({**base, "step": STEPS[2], **row})
+  del setup, nets, hyper
+  gc.collect()
+
+
+def _gen_row(args, nets, hyper, setup, state, gen_sh, frozen_sh, fake_sh, batch_sh, batch_tree_sh, repl,
+             z, cond, batch, r_dm, common, base, emit):
+  def gen_step(gen_state, frozen, fake_params, z, cond, batch, rng):
+    return dmd.generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch, rng)
+
+  jitted = jax.jit(gen_step, in_shardings=(gen_sh, frozen_sh, fake_sh["params"], batch_sh, batch_sh,
+                                           batch_tree_sh, repl),
+                   out_shardings=(gen_sh, batch_sh, repl), donate_argnums=(0,))
+  gen_args = (state["generator"], setup.frozen, state["fake_score"]["params"], z, cond, batch, r_dm)
+  del state["generator"]
+  row, gen_args = measure(jitted, gen_args, lambda a, out: (out[0],) + a[1:], **common)
+  state["generator"] = gen_args[0]
+  del gen_args, jitted
+  emit({**base, "step": STEPS[0], **row})
+
+
+def _fake_row(nets, hyper, state, fake_sh, batch_sh, repl, x_fake, cond, r_fake, common, base, emit):
+  def fake_step(fake_state, x, cond, rng):
+    return dmd.fake_score_update(fake_state, nets, hyper, x, cond, rng)
+
+  jitted = jax.jit(fake_step, in_shardings=(fake_sh, batch_sh, batch_sh, repl), out_shardings=(fake_sh, repl),
+                   donate_argnums=(0,))
+  fake_args = (state.pop("fake_score"), x_fake, cond, r_fake)
+  row, fake_args = measure(jitted, fake_args, lambda a, out: (out[0],) + a[1:], **common)
+  state["fake_score"] = fake_args[0]
+  del fake_args, jitted
+  emit({**base, "step": STEPS[1], **row})
+
+
+def header(args, n_params: int) -> str:
+  d = jax.devices()[0]
+  return (f"device: {d.device_kind} ({jax.default_backend()}) × {jax.device_count()}, jax {jax.__version__}; "
+          f"config {args.config} ({n_params:,} teacher parameters); batch per device {args.batch_per_device}; "
+          f"median of {args.repeats} after {args.warmup} warm-up call(s); memory: XLA memory_analysis per device "
+          f"in MiB (total = argument + output - alias + temp)")
+
+
+COLUMNS = ("step", "activations", "remat", "batch / device", "global batch", "compile (s)", "step (s)",
+           "GFLOP", "temp", "argument", "output", "alias", "generated code", "total")
+
+
+def format_row(r: dict) -> str:
+  m = r["memory"]
+  mib = lambda k: f"{m[k] / MIB:,.0f}" if k in m else "n/a"
+  flops = f"{r['flops'] / 1e9:,.0f}" if r.get("flops") else "n/a"
+  code = f"{m['generated_code'] / MIB:.1f}" if "generated_code" in m else "n/a"
+  total = (f"{(m['argument'] + m['output'] - m['alias'] + m['temp']) / MIB:,.0f}"
+           if {"argument", "output", "alias", "temp"} <= set(m) else "n/a")
+  cells = (r["step"], r["dtype"], "on" if r["remat"] else "off", r["batch_per_device"], r["global_batch"],
+           f"{r['compile_s']:.1f}", f"{r['median_s']:.2f}" if r["times"] else "not run", flops, mib("temp"), mib("argument"), mib("output"),
+           mib("alias"), code, total)
+  return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="imagenet64", choices=sorted(CONFIGS))
+  parser.add_argument("--batch_per_device", type=int, default=2)
+  parser.add_argument("--dtype", default="float32,bfloat16", help="comma list of float32, bfloat16 (model.dtype)")
+  parser.add_argument("--remat", default="off", help="comma list of off, on (model.remat)")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--fsdp", type=int, default=1, help="mesh.fsdp (data = the remaining devices)")
+  parser.add_argument("--regression_distance", default="", help="override regression.distance (lpips, l2, mse)")
+  parser.add_argument("--steps", default="generator,fake_score,full",
+                      help="comma list of generator, fake_score, full")
+  parser.add_argument("--full_compile_only", action="store_true",
+                      help="compile the full iteration (compile time, memory) without running it, e.g. where its "
+                           "memory does not fit the host")
+  parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "dmd_jax_bench_edm_step"),
+                      help="where the random teacher (and, for :tiny, the random LPIPS) are written and kept")
+  parser.add_argument("--out", default="", help="also write the table to this Markdown file")
+  args = parser.parse_args(argv)
+  args.steps = [x for x in args.steps.split(",") if x]
+  bad = set(args.steps) - {"generator", "fake_score", "full"}
+  if bad:
+    raise ValueError(f"--steps entries must be generator, fake_score, full; got {sorted(bad)}")
+
+  dtypes = [d for d in args.dtype.split(",") if d]
+  for d in dtypes:
+    if d not in ("float32", "bfloat16"):
+      raise ValueError(f"--dtype entries must be float32 or bfloat16, got {d!r}")
+  remats = []
+  for r in (x for x in args.remat.split(",") if x):
+    if r not in ("on", "off"):
+      raise ValueError(f"--remat entries must be on or off, got {r!r}")
+    remats.append(r == "on")
+  os.makedirs(args.workdir, exist_ok=True)
+
+  kwargs = IMAGENET_ADM if args.config == "imagenet64" else json.loads(
+      load_config(args.config).teacher.random_init_kwargs)
+  n_params = param_count(kwargs)
+  if args.config == "imagenet64" and n_params != IMAGENET_ADM_PARAMS:
+    raise RuntimeError(f"the ADM built here has {n_params:,} parameters, not {IMAGENET_ADM_PARAMS:,}")
+  lines = [header(args, n_params), "", "| " + " | ".join(COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
+  print("\n".join(lines), flush=True)
+
+  def emit(row):
+    lines.append(format_row(row))
+    print(lines[-1], flush=True)
+    print(f"    times (s): {', '.join(f'{t:.2f}' for t in row['times']) or 'not run'}", file=sys.stderr,
+          flush=True)
+    if args.out:
+      with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+  for remat in remats:
+    for dtype in dtypes:
+      bench_one(args, dtype, remat, args.workdir, emit)
+
+
+def param_count(init_kwargs) -> int:
+  from dmd_jax.models.edm import edm_module_from_kwargs, init_inputs
+  module = edm_module_from_kwargs(init_kwargs)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *init_inputs(module)))["params"]
+  return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+
+
+if __name__ == "__main__":
+  main()
