@@ -34,6 +34,8 @@ setup(
             "diffusers>=0.40",
             "transformers>=5",
         ],
+        # Stable Diffusion teachers (configs/coco.py): the CLIP tokenizer (no torch needed).
+        "sd": ["transformers>=5"],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
         "cuda": ["jax[cuda12]>=0.10,<0.13"],
     },

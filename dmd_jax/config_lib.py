@@ -90,3 +90,72 @@ def edm_config(*, lr: float, batch_size: int, num_train_steps: int, regression_w
     c.regression.sampler_steps = 4
     c.optim.warmup_steps = 2
   return c
+
+
+# A handful of prompts for configs/coco.py:tiny (the tiny tokenizer knows the letters, 'red' and 'bus').
+TINY_PROMPTS = ("a red bus", "a bus", "a red car on a road", "two birds", "a cat on a mat", "red apples",
+                "a house by a lake", "a dog")
+
+
+def sd_config(*, tiny: bool) -> ml_collections.ConfigDict:
+  """The DMD text-to-image recipe on Stable Diffusion v1.5 (method.md §2–6; see configs/coco.py).
+  ``tiny`` switches to a random-weight tiny pipeline written under the workdir, built-in prompts and
+  CPU-sized batches and step counts."""
+  c = base_config()
+  c.model = ml_collections.ConfigDict(dict(
+      family="sd",
+      dtype="bfloat16",     # activations; parameters, optimizer state, eps -> x0 and the DM loss stay float32
+      remat=True,           # gradient checkpointing of every UNet block (method.md §6)
+      latent_resolution=0))  # 0: the UNet config's sample_size (64 for SD 1.5: 512 px images)
+  c.teacher = ml_collections.ConfigDict(dict(
+      path=""))             # a folder written by `python -m dmd_jax.convert sd`; 'random' for :tiny
+  c.guidance_scale = 3.0    # classifier-free guidance of the real score only (DMD COCO/FID model)
+  c.generator = ml_collections.ConfigDict(dict(timestep=999))   # G(z, c) = x0(UNet(z; t=999, c))
+  c.schedule = ml_collections.ConfigDict(dict(
+      kind="vp", beta_start=0.00085, beta_end=0.012, num_timesteps=1000, dm_t_min=20, dm_t_max=980))
+  c.data = ml_collections.ConfigDict(dict(
+      prompts_file="",      # UTF-8 text, one prompt a line (DMD: 500k LAION prompts; or COCO captions)
+      prompts=(),           # or the prompts themselves (the :tiny config)
+      num_prompts=500_000,  # the first this many (0 = all)
+      embedding_batch_size=256,
+      embedding_dtype="float32"))   # of the cached CLIP embeddings: 'float32' or 'float16' (half the disk)
+  c.optim.lr = 1e-5
+  c.batch_size = 2304       # DM batch (global)
+  c.num_train_steps = 20_000
+  c.checkpoint_every = 1_000
+  c.log_every = 50
+  c.regression = ml_collections.ConfigDict(dict(
+      weight=0.25,
+      distance="lpips",     # LPIPS-VGG on VAE-decoded images (method.md §5); 'l2' / 'mse' compare latents
+      lpips_path="",        # a folder written by `python -m dmd_jax.convert lpips --src=vgg16.pth`
+      lpips_resize=224,     # upsampling of smaller images only (SD's 512 px images are compared as they are)
+      num_pairs=500_000,    # pair i: prompt i mod P, PNDM-50 with guidance 3 from noise z_i
+      shard_size=1_000,
+      batch_size=1152,
+      sampler="pndm",       # 'pndm' (the paper's) or 'ddim'
+      sampler_steps=50))
+  c.eval = ml_collections.ConfigDict(dict(
+      num_samples=30_000, batch_size=64,
+      inception_path="",    # COCO FID / CLIP score are not wired into --mode=eval for 'sd' yet
+      reference_stats="", protocol="clean", every_steps=0, periodic_num_samples=0,
+      grid_samples=16))     # one-step and teacher samples in samples/step<N>.png at the end of training
+  if tiny:
+    c.teacher.path = "random"
+    c.data.prompts = TINY_PROMPTS
+    c.data.num_prompts = 0
+    c.data.embedding_batch_size = 8
+    c.regression.lpips_path = "random"
+    c.regression.lpips_resize = 0    # LPIPS on the 16 px decoded images as they are
+    c.model.dtype = "float32"
+    c.model.remat = False
+    c.batch_size = 4
+    c.num_train_steps = 4
+    c.checkpoint_every = 100  # at the end only (saving ~1000 small arrays is slow on a CPU)
+    c.log_every = 1
+    c.regression.num_pairs = 8
+    c.regression.shard_size = 4
+    c.regression.batch_size = 4
+    c.regression.sampler_steps = 3
+    c.optim.warmup_steps = 2
+    c.eval.grid_samples = 4
+  return c

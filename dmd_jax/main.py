@@ -1,7 +1,7 @@
 """Entry point: ``python -m dmd_jax.main --config=configs/toy2d.py --workdir=DIR [--mode=...]``.
 
 Modes: ``train`` (default; resumes from the latest checkpoint in the workdir), ``sample`` (one-step samples
-of the latest checkpoint to an .npz), ``teacher_sample`` (the teacher's ODE samples, same format), ``eval`` (the config's metrics on the latest checkpoint), ``pairs``
+of the latest checkpoint to an .npz; for text-to-image configs ``--prompt="..."`` and a .png grid), ``teacher_sample`` (the teacher's ODE samples, same format), ``eval`` (the config's metrics on the latest checkpoint), ``pairs``
 (build the regression set). Config fields are overridden with ``--config.a.b=value``; unknown keys are
 errors.
 """
@@ -20,6 +20,8 @@ _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "teacher_sample",
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "--mode=sample / teacher_sample: how many samples.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=sample / teacher_sample: the output .npz file.")
 _SEED = flags.DEFINE_integer("seed", 0, "--mode=sample / teacher_sample: the sampling seed.")
+_PROMPT = flags.DEFINE_string("prompt", None, "--mode=sample, text-to-image configs: the prompt (the output "
+                              "is then a .png grid of --num_samples one-step images).")
 
 
 class _QuietLibraries:
@@ -44,8 +46,8 @@ def main(argv):
     train.train(config, workdir)
   elif mode == "sample":
     if not _OUTPUT.value:
-      raise app.UsageError("--mode=sample needs --output=FILE.npz")
-    train.sample(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value)
+      raise app.UsageError("--mode=sample needs --output=FILE.npz (FILE.png with --prompt)")
+    train.sample(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value, prompt=_PROMPT.value)
   elif mode == "teacher_sample":
     if not _OUTPUT.value:
       raise app.UsageError("--mode=teacher_sample needs --output=FILE.npz")

@@ -1,6 +1,8 @@
 """What the method drives, built from a config: ``DMDNetworks`` bundles the schedule, the one-step
 generator, the real (teacher) and fake x0-denoisers, the noise / condition samplers and the teacher's
-ODE sampler. ``dmd.py`` only ever sees this interface. One builder per model family.
+ODE sampler. ``dmd.py`` only ever sees this interface. One builder per model family: ``toy`` (analytic 2-D
+teacher), ``edm`` (EDM pixel-space teachers: CIFAR-10, ImageNet-64), ``sd`` (Stable Diffusion 1.x latent
+teachers with classifier-free guidance and text conditions: ``configs/coco.py``).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dmd_jax import schedules
 from dmd_jax.data.toy import GaussianMixture
@@ -32,19 +35,34 @@ class DMDNetworks:
   sample_shape: tuple       # shape of one generated sample
   regression_distance: Callable = None   # (frozen['regression'], x, y) -> per-sample distance
   num_classes: int = 0      # > 0: conditions are integer class labels in [0, num_classes)
+  # Families whose conditions come from a finite host-side set (SD: prompt embeddings). The loop draws ids
+  # per step (deterministic in the step) and passes ``cond_table(ids)`` as the batch's ``cond``; regression
+  # pairs store the id (``pair_cond(indices)``) and the loop looks its condition up the same way.
+  cond_table: Callable = None   # host: int ids [n] -> conditions [n, ...]
+  num_conds: int = 0            # size of that set
+  pair_cond: Callable = None    # host: pair indices -> the ids stored with the pairs
+  decode: Callable = None       # (frozen, x) -> images in [-1, 1] (latent families: the VAE decoder)
+  encode_text: Callable = None  # host: list of prompts -> conditions (text-to-image families)
+  pair_spec: tuple = ()         # extra (key, value) items of the regression-pair spec
+  teacher_nfe: int = 0          # network evaluations per teacher sample (0: EDM Heun's 2N - 1)
 
 
 def build(config, workdir: str | None = None) -> tuple[DMDNetworks, dict]:
-  """Returns ``(nets, frozen)``; ``frozen['teacher']`` holds the teacher's parameters.
+  """Returns ``(nets, frozen)``; ``frozen['teacher']`` holds the teacher's parameters (for 'sd': the UNet's and
+  the empty-prompt embedding), ``frozen['regression']`` those of the regression distance (for 'sd': LPIPS and
+  the VAE that decodes latents for it and for pictures).
 
-  ``workdir`` is where a ``:tiny`` config writes its random-weight teacher.
+  ``workdir`` is where a ``:tiny`` config writes its random-weight teacher (and 'sd' caches its prompt
+  embeddings).
   """
   family = config.model.family
   if family == "toy":
     return _build_toy(config)
   if family == "edm":
     return _build_edm(config, workdir)
-  raise ValueError(f"model.family {family!r} is not known; expected one of: 'toy', 'edm'")
+  if family == "sd":
+    return _build_sd(config, workdir)
+  raise ValueError(f"model.family {family!r} is not known; expected one of: 'toy', 'edm', 'sd'")
 
 
 def _simple_distance(name: str) -> Callable:
@@ -75,9 +93,11 @@ def _write_random(dst, shapes, convert_file, seed):
   write_random_network(dst, shapes, convert_file, seed)
 
 
-def frozen_network_dir(path: str, field: str, family: str, workdir: str | None, seed: int, write_random) -> str:
+def frozen_network_dir(path: str, field: str, family: str, workdir: str | None, seed: int, write_random,
+                       marker: str = "config.json") -> str:
   """The folder of a converted frozen network (``python -m dmd_jax.convert FAMILY``). ``path='random'`` asks
-  for a random-weight stand-in (the ``:tiny`` configs), written once under the workdir."""
+  for a random-weight stand-in (the ``:tiny`` configs), written once under the workdir (``marker`` is the
+  file written last, whose presence means the folder is complete)."""
   if path and path != "random":
     return path
   if not path:
@@ -86,7 +106,7 @@ def frozen_network_dir(path: str, field: str, family: str, workdir: str | None, 
   if workdir is None:
     raise ValueError(f"{field}='random' needs a workdir to write the random-weight network to")
   dst = os.path.join(workdir, f"random_{family}")
-  if not os.path.exists(os.path.join(dst, "config.json")) and jax.process_index() == 0:
+  if not os.path.exists(os.path.join(dst, marker)) and jax.process_index() == 0:
     write_random(dst)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
@@ -198,3 +218,161 @@ def _build_edm(config, workdir):
       regression_distance=distance,
   )
   return nets, {"teacher": teacher_params, "regression": distance_params}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stable Diffusion v1.5 (text-to-image, method.md §2–5): a VP (scaled-linear) epsilon-prediction teacher in
+# latent space. Generator: the UNet at t = generator.timestep (999) on unit-noise latents, eps -> x0 in
+# float32. Real score: the frozen teacher UNet with classifier-free guidance
+# ``eps_u + g (eps_c - eps_u)`` (g = guidance_scale, uncond = the empty prompt's embedding, in frozen
+# params); fake score: the trainable copy, never guided. Conditions: CLIP text embeddings [N, L, D] of the
+# training prompts (dmd_jax/data/prompts.py). Regression: LPIPS between VAE-decoded images.
+# ---------------------------------------------------------------------------------------------------------
+
+def classifier_free_guidance(eps_fn: Callable, x_t, t, cond, uncond, guidance_scale: float):
+  """``eps_u + g (eps_c - eps_u)`` in float32 from one batched ``eps_fn(x, t, c)`` call on
+  ``[uncond; cond]`` rows (``t`` int [N]; ``uncond`` broadcast to ``cond``). ``g = 1`` is the plain
+  conditional prediction (one call on ``cond`` only)."""
+  if guidance_scale == 1.0:
+    return eps_fn(x_t, t, cond).astype(jnp.float32)
+  n = x_t.shape[0]
+  uncond = jnp.broadcast_to(jnp.asarray(uncond, cond.dtype), cond.shape)
+  eps = eps_fn(jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([t, t], axis=0),
+               jnp.concatenate([uncond, cond], axis=0)).astype(jnp.float32)
+  eps_u, eps_c = eps[:n], eps[n:]
+  return eps_u + jnp.float32(guidance_scale) * (eps_c - eps_u)
+
+
+def sd_real_denoiser(unet, schedule, guidance_scale: float) -> Callable:
+  """The real score of an SD teacher as an x0-predictor: ``(p, x_t, t, cond) -> x0`` with
+  ``p = {'unet': params, 'uncond': [1, L, D] empty-prompt embedding}`` and guidance ``g`` (eps -> x0 in
+  float32)."""
+  def real_denoise(p, x_t, t, cond):
+    eps = classifier_free_guidance(lambda x, tt, c: unet.apply({"params": p["unet"]}, x, tt, c), x_t, t, cond,
+                                   p["uncond"], guidance_scale)
+    return schedule.eps_to_x0(x_t, eps, t)
+  return real_denoise
+
+
+def _sd_teacher_dir(config, workdir):
+  """The folder written by ``python -m dmd_jax.convert sd``; ``teacher.path='random'`` writes a tiny
+  random-weight pipeline (``convert.sd.write_random_pipeline``) under the workdir and converts it."""
+  from dmd_jax.convert import sd as sd_convert
+  return frozen_network_dir(config.teacher.path, "teacher.path", "sd", workdir, config.seed,
+                            lambda dst: sd_convert.write_random_converted(dst, seed=config.seed),
+                            marker=os.path.join("text_encoder", "config.json"))
+
+
+def _check_sd_schedule(schedule, scheduler_config, path):
+  """The converted pipeline's scheduler must be the epsilon-prediction scaled-linear schedule configured."""
+  if not isinstance(schedule, schedules.VPSchedule):
+    raise ValueError(f"model.family='sd' needs schedule.kind='vp', got {type(schedule).__name__}")
+  if scheduler_config is None:
+    return
+  want = {"beta_schedule": "scaled_linear", "prediction_type": "epsilon", "beta_start": schedule.beta_start,
+          "beta_end": schedule.beta_end, "num_train_timesteps": schedule.num_timesteps}
+  for k, v in want.items():
+    got = scheduler_config.get(k, "epsilon" if k == "prediction_type" else None)
+    if got != v and not (isinstance(v, float) and isinstance(got, (int, float)) and abs(got - v) < 1e-12):
+      raise ValueError(f"{path}/scheduler/scheduler_config.json has {k}={got!r}; this config expects {v!r} "
+                       f"(schedule.* must describe the teacher's training schedule)")
+
+
+def _build_sd(config, workdir):
+  from dmd_jax.convert.sd import load_converted_sd
+  from dmd_jax.data.prompts import PromptSet, TextEncoder, prompts_from_config
+  from dmd_jax.samplers import ddim_sample, pndm_sample
+  schedule = schedules.from_config(config.schedule)
+  path = _sd_teacher_dir(config, workdir)
+  teacher_sd = load_converted_sd(path)
+  _check_sd_schedule(schedule, teacher_sd["scheduler_config"], path)
+  student_sd = load_converted_sd(path, dtype=_DTYPES[config.model.dtype])
+  teacher, teacher_params = teacher_sd["unet"]
+  student = student_sd["unet"][0]
+  if config.model.remat:
+    student = student.clone(remat=True)
+  vae_out, vae_params = teacher_sd["vae"]                 # float32: the images written out
+  vae_train = student_sd["vae"][0]                        # model dtype: inside the regression loss
+  scaling = float(teacher_sd["configs"]["vae"].get("scaling_factor", 0.18215))
+  text_module, text_params = teacher_sd["text_encoder"]
+  ucfg = teacher_sd["configs"]["unet"]
+  res = int(config.model.get("latent_resolution", 0) or ucfg.get("sample_size", 64))
+  ch = int(teacher.config.in_channels)
+  g = float(config.guidance_scale)
+  t_gen = int(config.generator.timestep)
+  if not 0 <= t_gen < schedule.num_timesteps:
+    raise ValueError(f"generator.timestep must be in [0, {schedule.num_timesteps}), got {t_gen}")
+  if text_module.config.hidden_size != teacher.config.cross_attention_dim[0]:
+    raise ValueError(f"{path}: the text encoder's width {text_module.config.hidden_size} is not the UNet's "
+                     f"cross_attention_dim {teacher.config.cross_attention_dim[0]}")
+
+  encoder = TextEncoder(text_module, text_params, teacher_sd["tokenizer"], config.data.embedding_batch_size)
+  prompts = PromptSet(prompts_from_config(config.data), encoder, workdir, os.path.abspath(path),
+                      config.data.embedding_dtype)
+  uncond = encoder([""])                                  # [1, L, D]: the empty prompt (guidance)
+
+  def eps_of(module, params):
+    return lambda x, t, c: module.apply({"params": params}, x, t, c)
+
+  def generate(params, z, cond):
+    t = jnp.full((z.shape[0],), t_gen, jnp.int32)
+    return schedule.eps_to_x0(z, eps_of(student, params)(z, t, cond), t)
+
+  def fake_denoise(p, x_t, t, cond):
+    return schedule.eps_to_x0(x_t, eps_of(student, p)(x_t, t, cond), t)
+
+  sampler = config.regression.get("sampler", "pndm")
+  if sampler not in ("pndm", "ddim"):
+    raise ValueError(f"regression.sampler must be 'pndm' or 'ddim' for model.family='sd', got {sampler!r}")
+  steps = int(config.regression.sampler_steps)
+  sample_fn = pndm_sample if sampler == "pndm" else ddim_sample
+
+  def teacher_sample(p, z, cond):
+    return sample_fn(eps_of(teacher, p["unet"]), z, cond, p["uncond"], num_steps=steps, guidance_scale=g,
+                     alphas_cumprod=schedule.alphas_cumprod)
+
+  def decode_with(module):
+    return lambda vae_p, x: module.apply({"params": vae_p}, x / scaling, method="decode")
+
+  decode_train = decode_with(vae_train)
+  r = config.regression
+  base_distance, distance_params = _image_distance(config, workdir)
+  if r.distance == "lpips":
+    def distance(p, x, y):   # LPIPS between decoded images (method.md §5)
+      return base_distance(p["lpips"], decode_train(p["vae"], x),
+                           decode_train(p["vae"], jax.lax.stop_gradient(y)))
+  else:                      # 'l2' / 'mse' on the latents
+    distance = lambda p, x, y: base_distance(None, x, y)
+
+  def sample_cond(rng, n):   # sample grids / FID: prompts drawn from the first 64 training prompts
+    table = prompts.eval_table(64)
+    return table[jax.random.randint(rng, (n,), 0, table.shape[0])]
+
+  def init(rng):
+    del rng  # both trainable networks start from the teacher
+    copy = jax.tree.map(lambda a: jnp.array(a, jnp.float32), teacher_params)
+    return copy, jax.tree.map(jnp.copy, copy)
+
+  nfe = (steps + 1 if sampler == "pndm" else steps) * (1 if g == 1.0 else 2)
+  nets = DMDNetworks(
+      schedule=schedule,
+      generate=generate,
+      real_denoise=sd_real_denoiser(teacher, schedule, g),
+      fake_denoise=fake_denoise,
+      sample_noise=lambda rng, n: jax.random.normal(rng, (n, res, res, ch), jnp.float32),
+      sample_cond=sample_cond,
+      teacher_sample=teacher_sample,
+      init=init,
+      sample_shape=(res, res, ch),
+      regression_distance=distance,
+      cond_table=prompts.lookup,
+      num_conds=len(prompts),
+      pair_cond=lambda idx: (np.asarray(idx, np.int64) % len(prompts)).astype(np.int32),
+      decode=lambda frozen, x: decode_with(vae_out)(frozen["regression"]["vae"], x),
+      encode_text=lambda texts: encoder(list(texts)),
+      pair_spec=(("sampler", sampler), ("guidance_scale", g), ("prompts", prompts.key)),
+      teacher_nfe=nfe,
+  )
+  frozen = {"teacher": {"unet": teacher_params, "uncond": uncond},
+            "regression": {"vae": vae_params, "lpips": distance_params}}
+  return nets, frozen

@@ -65,6 +65,7 @@ class Setup:
     self.state_sharding = sharding.tree_sharding(self.mesh, self.abstract_state, config.mesh.min_shard_size)
     self.is_main = jax.process_index() == 0
     self.inception = None   # (module, params) of the FID network, loaded on first use
+    self.decode_jit = None  # latent families: jit(nets.decode), made on first use
     sharded = [s for s in jax.tree.leaves(self.state_sharding) if "fsdp" in s.spec]
     logging.info("mesh %s over %d devices; %d of %d state arrays FSDP-sharded",
                  dict(self.mesh.shape), self.mesh.devices.size, len(sharded),
@@ -105,22 +106,24 @@ def make_hyper(config, nets, mesh) -> dmd.DMDHyper:
   )
 
 
-def pair_store(config, workdir) -> PairStore:
+def pair_store(config, workdir, nets=None) -> PairStore:
   r = config.regression
   spec = {"num_pairs": r.num_pairs, "shard_size": r.shard_size, "seed": config.seed,
           "sampler": "edm_heun", "sampler_steps": r.sampler_steps}
+  if nets is not None:
+    spec.update(dict(nets.pair_spec))
   return PairStore(os.path.join(workdir, "pairs"), spec).open()
 
 
 def ensure_pairs(setup: Setup) -> dict[str, np.ndarray]:
   """Builds the missing regression-pair shards (all processes), then loads the whole set."""
-  store = pair_store(setup.config, setup.workdir)
   nets = setup.nets
+  store = pair_store(setup.config, setup.workdir, nets)
   teacher = setup.frozen["teacher"]
   seed = setup.config.seed + 1
-  cond_fn = (lambda idx: pair_labels(seed, idx, nets.num_classes)) if nets.num_classes else None
+  cond_fn = (lambda idx: pair_labels(seed, idx, nets.num_classes)) if nets.num_classes else nets.pair_cond
   build_pairs(store, lambda z, cond: nets.teacher_sample(teacher, z, cond), setup.mesh,
-              seed=seed, sample_shape=nets.sample_shape, cond_fn=cond_fn)
+              seed=seed, sample_shape=nets.sample_shape, cond_fn=cond_fn, cond_input_fn=nets.cond_table)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("regression pairs built")
@@ -172,15 +175,26 @@ def train(config, workdir: str) -> dict | None:
     sampler = EpochSampler(len(pairs["index"]), config.regression.batch_size, config.seed)
     logging.info("regression set: %d pairs", len(pairs["index"]))
   rows = sharding.process_slice(config.regression.batch_size)
+  nets = setup.nets
+  # Conditions drawn from a host-side set (SD prompt embeddings): ids per step, deterministic in the step.
+  cond_sampler = (EpochSampler(nets.num_conds, config.batch_size, config.seed + 7)
+                  if nets.cond_table is not None else None)
+  dm_rows = sharding.process_slice(config.batch_size)
 
   def batch_for(step: int):
+    out = {}
+    if cond_sampler is not None:
+      out.update(sharding.global_batch(
+          setup.mesh, {"cond": nets.cond_table(cond_sampler.indices(step)[dm_rows])}, config.batch_size))
     if pairs is None:
-      return {}
+      return out
     idx = sampler.indices(step)[rows]
     local = {"reg_z": pairs["z"][idx], "reg_x": pairs["x"][idx]}
     if "cond" in pairs:
-      local["reg_cond"] = pairs["cond"][idx]
-    return sharding.global_batch(setup.mesh, local, config.regression.batch_size)
+      c = pairs["cond"][idx]
+      local["reg_cond"] = c if nets.cond_table is None else nets.cond_table(c)
+    out.update(sharding.global_batch(setup.mesh, local, config.regression.batch_size))
+    return out
 
   # ---- compile once ----
   example = batch_for(start)
@@ -281,7 +295,7 @@ def _sample_chunks(setup: Setup, fn, params, num: int, seed: int, chunk: int):
     r_z, r_c = jax.random.split(key)
     z = jax.lax.with_sharding_constraint(nets.sample_noise(r_z, chunk), batch)
     cond = nets.sample_cond(r_c, chunk)
-    return fn(params, z, cond), (jnp.zeros((chunk,), jnp.int32) if cond is None else cond)
+    return fn(params, z, cond), (cond if nets.num_classes else jnp.zeros((chunk,), jnp.int32))
 
   key = jax.random.PRNGKey(seed)
   for i in range(-(-num // chunk)):
@@ -402,12 +416,31 @@ def _evaluate_toy(setup: Setup, gen_state, writer, step: int) -> dict:
   return results
 
 
-def _sample_grids(setup: Setup, gen_state, step: int, num: int = 64) -> dict:
+def _teacher_nfe(setup: Setup) -> int:
+  return setup.nets.teacher_nfe or 2 * setup.config.regression.sampler_steps - 1
+
+
+def to_images(setup: Setup, x, chunk: int = 64) -> np.ndarray:
+  """Samples → images in [-1, 1] (host): latent families decode (``nets.decode``), others pass through."""
+  decode = setup.nets.decode
+  if decode is None:
+    return np.asarray(x)
+  if setup.decode_jit is None:
+    setup.decode_jit = jax.jit(decode)
+  return np.concatenate([np.asarray(jax.device_get(setup.decode_jit(setup.frozen, x[i:i + chunk])))
+                         for i in range(0, len(x), chunk)])
+
+
+def _sample_grids(setup: Setup, gen_state, step: int, num: int | None = None) -> dict:
   """Image families: a grid of one-step samples above a grid of teacher samples (same seed recipe)."""
   config = setup.config
+  num = config.eval.get("grid_samples", 64) if num is None else num
+  results = {"step": step, "generator_nfe": 1, "teacher_nfe": _teacher_nfe(setup)}
+  if num <= 0:        # eval.grid_samples=0: no picture
+    return results
   gen, _ = generate(setup, generator_params(gen_state), num, seed=config.seed + 1000)
   teach, _ = teacher_samples(setup, num, seed=config.seed + 1000)
-  results = {"step": step, "generator_nfe": 1, "teacher_nfe": 2 * config.regression.sampler_steps - 1}
+  gen, teach = to_images(setup, gen), to_images(setup, teach)
   if setup.is_main:
     os.makedirs(os.path.join(setup.workdir, "samples"), exist_ok=True)
     path = os.path.join(setup.workdir, "samples", f"step{step}.png")
@@ -442,15 +475,50 @@ def _write_samples(setup: Setup, output: str, x: np.ndarray, cond, **extra) -> N
   os.replace(tmp, output)
 
 
-def sample(config, workdir: str, num_samples: int, output: str, seed: int) -> str:
-  """Writes ``num_samples`` one-step samples of the latest checkpoint to ``output`` (.npz)."""
+def sample(config, workdir: str, num_samples: int, output: str, seed: int, prompt: str | None = None) -> str:
+  """Writes ``num_samples`` one-step samples of the latest checkpoint to ``output``: an .npz, or for
+  text-to-image families (``prompt`` given) a PNG grid of the decoded images."""
+  if config.model.family == "sd" or prompt is not None:
+    return sample_prompt(config, workdir, prompt, num_samples, output, seed)
   if not output.endswith(".npz"):
     raise ValueError(f"--output must be a .npz file, got {output!r}")
   setup = Setup(config, workdir)
   gen_state, step = _latest_generator(setup)
   x, cond = generate(setup, generator_params(gen_state), num_samples, seed)
-  _write_samples(setup, output, x, cond, step=step, seed=seed)
+  _write_samples(setup, output, to_images(setup, x), cond, step=step, seed=seed)
   print(f"wrote {num_samples} samples of step {step} to {output}")
+  return output
+
+
+def sample_prompt(config, workdir: str, prompt: str | None, num_samples: int, output: str, seed: int) -> str:
+  """Text-to-image: ``num_samples`` one-step images of the latest checkpoint for ``prompt`` (VAE-decoded), as
+  one PNG grid at ``output``; image i uses the noise of ``fold_in(key(seed), i)``, so the grid depends on
+  ``seed`` only (not on the device count or how many images come before it)."""
+  if config.model.family != "sd":
+    raise ValueError(f"--prompt needs a text-to-image config (model.family='sd'), got {config.model.family!r}")
+  if prompt is None:
+    raise ValueError(f"--mode=sample for model.family={config.model.family!r} needs --prompt=\"...\"")
+  if not output.lower().endswith(".png"):
+    raise ValueError(f"--output must be a .png file for --prompt, got {output!r}")
+  if num_samples < 1:
+    raise ValueError(f"--num_samples must be >= 1, got {num_samples}")
+  setup = Setup(config, workdir)
+  nets = setup.nets
+  gen_state, step = _latest_generator(setup)
+  cond = jnp.asarray(nets.encode_text([prompt]), jnp.float32)            # [1, L, D]
+  key = jax.random.PRNGKey(seed)
+  z = jax.vmap(lambda i: nets.sample_noise(jax.random.fold_in(key, i), 1)[0])(jnp.arange(num_samples))
+  gen = jax.jit(lambda p, z, c: nets.generate(p, z, jnp.broadcast_to(c, (z.shape[0],) + c.shape[1:])))
+  params = generator_params(gen_state)
+  x = np.concatenate([np.asarray(jax.device_get(gen(params, z[i:i + 16], cond)))
+                      for i in range(0, num_samples, 16)])
+  images = image_io.to_uint8(to_images(setup, x))
+  if setup.is_main:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    tmp = f"{output}.tmp-{os.getpid()}.png"
+    image_io.save_png(tmp, image_io.grid(images, int(np.ceil(np.sqrt(num_samples)))))
+    os.replace(tmp, output)
+  print(f"wrote {num_samples} one-step images of step {step} for {prompt!r} to {output}")
   return output
 
 
@@ -460,7 +528,7 @@ def sample_teacher(config, workdir: str, num_samples: int, output: str, seed: in
     raise ValueError(f"--output must be a .npz file, got {output!r}")
   setup = Setup(config, workdir)
   x, cond = teacher_samples(setup, num_samples, seed)
-  _write_samples(setup, output, x, cond, seed=seed, nfe=2 * config.regression.sampler_steps - 1)
+  _write_samples(setup, output, to_images(setup, x), cond, seed=seed, nfe=_teacher_nfe(setup))
   print(f"wrote {num_samples} teacher samples to {output}")
   return output
 

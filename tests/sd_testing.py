@@ -1,12 +1,15 @@
 """Helpers for the Stable Diffusion tests: tiny random diffusers / transformers models (PyTorch, float32,
 eval) and a tiny pipeline folder in diffusers layout, written with ``save_pretrained``. Nothing is
-downloaded: the tokenizer is built from a vocab.json / merges.txt written here."""
+downloaded: the tokenizer files are the library's tiny ones (``dmd_jax.convert.sd.write_tokenizer_files``;
+``write_random_pipeline`` there writes a torch-free random pipeline for the ``:tiny`` configs)."""
 from __future__ import annotations
 
 import json
 import os
 
 import numpy as np
+
+from dmd_jax.convert import sd as sdc
 
 # SD 1.x in miniature: int attention_head_dim, 1x1-conv projections, 2 layers per block. The block order is
 # the reverse of SD's so that, with UNET_SD2, every block type is tested both with and without resampling.
@@ -70,20 +73,8 @@ def torch_clip(config=CLIP, seed=2):
 
 
 def write_tokenizer_files(folder: str) -> None:
-  """A tiny CLIP BPE vocabulary: letters, letters + ``</w>``, a few merges, and the two special tokens
-  (ids 62 / 63 to match ``CLIP``)."""
-  os.makedirs(folder, exist_ok=True)
-  letters = "abcdefghijklmnopqrstuvwxyz"
-  merges = ["r e", "re d</w>", "b u", "bu s</w>"]
-  toks = list(letters) + [c + "</w>" for c in letters] + ["re", "red</w>", "bu", "bus</w>"]
-  toks = toks[:62]
-  vocab = {t: i for i, t in enumerate(toks)}
-  vocab["<|startoftext|>"] = 62
-  vocab["<|endoftext|>"] = 63
-  with open(os.path.join(folder, "vocab.json"), "w") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  """The library's tiny CLIP BPE tokenizer (ids 62 / 63 for the special tokens, to match ``CLIP``)."""
+  sdc.write_tokenizer_files(folder)
 
 
 def write_pipeline(folder: str, unet_config=UNET_SD1, safe_serialization: bool = True):
@@ -101,9 +92,7 @@ def write_pipeline(folder: str, unet_config=UNET_SD1, safe_serialization: bool =
     os.remove(os.path.join(te, "model.safetensors"))
     torch.save({"text_model." + k: v for k, v in text.state_dict().items()}, os.path.join(te, "pytorch_model.bin"))
   tok_dir = os.path.join(folder, "tokenizer")  # as in the SD 1.5 release: vocab.json, merges.txt, config
-  write_tokenizer_files(tok_dir)
-  with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
-    json.dump({"model_max_length": CLIP["max_position_embeddings"], "tokenizer_class": "CLIPTokenizer"}, f)
+  sdc.write_tokenizer_files(tok_dir, CLIP["max_position_embeddings"])
   tok = CLIPTokenizer(vocab=os.path.join(tok_dir, "vocab.json"), merges=os.path.join(tok_dir, "merges.txt"),
                       model_max_length=CLIP["max_position_embeddings"])
   PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,

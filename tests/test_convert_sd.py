@@ -204,3 +204,19 @@ def test_older_file_formats(tmp_path, folder, converted):
   save_file(sd, wpath)
   _, params, _ = sdc.convert_network(str(tmp_path / "old"), "vae")
   _assert_same_params(params, converted["vae"][1])
+
+
+def test_random_pipeline_without_torch(tmp_path):
+  """``write_random_pipeline`` (the ``:tiny`` teacher) writes a diffusers-layout folder that the converter reads,
+  with torch unavailable; the tiny tokenizer is the one the parity tests use."""
+  dst = str(tmp_path / "random")
+  code = ("import sys; sys.modules['torch'] = None; from dmd_jax.convert import sd; "
+          f"sd.write_random_converted({dst!r}, seed=3); c = sd.load_converted_sd({dst!r}); "
+          "print(c['tokenizer']('a red bus').input_ids, c['configs']['unet']['cross_attention_dim'])")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "[62, 26, 53, 55, 63] 32" in proc.stdout
+  assert os.path.exists(os.path.join(dst + "-source", UNET_FILE))
+  assert sorted(os.listdir(dst)) == ["scheduler", "text_encoder", "tokenizer", "unet", "vae"]

@@ -275,3 +275,103 @@ def run(args: argparse.Namespace) -> None:
     n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(converted[name][1]))
     print(f"{name}: {n:,} parameters -> {os.path.join(args.dst, name)}")
   print(f"tokenizer -> {os.path.join(args.dst, 'tokenizer')}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny random-weight pipeline (the ``:tiny`` configs and the tests), written without torch
+# ---------------------------------------------------------------------------------------------------------
+
+# SD 1.x in miniature: 8×8×4 latents, a 2-level UNet with int attention_head_dim and 1×1-conv projections,
+# a 2-level VAE (16×16 images), a 2-layer CLIP text encoder with 16 positions. The UNet's cross-attention
+# width is the text encoder's hidden size, as in a real pipeline.
+TINY_UNET = dict(
+    sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32], layers_per_block=1,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    cross_attention_dim=32, attention_head_dim=2, norm_num_groups=4)
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, block_out_channels=[8, 16], layers_per_block=1, latent_channels=4,
+    norm_num_groups=4, down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    sample_size=16, scaling_factor=0.18215)
+TINY_CLIP = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=62, eos_token_id=63, pad_token_id=63,
+    projection_dim=32)
+# SD 1.5's scheduler folder (diffusers PNDMScheduler): the schedule the VP teachers here assume.
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None}
+
+
+def write_tokenizer_files(folder: str | os.PathLike, model_max_length: int | None = None) -> None:
+  """A tiny CLIP BPE tokenizer: the 26 letters, the letters + ``</w>``, a few merges (``red``, ``bus``) and
+  the two special tokens ``<|startoftext|>`` = 62 / ``<|endoftext|>`` = 63 (those of ``TINY_CLIP``).
+  ``model_max_length`` also writes a ``tokenizer_config.json`` (as the SD releases have)."""
+  folder = os.fspath(folder)
+  os.makedirs(folder, exist_ok=True)
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  merges = ["r e", "re d</w>", "b u", "bu s</w>"]
+  toks = (list(letters) + [c + "</w>" for c in letters] + ["re", "red</w>", "bu", "bus</w>"])[:62]
+  vocab = {t: i for i, t in enumerate(toks)}
+  vocab["<|startoftext|>"] = 62
+  vocab["<|endoftext|>"] = 63
+  with open(os.path.join(folder, "vocab.json"), "w") as f:
+    json.dump(vocab, f)
+  with open(os.path.join(folder, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  if model_max_length is not None:
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+      json.dump({"model_max_length": int(model_max_length), "tokenizer_class": "CLIPTokenizer"}, f)
+
+
+def random_torch_state_dict(name: str, config: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+  """A random state dict in PyTorch layout and naming for the ``unet`` / ``vae`` / ``text_encoder`` built
+  from ``config`` — the keys and shapes the converter expects, from the Flax module (no torch)."""
+  from dmd_jax.convert.common import random_state_dict
+  module, inputs = _build(name, config, jnp.float32)
+  shapes = {torch_key(p): torch_shape(p.rsplit("/", 1)[-1], s)
+            for p, s in expected_shapes(module, inputs).items()}
+  return random_state_dict(shapes, seed)
+
+
+def write_random_pipeline(dst: str | os.PathLike, seed: int = 0, unet_config=None, vae_config=None,
+                          text_config=None) -> str:
+  """Writes a diffusers-layout SD folder with random weights (``.safetensors``, no torch needed): ``unet/``,
+  ``vae/``, ``text_encoder/`` (config.json + weights), ``tokenizer/`` (:func:`write_tokenizer_files`),
+  ``scheduler/`` (SD 1.5's) and ``model_index.json``. Defaults: the ``TINY_*`` configurations. Returns ``dst``.
+  Convert it like a real pipeline (``convert_pipeline``)."""
+  from safetensors.numpy import save_file
+  dst = os.fspath(dst)
+  configs = {"unet": dict(unet_config or TINY_UNET), "vae": dict(vae_config or TINY_VAE),
+             "text_encoder": dict(text_config or TINY_CLIP)}
+  configs["unet"].setdefault("_class_name", "UNet2DConditionModel")
+  configs["vae"].setdefault("_class_name", "AutoencoderKL")
+  configs["text_encoder"].setdefault("model_type", "clip_text_model")
+  configs["text_encoder"].setdefault("architectures", ["CLIPTextModel"])
+  for i, name in enumerate(NETWORKS):
+    folder = os.path.join(dst, name)
+    os.makedirs(folder, exist_ok=True)
+    sd = random_torch_state_dict(name, configs[name], seed + i)
+    if name == "unet":   # keep the random teacher's epsilon near unit scale (x0 = (z - s eps) / sqrt(abar))
+      sd["conv_out.weight"] = sd["conv_out.weight"] * 0.1
+    save_file(sd, os.path.join(folder, _WEIGHT_NAMES[name] + ".safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+      json.dump(configs[name], f, indent=1)
+  write_tokenizer_files(os.path.join(dst, "tokenizer"), configs["text_encoder"]["max_position_embeddings"])
+  os.makedirs(os.path.join(dst, "scheduler"), exist_ok=True)
+  with open(os.path.join(dst, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(SD15_SCHEDULER, f, indent=1)
+  with open(os.path.join(dst, "model_index.json"), "w") as f:
+    json.dump({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+               "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+               "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "PNDMScheduler"]}, f)
+  return dst
+
+
+def write_random_converted(dst: str | os.PathLike, seed: int = 0, **configs) -> str:
+  """:func:`write_random_pipeline` into ``<dst>-source`` then the real converter into ``dst`` (the
+  ``teacher.path='random'`` teacher of ``configs/coco.py:tiny``). Returns ``dst``."""
+  dst = os.fspath(dst)
+  src = write_random_pipeline(dst + "-source", seed, **configs)
+  save_converted_sd(convert_pipeline(src), dst)
+  return dst

@@ -110,12 +110,14 @@ def pair_labels(seed: int, indices, num_classes: int) -> jax.Array:
 
 
 def build_pairs(store: PairStore, sample_fn: Callable, mesh, seed: int, sample_shape: tuple,
-                cond_fn: Callable | None = None) -> None:
+                cond_fn: Callable | None = None, cond_input_fn: Callable | None = None) -> None:
   """Builds every missing shard: each process takes shards i with ``i % process_count == process_index``,
   each shard's batch sharded over all of that process's devices.
 
   ``sample_fn(z, cond) -> x`` is the teacher's ODE sampler (jitted here); ``cond_fn(indices) -> cond``
-  gives the deterministic condition of each pair (None for unconditional teachers).
+  gives the deterministic condition of each pair (None for unconditional teachers), stored as the pair's
+  ``cond``; ``cond_input_fn(cond)`` (host), when given, turns it into what ``sample_fn`` takes (e.g. a prompt
+  id into its text embedding).
   """
   todo = [i for i in store.missing_shards() if i % jax.process_count() == jax.process_index()]
   if not todo:
@@ -130,11 +132,13 @@ def build_pairs(store: PairStore, sample_fn: Callable, mesh, seed: int, sample_s
     idx = store.shard_indices(i)
     padded = np.concatenate([idx, np.full((-len(idx)) % n_dev, idx[-1])])   # pad to the device count
     z = jax.device_put(pair_noise(seed, padded, sample_shape), batch)
-    cond = None if cond_fn is None else jax.device_put(cond_fn(padded), batch)
-    x = np.asarray(jax.device_get(sample(z, cond)))[:len(idx)]
+    cond = None if cond_fn is None else np.asarray(cond_fn(padded))
+    cond_in = None if cond is None else jax.device_put(
+        cond if cond_input_fn is None else cond_input_fn(cond), batch)
+    x = np.asarray(jax.device_get(sample(z, cond_in)))[:len(idx)]
     arrays = {"index": idx, "z": np.asarray(z)[:len(idx)], "x": x}
     if cond is not None:
-      arrays["cond"] = np.asarray(cond)[:len(idx)]
+      arrays["cond"] = cond[:len(idx)]
     store.write_shard(i, arrays)
     el = time.time() - t0
     logging.info("pairs: shard %d/%d written (%.1f pairs/s, ETA %.0f s)", done, len(todo),

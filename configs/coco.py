@@ -1,0 +1,33 @@
+"""DMD text-to-image on Stable Diffusion v1.5 (the DMD paper's LAION → COCO rows; method.md §2–6).
+
+Variants (``--config=configs/coco.py:VARIANTS``):
+  (default)  SD v1.5 teacher (converted folder), lr 1e-5 (AdamW, 500 warm-up steps, then constant), guidance 3
+             on the real score, lambda_reg 0.25 (LPIPS on VAE-decoded images), bf16 activations, rematerialised
+             UNet blocks, batch 2304 DM + 1152 regression, 20k iterations, 500k prompts, regression pairs from
+             PNDM 50 steps with guidance 3
+  tiny       the same pipeline with a random-weight tiny SD pipeline (written under the workdir through the
+             real converter), 8 built-in prompts, CPU-sized batches (the test suite)
+
+  python -m dmd_jax.convert sd --src=stable-diffusion-v1-5/ --dst=teachers/sd15
+  python -m dmd_jax.convert lpips --src=vgg16-397923af.pth --dst=nets/lpips
+  python -m dmd_jax.main --config=configs/coco.py --workdir=runs/coco --config.teacher.path=teachers/sd15 \\
+      --config.regression.lpips_path=nets/lpips --config.data.prompts_file=prompts.txt
+  python -m dmd_jax.main --config=configs/coco.py --workdir=runs/coco --config.teacher.path=teachers/sd15 \\
+      --config.regression.lpips_path=nets/lpips --config.data.prompts_file=prompts.txt \\
+      --mode=sample --prompt="a red bus" --num_samples=4 --output=bus.png
+
+Prompts: ``data.prompts_file`` (one a line; the first ``data.num_prompts``); their CLIP embeddings are computed
+once and cached in the workdir (``dmd_jax/data/prompts.py``; 500k × 77 × 768 float32 is 118 GB on disk,
+``--config.data.embedding_dtype=float16`` halves it). ``--mode=pairs`` builds the regression set first
+(pair i: prompt i mod P); ``--mode=sample --prompt=...`` writes a PNG grid of one-step 512 px images
+(VAE-decoded), deterministic for ``--seed``; ``--mode=teacher_sample`` writes guided-PNDM teacher images
+(uint8, VAE-decoded) for prompts drawn from the first 64 training prompts as an .npz. The tokenizer needs
+``transformers`` (``pip install -e '.[sd]'``; torch is not needed). Not wired yet: COCO-30k FID and CLIP score
+in ``--mode=eval`` (it writes the sample grids only).
+"""
+from dmd_jax.config_lib import parse_variants, sd_config
+
+
+def get_config(arg: str = ""):
+  v = parse_variants(arg, {"tiny"})
+  return sd_config(tiny="tiny" in v)
