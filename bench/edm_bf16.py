@@ -117,7 +117,7 @@ def main():
     print()
   timed = [n for n in nets if n != "fixtures"]
   if timed:
-    print(f"| net | batch | f32 forward (s) | bf16 forward (s) | bf16 / f32 | compile f32 / bf16 (s) |")
+    print("| net | batch | f32 forward (s) | bf16 forward (s) | bf16 / f32 | compile f32 / bf16 (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in timed:
       t = time_forward(NETS[name], args.batch, args.repeats)
