@@ -31,8 +31,19 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> np.
   return (lo + ramp * (hi - lo)) ** rho
 
 
+class _TimestepDraws:
+  """The timestep draws shared by every schedule (method.md §3–4): the DM loss takes t uniformly from the
+  integers [dm_t_min, dm_t_max] (2%..98% of T), the fake-score loss from all of [0, num_timesteps)."""
+
+  def sample_dm_t(self, rng, n):
+    return jax.random.randint(rng, (n,), self.dm_t_min, self.dm_t_max + 1)
+
+  def sample_fake_t(self, rng, n):
+    return jax.random.randint(rng, (n,), 0, self.num_timesteps)
+
+
 @dataclasses.dataclass(frozen=True)
-class EDMSchedule:
+class EDMSchedule(_TimestepDraws):
   """VE noise on the Karras grid; t is an index into ``sigmas`` (ascending)."""
   sigma_min: float = 0.002
   sigma_max: float = 80.0
@@ -52,12 +63,6 @@ class EDMSchedule:
   def add_noise(self, x, eps, t):
     return x + _bcast(self.sigma(t), x) * eps
 
-  def sample_dm_t(self, rng, n):
-    return jax.random.randint(rng, (n,), self.dm_t_min, self.dm_t_max + 1)
-
-  def sample_fake_t(self, rng, n):
-    return jax.random.randint(rng, (n,), 0, self.num_timesteps)
-
   def fake_loss_weight(self, t):
     """EDM's lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 on the squared x0 error (method.md §4)."""
     s = self.sigma(t)
@@ -70,7 +75,7 @@ def scaled_linear_alphas_cumprod(num_timesteps=1000, beta_start=0.00085, beta_en
 
 
 @dataclasses.dataclass(frozen=True)
-class VPSchedule:
+class VPSchedule(_TimestepDraws):
   """DDPM / Stable Diffusion noise; t is the DDPM timestep."""
   beta_start: float = 0.00085
   beta_end: float = 0.012
@@ -98,12 +103,6 @@ class VPSchedule:
   def x0_to_eps(self, x_t, x0, t):
     a = _bcast(self._abar(t), x_t)
     return (x_t.astype(jnp.float32) - jnp.sqrt(a) * x0.astype(jnp.float32)) / jnp.sqrt(1.0 - a)
-
-  def sample_dm_t(self, rng, n):
-    return jax.random.randint(rng, (n,), self.dm_t_min, self.dm_t_max + 1)
-
-  def sample_fake_t(self, rng, n):
-    return jax.random.randint(rng, (n,), 0, self.num_timesteps)
 
   def fake_loss_weight(self, t):
     """Epsilon-MSE written on x0: ||eps_hat - eps||^2 = SNR(t) ||x0_hat - x0||^2."""
