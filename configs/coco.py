@@ -22,8 +22,22 @@ once and cached in the workdir (``dmd_jax/data/prompts.py``; 500k × 77 × 768 f
 (pair i: prompt i mod P); ``--mode=sample --prompt=...`` writes a PNG grid of one-step 512 px images
 (VAE-decoded), deterministic for ``--seed``; ``--mode=teacher_sample`` writes guided-PNDM teacher images
 (uint8, VAE-decoded) for prompts drawn from the first 64 training prompts as an .npz. The tokenizer needs
-``transformers`` (``pip install -e '.[sd]'``; torch is not needed). Not wired yet: COCO-30k FID and CLIP score
-in ``--mode=eval`` (it writes the sample grids only).
+``transformers`` (``pip install -e '.[sd]'``; torch is not needed).
+
+Evaluation (``--mode=eval``, and at the end of training; method.md §8, dmd_jax/evaluation/text_to_image.py):
+COCO-30k FID under the clean-fid protocol (centre crop, Lanczos 256, clean resize 299) against the 40,504
+val2014 images, and CLIP score on "A photo depicts <caption>":
+
+  python -m dmd_jax.convert inception --src=pt_inception-2015-12-05-6726825d.pth --dst=nets/inception
+  python -m dmd_jax.convert clip --src=CLIP-ViT-g-14-laion2B-s12B-b42K/ --dst=nets/clip_g14
+  python -m dmd_jax.main --config=configs/coco.py --workdir=runs/coco --mode=eval --config.teacher.path=... \
+      --config.eval.inception_path=nets/inception --config.eval.clip_path=nets/clip_g14 \
+      --config.eval.data_dir=~/tensorflow_datasets     # a prepared coco_captions/2014 (ArrayRecord)
+
+Captions: the first caption of each of the first 30k val2014 images (``eval.captions='coco_captions'``), or
+``eval.captions=FILE`` for a paper's exact caption list. Reference: ``eval.reference_stats='tfds'`` computes
+(once, cached in the workdir) the statistics of every image of ``eval.reference_split``; an ``.npz`` with
+``mu`` / ``sigma`` or ``'teacher'`` (FID to the teacher's guided samples for the same captions) also work.
 """
 from dmd_jax.config_lib import parse_variants, sd_config
 

@@ -116,6 +116,8 @@ def sd_config(*, tiny: bool) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       prompts_file="",      # UTF-8 text, one prompt a line (DMD: 500k LAION prompts; or COCO captions)
       prompts=(),           # or the prompts themselves (the :tiny config)
+      coco_split="",        # or every caption of this split of a prepared tfds coco_captions/2014 ('train')
+      data_dir="",          # tfds data_dir for coco_split ('' = tfds's default)
       num_prompts=500_000,  # the first this many (0 = all)
       embedding_batch_size=256,
       embedding_dtype="float32"))   # of the cached CLIP embeddings: 'float32' or 'float16' (half the disk)
@@ -134,10 +136,20 @@ def sd_config(*, tiny: bool) -> ml_collections.ConfigDict:
       batch_size=1152,
       sampler="pndm",       # 'pndm' (the paper's) or 'ddim'
       sampler_steps=50))
+  # method.md §8: COCO-30k FID (clean-fid protocol against the 40,504 val2014 images) and CLIP score
+  # (OpenCLIP ViT-g/14, "A photo depicts <caption>"); dmd_jax/evaluation/text_to_image.py
   c.eval = ml_collections.ConfigDict(dict(
-      num_samples=30_000, batch_size=64,
-      inception_path="",    # COCO FID / CLIP score are not wired into --mode=eval for 'sd' yet
-      reference_stats="", protocol="clean", every_steps=0, periodic_num_samples=0,
+      num_samples=30_000,
+      batch_size=64,        # images per generation / Inception / CLIP step (global)
+      captions="coco_captions",   # tfds coco_captions/2014 (first caption of each image), 'train_prompts', or a file
+      captions_split="val+test+restval",   # tfds's 2014 splits; val+test+restval = the val2014 images
+      data_dir="",          # tfds data_dir of the prepared coco_captions (ArrayRecord); '' = tfds's default
+      inception_path="",    # a folder written by `python -m dmd_jax.convert inception`
+      reference_stats="tfds",   # 'tfds' (eval.reference_split, cached), an .npz with mu / sigma, or 'teacher'
+      reference_split="val+test+restval",
+      clip_path="",         # a folder written by `python -m dmd_jax.convert clip` ('' = no CLIP score)
+      clip_resize_256=True,  # Lanczos-256 before CLIP's preprocessing, as the GigaGAN / DMD2 evaluation code
+      protocol="clean", every_steps=0, periodic_num_samples=0,
       grid_samples=16))     # one-step and teacher samples in samples/step<N>.png at the end of training
   if tiny:
     c.teacher.path = "random"
@@ -158,4 +170,10 @@ def sd_config(*, tiny: bool) -> ml_collections.ConfigDict:
     c.regression.sampler_steps = 3
     c.optim.warmup_steps = 2
     c.eval.grid_samples = 4
+    c.eval.num_samples = 8
+    c.eval.batch_size = 4
+    c.eval.captions = "train_prompts"
+    c.eval.inception_path = "random"
+    c.eval.clip_path = "random"
+    c.eval.reference_stats = "teacher"
   return c

@@ -17,6 +17,7 @@ from dmd_jax import checkpoint, dmd, networks, sharding, writers
 from dmd_jax.data.pairs import EpochSampler, PairStore, build_pairs, pair_labels
 from dmd_jax.data.toy import GaussianMixture
 from dmd_jax.evaluation import images as image_io
+from dmd_jax.evaluation import text_to_image as t2i
 from dmd_jax.evaluation import toy as toy_eval
 
 
@@ -65,6 +66,7 @@ class Setup:
     self.state_sharding = sharding.tree_sharding(self.mesh, self.abstract_state, config.mesh.min_shard_size)
     self.is_main = jax.process_index() == 0
     self.inception = None   # (module, params) of the FID network, loaded on first use
+    self.clip = None        # (module, params, tokenizer) of the CLIP-score model (text-to-image), likewise
     self.decode_jit = None  # latent families: jit(nets.decode), made on first use
     sharded = [s for s in jax.tree.leaves(self.state_sharding) if "fsdp" in s.spec]
     logging.info("mesh %s over %d devices; %d of %d state arrays FSDP-sharded",
@@ -382,6 +384,8 @@ def evaluate(setup: Setup, gen_state, writer, step: int) -> dict:
   config = setup.config
   if config.model.family == "toy":
     return _evaluate_toy(setup, gen_state, writer, step)
+  if config.model.family == "sd":
+    return _evaluate_sd(setup, gen_state, writer, step)
   results = _sample_grids(setup, gen_state, step)
   if config.eval.inception_path:
     n = config.eval.num_samples
@@ -390,6 +394,94 @@ def evaluate(setup: Setup, gen_state, writer, step: int) -> dict:
     results["fid_protocol"] = config.eval.protocol
     writer.write_scalars(step, {f"eval/fid{n}": results["fid"]})
     logging.info("FID (%d samples, %s protocol) at step %d: %.4f", n, config.eval.protocol, step, results["fid"])
+  return results
+
+
+# ---- text-to-image (method.md §8): COCO-30k FID (clean-fid protocol) and CLIP score ----
+
+def _eval_captions(setup: Setup) -> list[str]:
+  e, n = setup.config.eval, setup.config.eval.num_samples
+  if e.captions == "coco_captions":
+    return t2i.coco_captions(e.data_dir, e.captions_split, n, setup.workdir)
+  if e.captions == "train_prompts":
+    from dmd_jax.data.prompts import prompts_from_config
+    base = prompts_from_config(setup.config.data)
+  else:
+    base = t2i.read_captions(e.captions)
+  return [base[i % len(base)] for i in range(n)]
+
+
+def _clip(setup: Setup):
+  """(module, params, tokenizer) of the CLIP-score model, or None when ``eval.clip_path`` is empty."""
+  e = setup.config.eval
+  if not e.clip_path:
+    return None
+  if setup.clip is None:
+    from dmd_jax.convert import clip as clip_convert
+    # the random stand-in (:tiny) is seeded so that its scores are not all clamped to 0 by max(cos, 0)
+    path = networks.frozen_network_dir(e.clip_path, "eval.clip_path", "clip", setup.workdir, setup.config.seed,
+                                       lambda dst: clip_convert.write_random_converted_clip(dst, seed=3))
+    module, params, tokenizer = clip_convert.load_converted_clip(path)
+    setup.clip = (module, jax.device_put(params, sharding.replicated(setup.mesh)), tokenizer)
+  return setup.clip
+
+
+def _coco_evaluator(setup: Setup, with_clip: bool) -> t2i.CocoEvaluator:
+  e = setup.config.eval
+  return t2i.CocoEvaluator(setup.mesh, _inception(setup) if e.inception_path else None,
+                           _clip(setup) if with_clip else None, e.batch_size, e.clip_resize_256)
+
+
+def _coco_reference(setup: Setup, captions: list[str]):
+  """(mu, sigma) the generator's statistics are compared with (``eval.reference_stats``)."""
+  from dmd_jax.evaluation import fid
+  e = setup.config.eval
+  if e.reference_stats == "tfds":
+    from dmd_jax.evaluation.reference_stats import reference_stats_from_tfds
+    module, params = _inception(setup)
+    safe = e.reference_split.replace("+", "-").replace("[", "_").replace(":", "_").replace("]", "")
+    return reference_stats_from_tfds("coco_captions", e.reference_split, e.data_dir or None, module, params,
+                                     protocol="clean", batch_size=e.batch_size, mesh=setup.mesh,
+                                     cache_path=os.path.join(setup.workdir, f"fid_reference_coco_{safe}.npz"))
+  if e.reference_stats == "teacher":
+    cache = os.path.join(setup.workdir, f"fid_reference_teacher_{len(captions)}_{t2i.captions_digest(captions)}.npz")
+    if os.path.exists(cache):
+      ref = fid.load_reference_stats(cache)
+      return ref["mu"], ref["sigma"]
+    nets = setup.nets
+    chunks = t2i.caption_images(nets, setup.frozen, setup.mesh, nets.teacher_sample, setup.frozen["teacher"],
+                                captions, setup.config.seed + 5000, e.batch_size)
+    ev = t2i.run(chunks, _coco_evaluator(setup, with_clip=False), len(captions), "FID reference (teacher)")
+    mu, sigma = ev.stats.mu_sigma()
+    if setup.is_main:
+      fid.save_reference_stats(cache, mu, sigma)
+    return mu, sigma
+  if not e.reference_stats:
+    raise ValueError("eval.reference_stats is empty: pass an .npz with mu and sigma, 'tfds' (the COCO images "
+                     "of eval.reference_split) or 'teacher' (the teacher's samples for the same captions)")
+  ref = fid.load_reference_stats(e.reference_stats)
+  return ref["mu"], ref["sigma"]
+
+
+def _evaluate_sd(setup: Setup, gen_state, writer, step: int) -> dict:
+  config, e = setup.config, setup.config.eval
+  results = _sample_grids(setup, gen_state, step)
+  if not (e.inception_path or e.clip_path) or e.num_samples <= 0:
+    logging.info("no eval.inception_path / eval.clip_path: COCO FID and CLIP score skipped")
+    return results
+  captions = _eval_captions(setup)
+  reference = _coco_reference(setup, captions) if e.inception_path else None
+  nets = setup.nets
+  chunks = t2i.caption_images(nets, setup.frozen, setup.mesh, nets.generate, generator_params(gen_state),
+                              captions, config.seed + 3000, e.batch_size)
+  ev = t2i.run(chunks, _coco_evaluator(setup, with_clip=True), len(captions), f"COCO eval, step {step}")
+  metrics = ev.result(reference)
+  n = len(captions)
+  results.update(metrics, num_samples=n, captions=e.captions, fid_protocol="clean",
+                 reference_stats=e.reference_stats)
+  writer.write_scalars(step, {f"eval/{k}{n}": v for k, v in metrics.items()})
+  logging.info("COCO eval at step %d on %d captions: %s", step, n,
+               ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
   return results
 
 

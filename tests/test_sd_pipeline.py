@@ -19,7 +19,8 @@ def test_coco_tiny_train_resume_sample(tmp_path):
   from PIL import Image
   run = lambda *a, **k: run_main(f"--workdir={tmp_path}", *a, config=COCO_TINY, fast_compile=True,
                                  timeout=900, **k)
-  p = run("--config.num_train_steps=2", "--config.eval.grid_samples=0")   # the grids: after the resume
+  # the grids and the COCO metrics: after the resume
+  p = run("--config.num_train_steps=2", "--config.eval.grid_samples=0", "--config.eval.num_samples=0")
   assert "compiled the train step" in p.stderr and "embedding 8 prompts" in p.stderr
   assert os.path.isfile(tmp_path / "random_sd" / "unet" / "params.npz")
   assert os.path.isfile(tmp_path / "random_sd-source" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -42,13 +43,38 @@ def test_coco_tiny_train_resume_sample(tmp_path):
   assert m["steps"] == 3 and m["teacher_nfe"] == 2 * (3 + 1)     # guided PNDM-3: 4 evaluations of 2 rows
   # one-step images above guided-PNDM teacher images, 2×2 tiles of 16 px each, VAE-decoded
   assert Image.open(tmp_path / "samples" / "step3.png").size == (2 * 18 + 2, 2 * (2 * 18 + 2) + 8)
+  # end of training: COCO-style FID (random Inception, clean protocol; reference = the teacher's samples for
+  # the same 8 captions, here the training prompts) and CLIP score (random CLIP stand-in)
+  assert m["num_samples"] == 8 and m["captions"] == "train_prompts" and m["reference_stats"] == "teacher"
+  assert np.isfinite(m["fid"]) and m["fid"] > 0 and 0 < m["clip_score"] <= 100
+  assert "COCO eval, step 3: 8/8 images" in p.stderr and "FID reference (teacher): 8/8" in p.stderr
+  assert len(glob.glob(str(tmp_path / "fid_reference_teacher_8_*.npz"))) == 1
 
-  out = tmp_path / "bus.png"
+  out, again, other = tmp_path / "bus.png", tmp_path / "bus_again.png", tmp_path / "bus_seed2.png"
   p = run("--mode=sample", "--prompt=a red bus", "--num_samples=4", f"--output={out}", "--seed=1")
   assert "of step 3" in p.stdout
   img = Image.open(out)
   assert img.size == (2 * 18 + 2, 2 * 18 + 2) and img.mode == "RGB"   # 2×2 grid of 16 px images
   assert np.asarray(img).std() > 0
+  # the same --seed gives the same PNG, byte for byte (also on another device count); another seed does not
+  run("--mode=sample", "--prompt=a red bus", "--num_samples=4", f"--output={again}", "--seed=1", devices=2)
+  run("--mode=sample", "--prompt=a red bus", "--num_samples=4", f"--output={other}", "--seed=2")
+  assert again.read_bytes() == out.read_bytes()
+  assert np.abs(np.asarray(Image.open(other), np.int32) - np.asarray(img, np.int32)).max() > 0
+
+  # --mode=eval on COCO captions and reference images from a prepared tfds coco_captions (tiny, written here)
+  import tfds_testing
+  data_dir = tfds_testing.prepare(str(tmp_path / "tfds"), [tfds_testing.CocoCaptions])
+  p = run("--mode=eval", "--config.eval.captions=coco_captions", "--config.eval.captions_split=val",
+          "--config.eval.reference_stats=tfds", "--config.eval.reference_split=train",
+          f"--config.eval.data_dir={data_dir}", "--config.eval.num_samples=5", "--config.eval.grid_samples=0")
+  e = json.load(open(tmp_path / "eval_step3.json"))
+  assert e["num_samples"] == 5 and e["captions"] == "coco_captions" and np.isfinite(e["fid"])
+  assert 0 < e["clip_score"] <= 100
+  caps = (tmp_path / "coco_captions_val_5.txt").read_text().splitlines()   # first caption of each image
+  assert len(caps) == 5 and all(c.startswith("caption 0 of image 5_") for c in caps)
+  ref = json.load(open(tmp_path / "fid_reference_coco_train.npz.json"))
+  assert ref["count"] == tfds_testing.N_TRAIN["coco_captions"] and ref["protocol"] == "clean"
 
   p = run("--mode=sample", "--num_samples=4", f"--output={out}", check=False)
   assert p.returncode == 2 and "needs --prompt" in p.stderr
@@ -128,3 +154,69 @@ def test_prompt_embeddings_cached_once(tmp_path):
     s.lookup([3])
   with pytest.raises(FileNotFoundError, match="data.prompts_file"):
     pr.read_prompts_file(str(tmp_path / "missing.txt"))
+
+
+def test_caption_images_and_clip_score(tmp_path):
+  """COCO evaluation plumbing: image i is decode(G(z_i, embed(caption_i))) with z_i from fold_in(seed, i),
+  whatever the chunking; the evaluator's CLIP score is clip_score on those images and captions."""
+  from dmd_jax import networks, sharding
+  from dmd_jax.config_lib import sd_config
+  from dmd_jax.convert import clip as clip_convert
+  from dmd_jax.evaluation import clip_score
+  from dmd_jax.evaluation import images as image_io
+  from dmd_jax.evaluation import text_to_image as t2i
+  config = sd_config(tiny=True)
+  config.regression.distance = "mse"    # no LPIPS needed here
+  nets, frozen = networks.build(config, str(tmp_path))
+  mesh = sharding.make_mesh()
+  params = frozen["teacher"]["unet"]
+  caps = ["a red bus", "two birds", "a dog", "red apples", "a bus"]
+  chunks = list(t2i.caption_images(nets, frozen, mesh, nets.generate, params, caps, seed=7, chunk=2))
+  assert [c for _, c in chunks] == [caps[:2], caps[2:4], caps[4:]]
+  images = np.concatenate([x for x, _ in chunks])
+  whole = np.concatenate([x for x, _ in t2i.caption_images(nets, frozen, mesh, nets.generate, params, caps, 7, 8)])
+  assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
+  assert np.abs(images.astype(int) - whole).max() <= 1          # chunking does not change the images
+  z3 = nets.sample_noise(jax.random.fold_in(jax.random.PRNGKey(7), 3), 1)
+  direct = jax.jit(lambda p, f, z, c: nets.decode(f, nets.generate(p, z, c)))(
+      params, frozen, z3, nets.encode_text(["red apples"]))
+  assert np.abs(image_io.to_uint8(direct)[0].astype(int) - images[3]).max() <= 1
+  other = np.concatenate([x for x, _ in t2i.caption_images(nets, frozen, mesh, nets.generate, params, caps, 8, 8)])
+  assert np.abs(other.astype(int) - images).max() > 10          # another seed, other images
+
+  clip_dir = clip_convert.write_random_converted_clip(str(tmp_path / "clip"), seed=3)
+  module, clip_params, tok = clip_convert.load_converted_clip(clip_dir)
+  ev = t2i.CocoEvaluator(mesh, None, (module, clip_params, tok), batch_size=4)
+  for x, c in chunks:
+    ev.update(x, c)
+  want = clip_score.clip_score(module, clip_params, tok, images, caps, resize_256=True)
+  assert ev.count == 5 and want > 0
+  np.testing.assert_allclose(ev.result(None)["clip_score"], want, rtol=1e-5)
+
+
+def test_prompts_and_captions_from_tfds_coco(tmp_path):
+  """Training prompts (every caption) and evaluation captions (the first of each image, cached) read from a
+  prepared tfds coco_captions without decoding its images."""
+  import ml_collections
+  import tfds_testing
+  from dmd_jax.data import input_pipeline as ip
+  from dmd_jax.data.prompts import prompts_from_config
+  from dmd_jax.evaluation import text_to_image as t2i
+  data_dir = tfds_testing.prepare(str(tmp_path / "tfds"), [tfds_testing.CocoCaptions])
+  src = ip.open_source("coco_captions", "train", data_dir)       # decoded, for the expected values
+  want = [c.decode() for i in range(len(src)) for c in src[i]["captions"]["text"]]
+  data = ml_collections.ConfigDict(dict(prompts=(), prompts_file="", coco_split="train", data_dir=data_dir,
+                                        num_prompts=0))
+  assert prompts_from_config(data) == want and len(want) == 5 * tfds_testing.N_TRAIN["coco_captions"]
+  data.num_prompts = 6
+  assert prompts_from_config(data) == want[:6]
+  data.prompts_file = "prompts.txt"
+  with pytest.raises(ValueError, match="set one of"):
+    prompts_from_config(data)
+  caps = t2i.coco_captions(data_dir, "train+val", 9, str(tmp_path))
+  both = want[::5] + [ip.open_source("coco_captions", "val", data_dir)[i]["captions"]["text"][0].decode()
+                      for i in range(2)]
+  assert caps == both
+  assert (tmp_path / "coco_captions_train-val_9.txt").read_text().splitlines() == both
+  with pytest.raises(ValueError, match="fewer than"):
+    t2i.coco_captions(data_dir, "val", 6, None)

@@ -144,3 +144,41 @@ def run(args: argparse.Namespace) -> None:
   print(f"CLIP: {n:,} parameters (vision {cfg.vision.num_hidden_layers}x{cfg.vision.hidden_size}, patch "
         f"{cfg.vision.patch_size}, {cfg.vision.image_size} px; text {cfg.text.num_hidden_layers}x"
         f"{cfg.text.hidden_size}; projection {cfg.projection_dim}) -> {args.dst}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny random-weight CLIPModel (the stand-in CLIP-score model of ``configs/coco.py:tiny``), written without
+# torch in the transformers layout and converted like a real one
+# ---------------------------------------------------------------------------------------------------------
+
+TINY_CLIP_MODEL = dict(
+    model_type="clip", projection_dim=16,
+    text_config=dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=64, hidden_act="quick_gelu",
+                     bos_token_id=62, eos_token_id=63, pad_token_id=63),
+    vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                       image_size=32, patch_size=8, hidden_act="quick_gelu"))
+
+
+def write_random_converted_clip(dst: str | os.PathLike, seed: int = 0, config: Mapping[str, Any] | None = None
+                                ) -> str:
+  """Writes a random ``CLIPModel`` folder (``config.json``, ``model.safetensors``, the tiny tokenizer of
+  ``dmd_jax.convert.sd.write_tokenizer_files``) to ``<dst>-source`` and converts it into ``dst``. Returns
+  ``dst``."""
+  from safetensors.numpy import save_file
+
+  from dmd_jax.convert.common import random_state_dict
+  from dmd_jax.convert.sd import write_tokenizer_files
+  dst = os.fspath(dst)
+  src = dst + "-source"
+  config = dict(config or TINY_CLIP_MODEL)
+  module, inputs = build_clip(config)
+  shapes = {torch_key(p): torch_shape(p.rsplit("/", 1)[-1], s) for p, s in expected_shapes(module, inputs).items()}
+  os.makedirs(src, exist_ok=True)
+  save_file(random_state_dict(shapes, seed), os.path.join(src, "model.safetensors"))
+  with open(os.path.join(src, "config.json"), "w") as f:
+    json.dump(config, f, indent=1)
+  write_tokenizer_files(src, config["text_config"]["max_position_embeddings"])
+  module, params, tokenizer = convert_clip_model(src)
+  save_converted_clip(dst, params, config, tokenizer)
+  return dst

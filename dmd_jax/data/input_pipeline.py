@@ -162,11 +162,12 @@ def _check_split_and_format(key: str, data_dir: str, full: str, version: str, sp
   return fmt != "array_record"
 
 
-def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
+def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None, decode_images: bool = True):
   """The ``tfds.data_source`` (random access, decoded examples) of a prepared split, read from files.
 
   The dataset is opened by explicit version (``name:version``), so tfds reads its ``dataset_info.json`` and
   ``features.json`` rather than instantiating the builder code (COCO's needs TensorFlow); ``download=False``.
+  ``decode_images=False`` leaves ``image`` as its encoded bytes (reading captions only is then cheap).
   """
   import tensorflow_datasets as tfds
 
@@ -175,8 +176,27 @@ def open_source(name: str, split: str, data_dir: str | os.PathLike | None = None
   full, version = find_prepared(key, data_dir)
   alternative = _check_split_and_format(key, data_dir, full, version, split)
   builder_kwargs = {"file_format": "array_record"} if alternative else None
+  decoders = None if decode_images else {"image": tfds.decode.SkipDecoding()}
   return tfds.data_source(f"{full}:{version}", split=split, data_dir=data_dir, download=False,
-                          try_gcs=False, builder_kwargs=builder_kwargs)
+                          try_gcs=False, builder_kwargs=builder_kwargs, decoders=decoders)
+
+
+def coco_captions(split: str, data_dir: str | os.PathLike | None = None, *, first_only: bool,
+                  limit: int | None = None) -> list[str]:
+  """Captions of a prepared ``coco_captions`` split in record order, without decoding the images:
+  ``first_only`` — the first caption of each image (one per image); else every caption of every image.
+  ``limit``: the first this many images. Whitespace inside a caption is collapsed to single spaces."""
+  source = open_source("coco_captions", split, data_dir, decode_images=False)
+  n = len(source) if limit is None else int(limit)
+  if n > len(source):
+    raise ValueError(f"coco_captions split {split!r} has {len(source)} images, fewer than the {n} asked for")
+  out = []
+  for i in range(n):
+    texts = source[i]["captions"]["text"]
+    texts = [texts] if isinstance(texts, (str, bytes)) else list(np.asarray(texts).reshape(-1))
+    texts = [" ".join(_to_str(t).split()) for t in texts]
+    out.extend(texts[:1] if first_only else texts)
+  return out
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -4,8 +4,11 @@ embeddings (computed once, cached under the workdir) and deterministic per-step 
 Where the prompts come from (``data`` in ``configs/coco.py``):
 
 * ``data.prompts`` — a tuple of prompts in the config itself (``configs/coco.py:tiny``), or
-* ``data.prompts_file`` — a UTF-8 text file, one prompt per line (blank lines skipped), e.g. the COCO
-  captions or the LAION prompts the DMD paper used;
+* ``data.prompts_file`` — a UTF-8 text file, one prompt per line (blank lines skipped), e.g. the LAION
+  prompts the DMD paper used, or
+* ``data.coco_split`` — every caption (about five per image) of a split of a prepared tensorflow-datasets
+  ``coco_captions/2014`` under ``data.data_dir``, in record order (e.g. ``train``: 82,783 images; images are
+  not decoded);
 
 the first ``data.num_prompts`` of them (0: all). The embeddings ``[P, L, D]`` (the text encoder's
 ``last_hidden_state``, L = 77 for SD) are written to ``<workdir>/prompt_embeddings_<key>.npy`` (temporary
@@ -51,14 +54,21 @@ def prompts_from_config(data) -> list[str]:
   """The training prompts named by the config's ``data`` block (see the module docstring)."""
   inline = [str(p) for p in (data.get("prompts") or ())]
   path = data.get("prompts_file", "")
-  if inline and path:
-    raise ValueError("set data.prompts or data.prompts_file, not both")
+  split = data.get("coco_split", "")
+  if sum(map(bool, (inline, path, split))) > 1:
+    raise ValueError("set one of data.prompts, data.prompts_file and data.coco_split")
   if path:
     prompts = read_prompts_file(path)
+  elif split:
+    from dmd_jax.data.input_pipeline import coco_captions
+    t0 = time.time()
+    prompts = [c for c in coco_captions(split, data.get("data_dir") or None, first_only=False) if c]
+    logging.info("%d prompts from coco_captions[%s] in %.1f s", len(prompts), split, time.time() - t0)
   elif inline:
     prompts = inline
   else:
-    raise ValueError("no training prompts: set data.prompts_file=FILE (one prompt a line) or data.prompts")
+    raise ValueError("no training prompts: set data.prompts_file=FILE (one prompt a line), data.coco_split "
+                     "(a prepared tfds coco_captions) or data.prompts")
   n = int(data.get("num_prompts", 0) or 0)
   if n < 0:
     raise ValueError(f"data.num_prompts must be >= 0 (0 = all), got {n}")

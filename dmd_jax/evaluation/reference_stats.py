@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from dmd_jax import sharding
 from dmd_jax.data import input_pipeline
-from dmd_jax.evaluation import fid
+from dmd_jax.evaluation import coco_fid, fid
 
 
 def _meta_path(cache_path: str) -> str:
@@ -58,7 +58,10 @@ def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module,
     batch_size: images per step over all processes (a multiple of the process count).
     cache_path: the ``.npz`` to load when it exists, else to write.
     max_examples: use only the first this many examples of the split (``split[:max_examples]``).
-    image_size: centre-crop and resize to this size first (required for COCO, whose sizes vary).
+    image_size: centre-crop and resize to this size first (required for COCO, whose sizes vary). Under the
+      ``'clean'`` protocol (COCO FID, method.md §8) the images are read as they are and prepared on the host
+      by ``coco_fid.prepare_images`` — square centre crop, PIL Lanczos to ``image_size`` (default 256), then
+      clean-fid's resize to 299 — exactly as generated images are.
     mesh: the ``('data', 'fsdp')`` mesh for the features; default every device along ``data``.
     log_every: log progress every this many batches.
   """
@@ -80,6 +83,10 @@ def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module,
     ref = fid.load_reference_stats(cache_path)
     return ref["mu"], ref["sigma"]
 
+  clean = protocol == "clean"
+  if clean and image_size is None:
+    image_size = coco_fid.COCO_SIZE
+    meta["image_size"] = image_size
   if spec.has_captions and image_size is None:
     raise ValueError(f"{key!r} images vary in size: pass image_size (centre crop + resize) for its FID "
                      "reference statistics")
@@ -92,7 +99,8 @@ def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module,
   mesh = sharding.make_mesh() if mesh is None else mesh
   params = jax.device_put(inception_params, NamedSharding(mesh, P()))  # placed once for every batch
   it = input_pipeline.make_single_pass_pipeline(key, sub_split, data_dir=data_dir,
-                                                global_batch_size=batch_size, image_size=image_size)
+                                                global_batch_size=batch_size,
+                                                image_size=None if clean else image_size)
   total = it.config["num_records"]
   stats = fid.FeatureStats()
   t0 = time.perf_counter()
@@ -100,7 +108,8 @@ def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module,
                protocol, cache_path)
   for i, batch in enumerate(it):
     # Every process runs the same number of steps; features come back gathered from all processes.
-    feats = fid.inception_features(inception_module, params, batch["image"], protocol=protocol,
+    images = coco_fid.prepare_images(batch["image"], image_size) if clean else batch["image"]
+    feats = fid.inception_features(inception_module, params, images, protocol=protocol,
                                    batch_size=batch_size, mesh=mesh, gather=True, log_every=0)
     stats.update(feats)
     if log_every and ((i + 1) % log_every == 0 or i + 1 == len(it)) and jax.process_index() == 0:
