@@ -79,17 +79,44 @@ class LayerNorm(nn.Module):
     return (y * scale + bias).astype(self.dtype)
 
 
+# Which attention kernel bf16 / f16 activations use: 'auto' — cuDNN's fused flash attention on a GPU when it
+# takes the shapes (head dim a multiple of 8, ≤ 256 on Hopper; SD 1.5's 40 / 80 / 160 are), else XLA's
+# einsum-softmax-einsum; 'xla' — always the latter; 'cudnn' — always the former (an error where it can't).
+# Float32 activations and masked or upcast attention always take the XLA path. Read when a function is traced.
+ATTENTION = "auto"
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
+
+
+def _fused_attention(q, k, v, d: int, upcast: bool, mask):
+  """cuDNN flash attention (float32 accumulation and softmax inside the kernel), or None for the XLA path."""
+  if ATTENTION not in ATTENTION_CHOICES:
+    raise ValueError(f"unet2d.ATTENTION must be one of {ATTENTION_CHOICES}, got {ATTENTION!r}")
+  if ATTENTION == "xla" or mask is not None or upcast or q.dtype not in (jnp.bfloat16, jnp.float16):
+    return None
+  if ATTENTION == "auto" and jax.default_backend() != "gpu":
+    return None
+  try:
+    return jax.nn.dot_product_attention(q, k, v, scale=d ** -0.5, implementation="cudnn")
+  except (NotImplementedError, ValueError, RuntimeError):
+    if ATTENTION == "cudnn":
+      raise
+    return None
+
+
 def dot_product_attention(q, k, v, heads: int, upcast: bool = False, mask=None):
   """Multi-head attention on ``[B, N, heads*d]`` inputs; logits (scale ``d**-0.5``) and softmax in float32.
 
   ``upcast`` (diffusers' ``upcast_attention``) also computes q·k from float32 inputs; ``mask`` is added to
-  the logits (broadcast to ``[B, heads, N, M]``).
+  the logits (broadcast to ``[B, heads, N, M]``). bf16 on a GPU: a fused kernel, see ``ATTENTION``.
   """
   b, n, inner = q.shape
   d = inner // heads
   q = q.reshape(b, n, heads, d)
   k = k.reshape(b, k.shape[1], heads, d)
   v = v.reshape(b, v.shape[1], heads, d)
+  fused = _fused_attention(q, k, v, d, upcast, mask)
+  if fused is not None:
+    return fused.reshape(b, n, heads * d)
   if upcast:
     q, k = q.astype(jnp.float32), k.astype(jnp.float32)
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
