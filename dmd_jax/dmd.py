@@ -107,12 +107,26 @@ def learning_rate_schedule(lr: float, warmup_steps: int, decay: str = "constant"
   return optax.join_schedules([warm, rest], [warmup_steps])
 
 
+# Leaves that are buffers in the reference code (never trained) but live in our parameter trees with a stopped
+# gradient: NCSN++'s random Fourier frequencies (``map_noise/freqs``). Adam leaves them alone (zero gradient);
+# weight decay must too.
+BUFFER_LEAVES = ("freqs",)
+
+
+def weight_decay_mask(params):
+  """True where AdamW's decoupled weight decay applies: every leaf except the ``BUFFER_LEAVES``."""
+  def decays(path, _):
+    last = path[-1]
+    return getattr(last, "key", getattr(last, "name", None)) not in BUFFER_LEAVES
+  return jax.tree_util.tree_map_with_path(decays, params)
+
+
 def make_optimizer(lr, warmup_steps, b1, b2, eps, weight_decay, clip_norm, decay="constant",
                    total_steps=0) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(clip_norm),
       optax.adamw(learning_rate_schedule(lr, warmup_steps, decay, total_steps),
-                  b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+                  b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask))
 
 
 # ---------------------------------------------------------------------------------------------------
