@@ -42,6 +42,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench import common as bench_common  # noqa: E402
+from bench.common import MIB, measure  # noqa: E402
 from dmd_jax import dmd, sharding, train  # noqa: E402
 from dmd_jax.convert import edm as edm_convert  # noqa: E402
 
@@ -55,7 +57,6 @@ IMAGENET_ADM_PARAMS = 295_899_267
 
 CONFIGS = {"imagenet64": "", "imagenet64_tiny": "tiny"}
 STEPS = ("generator step", "fake-score step", "full DMD iteration")
-MIB = 2.0 ** 20
 
 
 def load_config(name: str):
@@ -94,52 +95,6 @@ def make_config(args, dtype: str, remat: bool, workdir: str):
   if args.config == "imagenet64":
     config.teacher.path = random_teacher_dir(workdir, config.seed)
   return config
-
-
-def _memory(compiled) -> dict:
-  try:
-    m = compiled.memory_analysis()
-  except Exception as e:  # noqa: BLE001  (a backend without it)
-    print(f"memory_analysis unavailable: {e}", file=sys.stderr)
-    return {}
-  if m is None:
-    return {}
-  names = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-           "generated_code_size_in_bytes")
-  return {n.replace("_size_in_bytes", ""): int(getattr(m, n, 0) or 0) for n in names}
-
-
-def _flops(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
-
-
-def measure(jitted, args, feed, *, warmup: int, repeats: int, run: bool = True) -> dict:
-  """Compiles ``jitted`` for ``args`` and times ``warmup + repeats`` calls; ``feed(args, out)`` returns the next
-  call's arguments (the donated state replaced by the returned one). ``run=False``: compile only."""
-  t0 = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
-  compile_s = time.perf_counter() - t0
-  row = {"compile_s": compile_s, "memory": _memory(compiled), "flops": _flops(compiled)}
-  print(f"    compiled in {compile_s:.1f} s; memory {row['memory']}; flops {row['flops']}", file=sys.stderr,
-        flush=True)
-  times = []
-  for i in range(warmup + repeats if run else 0):
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(*args))
-    dt = time.perf_counter() - t0
-    if i >= warmup:
-      times.append(dt)
-    args = feed(args, out)
-    del out
-  row["times"] = times
-  row["median_s"] = float(np.median(times)) if times else float("nan")
-  return row, args
 
 
 def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
@@ -197,12 +152,8 @@ def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
 
 def _gen_row(args, nets, hyper, setup, state, gen_sh, frozen_sh, fake_sh, batch_sh, batch_tree_sh, repl,
              z, cond, batch, r_dm, common, base, emit):
-  def gen_step(gen_state, frozen, fake_params, z, cond, batch, rng):
-    return dmd.generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch, rng)
-
-  jitted = jax.jit(gen_step, in_shardings=(gen_sh, frozen_sh, fake_sh["params"], batch_sh, batch_sh,
-                                           batch_tree_sh, repl),
-                   out_shardings=(gen_sh, batch_sh, repl), donate_argnums=(0,))
+  jitted = bench_common.jit_generator_step(nets, hyper, gen_sh, frozen_sh, fake_sh["params"], batch_sh,
+                                           batch_tree_sh, repl)
   gen_args = (state["generator"], setup.frozen, state["fake_score"]["params"], z, cond, batch, r_dm)
   del state["generator"]
   row, gen_args = measure(jitted, gen_args, lambda a, out: (out[0],) + a[1:], **common)
@@ -212,11 +163,7 @@ def _gen_row(args, nets, hyper, setup, state, gen_sh, frozen_sh, fake_sh, batch_
 
 
 def _fake_row(nets, hyper, state, fake_sh, batch_sh, repl, x_fake, cond, r_fake, common, base, emit):
-  def fake_step(fake_state, x, cond, rng):
-    return dmd.fake_score_update(fake_state, nets, hyper, x, cond, rng)
-
-  jitted = jax.jit(fake_step, in_shardings=(fake_sh, batch_sh, batch_sh, repl), out_shardings=(fake_sh, repl),
-                   donate_argnums=(0,))
+  jitted = bench_common.jit_fake_step(nets, hyper, fake_sh, batch_sh, repl)
   fake_args = (state.pop("fake_score"), x_fake, cond, r_fake)
   row, fake_args = measure(jitted, fake_args, lambda a, out: (out[0],) + a[1:], **common)
   state["fake_score"] = fake_args[0]
@@ -241,8 +188,8 @@ def format_row(r: dict) -> str:
   mib = lambda k: f"{m[k] / MIB:,.0f}" if k in m else "n/a"
   flops = f"{r['flops'] / 1e9:,.0f}" if r.get("flops") else "n/a"
   code = f"{m['generated_code'] / MIB:.1f}" if "generated_code" in m else "n/a"
-  total = (f"{(m['argument'] + m['output'] - m['alias'] + m['temp']) / MIB:,.0f}"
-           if {"argument", "output", "alias", "temp"} <= set(m) else "n/a")
+  total = bench_common.total_bytes(m)
+  total = f"{total / MIB:,.0f}" if total is not None else "n/a"
   cells = (r["step"], r["dtype"], "on" if r["remat"] else "off", r["batch_per_device"], r["global_batch"],
            f"{r['compile_s']:.1f}", f"{r['median_s']:.2f}" if r["times"] else "not run", flops, mib("temp"), mib("argument"), mib("output"),
            mib("alias"), code, total)

@@ -72,20 +72,29 @@ def _simple_distance(name: str) -> Callable:
   return dmd.REGRESSION_DISTANCES[name]
 
 
-def _image_distance(config, workdir) -> tuple[Callable, dict]:
-  """The regression distance of image families: 'lpips' (the papers': VGG LPIPS after bilinear upsampling
-  to ``regression.lpips_resize``), or 'l2' / 'mse'. Returns ``(distance, its frozen params)``."""
+def image_distance(config) -> Callable:
+  """The regression distance of image families, ``(params, x, y) -> [N]``: 'lpips' (the papers': VGG LPIPS
+  after bilinear upsampling to ``regression.lpips_resize``; ``params`` the LPIPS weights), or 'l2' / 'mse'."""
   r = config.regression
   if r.distance != "lpips":
-    return _simple_distance(r.distance), {}
+    return _simple_distance(r.distance)
+  from dmd_jax.models.lpips import LPIPS, lpips_distance
+  module, resize = LPIPS(), int(r.lpips_resize)
+  return lambda p, x, y: lpips_distance(module, p, x, y, resize_to=resize)
+
+
+def _distance_params(config, workdir) -> dict:
+  """The frozen parameters of ``image_distance(config)``: the LPIPS weights read from
+  ``regression.lpips_path`` (a random-weight stand-in written under the workdir for 'random'); ``{}`` for
+  'l2' / 'mse'."""
+  r = config.regression
+  if r.distance != "lpips":
+    return {}
   from dmd_jax.convert import lpips as lpips_convert
-  from dmd_jax.models.lpips import lpips_distance
   path = frozen_network_dir(r.lpips_path, "regression.lpips_path", "lpips", workdir, config.seed,
                             lambda dst: _write_random(dst, lpips_convert._trunk_expected("torchvision"),
                                                       lpips_convert.convert_file, config.seed))
-  module, params = lpips_convert.load_converted_lpips(path)
-  resize = int(r.lpips_resize)
-  return (lambda p, x, y: lpips_distance(module, p, x, y, resize_to=resize)), params
+  return lpips_convert.load_converted_lpips(path)[1]
 
 
 def _write_random(dst, shapes, convert_file, seed):
@@ -159,6 +168,16 @@ def _build_toy(config):
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def _teacher_copies(teacher_params) -> Callable:
+  """``DMDNetworks.init`` of the families whose generator and fake score both start from the teacher:
+  ``rng -> (float32 copy, float32 copy)`` of ``teacher_params``."""
+  def init(rng):
+    del rng
+    copy = jax.tree.map(lambda a: jnp.array(a, jnp.float32), teacher_params)
+    return copy, jax.tree.map(jnp.copy, copy)
+  return init
+
+
 def _teacher_dir(config, workdir):
   """The converted teacher folder; ``teacher.path='random'`` (the ``:tiny`` configs) writes a random-weight
   teacher of ``teacher.random_init_kwargs`` under the workdir, through the real converter."""
@@ -181,7 +200,7 @@ def _build_edm(config, workdir):
   student, _ = load_converted_edm(path, dtype=_DTYPES[config.model.dtype], remat=config.model.remat)
   res, ch, label_dim = teacher.img_resolution, teacher.img_channels, teacher.label_dim
   sigma_gen = float(config.generator.sigma)
-  distance, distance_params = _image_distance(config, workdir)
+  distance, distance_params = image_distance(config), _distance_params(config, workdir)
 
   def one_hot(cond):
     return None if not label_dim else jax.nn.one_hot(cond, label_dim, dtype=jnp.float32)
@@ -199,11 +218,6 @@ def _build_edm(config, workdir):
     return edm_heun_sample(lambda x, s: apply(teacher, p, x, s, cond), z, config.regression.sampler_steps,
                            schedule.sigma_min, schedule.sigma_max, schedule.rho)
 
-  def init(rng):
-    del rng  # both trainable networks start from the teacher
-    copy = jax.tree.map(lambda a: jnp.array(a, jnp.float32), teacher_params)
-    return copy, jax.tree.map(jnp.copy, copy)
-
   nets = DMDNetworks(
       schedule=schedule,
       generate=generate,
@@ -212,7 +226,7 @@ def _build_edm(config, workdir):
       sample_noise=lambda rng, n: jax.random.normal(rng, (n, res, res, ch), jnp.float32),
       sample_cond=sample_cond,
       teacher_sample=teacher_sample,
-      init=init,
+      init=_teacher_copies(teacher_params),
       sample_shape=(res, res, ch),
       num_classes=label_dim,
       regression_distance=distance,
@@ -263,10 +277,15 @@ def _sd_teacher_dir(config, workdir):
                             marker=os.path.join("text_encoder", "config.json"))
 
 
-def _check_sd_schedule(schedule, scheduler_config, path):
-  """The converted pipeline's scheduler must be the epsilon-prediction scaled-linear schedule configured."""
+def _sd_schedule(config) -> schedules.VPSchedule:
+  schedule = schedules.from_config(config.schedule)
   if not isinstance(schedule, schedules.VPSchedule):
     raise ValueError(f"model.family='sd' needs schedule.kind='vp', got {type(schedule).__name__}")
+  return schedule
+
+
+def _check_sd_schedule(schedule, scheduler_config, path):
+  """The converted pipeline's scheduler must be the epsilon-prediction scaled-linear schedule configured."""
   if scheduler_config is None:
     return
   want = {"beta_schedule": "scaled_linear", "prediction_type": "epsilon", "beta_start": schedule.beta_start,
@@ -278,38 +297,35 @@ def _check_sd_schedule(schedule, scheduler_config, path):
                        f"(schedule.* must describe the teacher's training schedule)")
 
 
-def _build_sd(config, workdir):
-  from dmd_jax.convert.sd import load_converted_sd
-  from dmd_jax.data.prompts import PromptSet, TextEncoder, prompts_from_config
+def sd_networks(config, unet_config: dict, vae_config: dict, teacher_params, prompts,
+                encode_text: Callable | None = None) -> DMDNetworks:
+  """The ``DMDNetworks`` of an SD teacher, built from modules only (no I/O): what ``build`` returns for
+  ``model.family='sd'`` once the converted pipeline and the prompts are at hand.
+
+  ``unet_config`` / ``vae_config``: the converted pipeline's ``config.json`` dicts (e.g. ``convert.sd.SD15_UNET``);
+  the teacher UNet and the VAE that writes images run in float32, the trainable UNet (generator and fake score,
+  rematerialised when ``model.remat``) and the VAE inside the regression loss in ``model.dtype``.
+  ``teacher_params``: the UNet's parameters, copied into both trainable networks by ``init`` (abstract values
+  are fine when ``init`` is traced under ``jax.eval_shape``). ``prompts``: the condition source, a
+  ``data.prompts.PromptSet`` or a stand-in with ``len()``, ``key``, ``lookup(ids)`` (host: ``[n, L, D]``) and
+  ``eval_table(k)``; nothing is looked up here. ``encode_text``: host ``list of prompts -> [n, L, D]``.
+  The frozen parameters these functions take are ``sd_frozen(...)``.
+  """
+  from dmd_jax.convert.sd import build_unet, build_vae
   from dmd_jax.samplers import ddim_sample, pndm_sample
-  schedule = schedules.from_config(config.schedule)
-  path = _sd_teacher_dir(config, workdir)
-  teacher_sd = load_converted_sd(path)
-  _check_sd_schedule(schedule, teacher_sd["scheduler_config"], path)
-  student_sd = load_converted_sd(path, dtype=_DTYPES[config.model.dtype])
-  teacher, teacher_params = teacher_sd["unet"]
-  student = student_sd["unet"][0]
-  if config.model.remat:
-    student = student.clone(remat=True)
-  vae_out, vae_params = teacher_sd["vae"]                 # float32: the images written out
-  vae_train = student_sd["vae"][0]                        # model dtype: inside the regression loss
-  scaling = float(teacher_sd["configs"]["vae"].get("scaling_factor", 0.18215))
-  text_module, text_params = teacher_sd["text_encoder"]
-  ucfg = teacher_sd["configs"]["unet"]
-  res = int(config.model.get("latent_resolution", 0) or ucfg.get("sample_size", 64))
+  schedule = _sd_schedule(config)
+  dtype = _DTYPES[config.model.dtype]
+  teacher = build_unet(unet_config)[0]
+  student = build_unet(unet_config, dtype=dtype, remat=bool(config.model.remat))[0]
+  vae_out = build_vae(vae_config)[0]                      # float32: the images written out
+  vae_train = build_vae(vae_config, dtype=dtype)[0]       # model dtype: inside the regression loss
+  scaling = float(vae_config.get("scaling_factor", 0.18215))
+  res = int(config.model.get("latent_resolution", 0) or unet_config.get("sample_size", 64))
   ch = int(teacher.config.in_channels)
   g = float(config.guidance_scale)
   t_gen = int(config.generator.timestep)
   if not 0 <= t_gen < schedule.num_timesteps:
     raise ValueError(f"generator.timestep must be in [0, {schedule.num_timesteps}), got {t_gen}")
-  if text_module.config.hidden_size != teacher.config.cross_attention_dim[0]:
-    raise ValueError(f"{path}: the text encoder's width {text_module.config.hidden_size} is not the UNet's "
-                     f"cross_attention_dim {teacher.config.cross_attention_dim[0]}")
-
-  encoder = TextEncoder(text_module, text_params, teacher_sd["tokenizer"], config.data.embedding_batch_size)
-  prompts = PromptSet(prompts_from_config(config.data), encoder, workdir, os.path.abspath(path),
-                      config.data.embedding_dtype)
-  uncond = encoder([""])                                  # [1, L, D]: the empty prompt (guidance)
 
   def eps_of(module, params):
     return lambda x, t, c: module.apply({"params": params}, x, t, c)
@@ -336,7 +352,7 @@ def _build_sd(config, workdir):
 
   decode_train = decode_with(vae_train)
   r = config.regression
-  base_distance, distance_params = _image_distance(config, workdir)
+  base_distance = image_distance(config)
   if r.distance == "lpips":
     def distance(p, x, y):   # LPIPS between decoded images (method.md §5)
       return base_distance(p["lpips"], decode_train(p["vae"], x),
@@ -348,13 +364,8 @@ def _build_sd(config, workdir):
     table = prompts.eval_table(64)
     return table[jax.random.randint(rng, (n,), 0, table.shape[0])]
 
-  def init(rng):
-    del rng  # both trainable networks start from the teacher
-    copy = jax.tree.map(lambda a: jnp.array(a, jnp.float32), teacher_params)
-    return copy, jax.tree.map(jnp.copy, copy)
-
   nfe = (steps + 1 if sampler == "pndm" else steps) * (1 if g == 1.0 else 2)
-  nets = DMDNetworks(
+  return DMDNetworks(
       schedule=schedule,
       generate=generate,
       real_denoise=sd_real_denoiser(teacher, schedule, g),
@@ -362,17 +373,45 @@ def _build_sd(config, workdir):
       sample_noise=lambda rng, n: jax.random.normal(rng, (n, res, res, ch), jnp.float32),
       sample_cond=sample_cond,
       teacher_sample=teacher_sample,
-      init=init,
+      init=_teacher_copies(teacher_params),
       sample_shape=(res, res, ch),
       regression_distance=distance,
       cond_table=prompts.lookup,
       num_conds=len(prompts),
       pair_cond=lambda idx: (np.asarray(idx, np.int64) % len(prompts)).astype(np.int32),
       decode=lambda frozen, x: decode_with(vae_out)(frozen["regression"]["vae"], x),
-      encode_text=lambda texts: encoder(list(texts)),
+      encode_text=encode_text,
       pair_spec=(("sampler", sampler), ("guidance_scale", g), ("prompts", prompts.key)),
       teacher_nfe=nfe,
   )
-  frozen = {"teacher": {"unet": teacher_params, "uncond": uncond},
-            "regression": {"vae": vae_params, "lpips": distance_params}}
-  return nets, frozen
+
+
+def sd_frozen(unet_params, uncond, vae_params, distance_params) -> dict:
+  """The frozen parameters of an SD teacher's ``DMDNetworks``: the teacher UNet and the empty prompt's
+  embedding ``uncond`` [1, L, D] (the real score's guidance), the VAE and the regression distance's
+  parameters (LPIPS; ``{}`` for 'l2' / 'mse')."""
+  return {"teacher": {"unet": unet_params, "uncond": uncond},
+          "regression": {"vae": vae_params, "lpips": distance_params}}
+
+
+def _build_sd(config, workdir):
+  """Reads the converted pipeline (``teacher.path``), the LPIPS weights and the prompts, then
+  ``sd_networks``."""
+  from dmd_jax.convert.sd import load_converted_sd
+  from dmd_jax.data.prompts import PromptSet, TextEncoder, prompts_from_config
+  path = _sd_teacher_dir(config, workdir)
+  teacher_sd = load_converted_sd(path)
+  _check_sd_schedule(_sd_schedule(config), teacher_sd["scheduler_config"], path)
+  teacher, teacher_params = teacher_sd["unet"]
+  text_module, text_params = teacher_sd["text_encoder"]
+  if text_module.config.hidden_size != teacher.config.cross_attention_dim[0]:
+    raise ValueError(f"{path}: the text encoder's width {text_module.config.hidden_size} is not the UNet's "
+                     f"cross_attention_dim {teacher.config.cross_attention_dim[0]}")
+  encoder = TextEncoder(text_module, text_params, teacher_sd["tokenizer"], config.data.embedding_batch_size)
+  prompts = PromptSet(prompts_from_config(config.data), encoder, workdir, os.path.abspath(path),
+                      config.data.embedding_dtype)
+  uncond = encoder([""])                                  # [1, L, D]: the empty prompt (guidance)
+  distance_params = _distance_params(config, workdir)
+  nets = sd_networks(config, teacher_sd["configs"]["unet"], teacher_sd["configs"]["vae"], teacher_params,
+                     prompts, encode_text=lambda texts: encoder(list(texts)))
+  return nets, sd_frozen(teacher_params, uncond, teacher_sd["vae"][1], distance_params)

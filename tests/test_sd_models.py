@@ -118,35 +118,16 @@ def test_unsupported_config_values_are_named():
   assert cfg.num_heads == (2, 4) and cfg.use_linear_projection and cfg.transformer_layers_per_block == (2, 2)
 
 
-# The released configurations (abridged config.json files), traced abstractly: parameter counts of
-# SD 1.5 (UNet 859,520,964, VAE 83,653,863, CLIP ViT-L/14 text 123,060,480) and SD 2.x (UNet 865,910,724).
-SD15_UNET = dict(
-    _class_name="UNet2DConditionModel", act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
-    center_input_sample=False, cross_attention_dim=768, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
-    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
-    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
-SD15_VAE = dict(
-    _class_name="AutoencoderKL", act_fn="silu", block_out_channels=[128, 256, 512, 512],
-    down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3, latent_channels=4, layers_per_block=2,
-    norm_num_groups=32, out_channels=3, sample_size=512, up_block_types=["UpDecoderBlock2D"] * 4)
-SD15_TEXT = dict(
-    architectures=["CLIPTextModel"], attention_dropout=0.0, bos_token_id=0, dropout=0.0, eos_token_id=2,
-    hidden_act="quick_gelu", hidden_size=768, initializer_factor=1.0, initializer_range=0.02, intermediate_size=3072,
-    layer_norm_eps=1e-05, max_position_embeddings=77, model_type="clip_text_model", num_attention_heads=12,
-    num_hidden_layers=12, pad_token_id=1, projection_dim=768, torch_dtype="float32", vocab_size=49408)
-SD2_UNET = dict(SD15_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
-                upcast_attention=True, sample_size=96)
-
-
+# The released configurations (dmd_jax.convert.sd.SD15_* / SD2_UNET), traced abstractly.
 def test_released_configurations():
   counts = {}
-  for name, build, cfg in (("unet", sdc.build_unet, SD15_UNET), ("vae", sdc.build_vae, SD15_VAE),
-                           ("text", sdc.build_text_encoder, SD15_TEXT), ("unet2", sdc.build_unet, SD2_UNET)):
+  for name, build, cfg in (("unet", sdc.build_unet, sdc.SD15_UNET), ("vae", sdc.build_vae, sdc.SD15_VAE),
+                           ("text", sdc.build_text_encoder, sdc.SD15_TEXT),
+                           ("unet2", sdc.build_unet, sdc.SD2_UNET)):
     module, inputs = build(cfg)
     counts[name] = sum(int(np.prod(s)) for s in sdc.expected_shapes(module, inputs).values())
   assert counts == dict(unet=859_520_964, vae=83_653_863, text=123_060_480, unet2=865_910_724)
-  module, inputs = sdc.build_unet(SD15_UNET)
+  module, inputs = sdc.build_unet(sdc.SD15_UNET)
   params = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs))
   eps, mid = jax.eval_shape(
       lambda p, x, c: module.apply(p, x, 999, c, return_mid_features=True), params,

@@ -296,6 +296,26 @@ TINY_CLIP = dict(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=62, eos_token_id=63, pad_token_id=63,
     projection_dim=32)
+# The released configurations (abridged config.json files): SD 1.5's UNet (859,520,964 parameters), VAE
+# (83,653,863) and CLIP ViT-L/14 text encoder (123,060,480), and SD 2.x's 768 px UNet (865,910,724). Traced
+# abstractly by tests/test_sd_models.py and bench/sd_memory.py (no weights).
+SD15_UNET = dict(
+    _class_name="UNet2DConditionModel", act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False, cross_attention_dim=768, down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+SD15_VAE = dict(
+    _class_name="AutoencoderKL", act_fn="silu", block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, in_channels=3, latent_channels=4, layers_per_block=2,
+    norm_num_groups=32, out_channels=3, sample_size=512, up_block_types=["UpDecoderBlock2D"] * 4)
+SD15_TEXT = dict(
+    architectures=["CLIPTextModel"], attention_dropout=0.0, bos_token_id=0, dropout=0.0, eos_token_id=2,
+    hidden_act="quick_gelu", hidden_size=768, initializer_factor=1.0, initializer_range=0.02, intermediate_size=3072,
+    layer_norm_eps=1e-05, max_position_embeddings=77, model_type="clip_text_model", num_attention_heads=12,
+    num_hidden_layers=12, pad_token_id=1, projection_dim=768, torch_dtype="float32", vocab_size=49408)
+SD2_UNET = dict(SD15_UNET, attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True,
+                upcast_attention=True, sample_size=96)
 # SD 1.5's scheduler folder (diffusers PNDMScheduler): the schedule the VP teachers here assume.
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
