@@ -173,7 +173,7 @@ def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit) -> None
   key = jax.random.PRNGKey(config.seed)
   state = jax.eval_shape(init_state, model.unet_params, key)
   state_sh = sharding.tree_sharding(mesh, state, min_shard)
-  frozen_sh = sharding.tree_sharding(mesh, model.frozen, min_shard)
+  frozen_sh = sharding.frozen_sharding(mesh, model.frozen, min_shard)
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   state, frozen = _sharded(state, state_sh), _sharded(model.frozen, frozen_sh)
 

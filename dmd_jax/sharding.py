@@ -98,3 +98,16 @@ def process_slice(global_batch_size: int) -> slice:
   per = global_batch_size // n
   i = jax.process_index()
   return slice(i * per, (i + 1) * per)
+
+
+def frozen_sharding(mesh: Mesh, frozen: dict, min_shard_size: int = 2 ** 18) -> dict:
+  """Shardings of the frozen networks: the teacher FSDP-sharded like the trainable state (``tree_sharding``);
+  the regression networks (``frozen['regression']``: LPIPS-VGG16, SD's VAE decoder — 375 MB together)
+  replicated. Their convolutions run on large per-sample activations (512 px images), and with sharded
+  weights the partitioner reshards activations instead of gathering weights: SD1.5's generator step on 8
+  devices then did 2× the VAE's flops and 4× its temporary memory (bench/sd_memory.py)."""
+  out = {k: tree_sharding(mesh, v, min_shard_size) for k, v in frozen.items() if k != "regression"}
+  if "regression" in frozen:
+    out["regression"] = jax.tree.map(lambda _: replicated(mesh), frozen["regression"])
+  return out
+

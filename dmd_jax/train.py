@@ -57,7 +57,7 @@ class Setup:
     self.workdir = prepare_workdir(workdir)
     self.mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
     self.nets, frozen = networks.build(config, self.workdir)
-    self.frozen_sharding = sharding.tree_sharding(self.mesh, frozen, config.mesh.min_shard_size)
+    self.frozen_sharding = sharding.frozen_sharding(self.mesh, frozen, config.mesh.min_shard_size)
     self.frozen = jax.device_put(frozen, self.frozen_sharding)
     self.hyper = make_hyper(config, self.nets, self.mesh)
     self.key = jax.random.PRNGKey(config.seed)

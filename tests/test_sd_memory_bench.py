@@ -37,8 +37,10 @@ def test_sd_memory_bench_tiny(tmp_path):
     assert r["memory"]["alias"] > 0                           # the donated state is updated in place
   for step in ("generator", "fake-score"):
     for b in (1, 2):
-      # weights, Adam moments (and the frozen teacher / VAE / LPIPS) split over 2 devices
-      assert row(step, 2, b)["memory"]["argument"] < 0.75 * row(step, 1, b)["memory"]["argument"]
+      # weights, Adam moments and the frozen teacher split over 2 devices (the VAE and LPIPS stay replicated:
+      # sharding.frozen_sharding; at the tiny size LPIPS's VGG16 is most of the generator step's arguments)
+      shrink = 0.75 if step == "fake-score" else 1.0
+      assert row(step, 2, b)["memory"]["argument"] < shrink * row(step, 1, b)["memory"]["argument"]
       assert total(row(step, 2, b)) < total(row(step, 1, b))
     for n in (1, 2):
       lo, hi = row(step, n, 1), row(step, n, 2)
