@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmd_jax.evaluation import images as image_io
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CAPTION_PREFIX = "A photo depicts "
@@ -59,27 +61,10 @@ def shortest_side_size(height: int, width: int, size: int = 224) -> tuple[int, i
   return (new_long, size) if width <= height else (size, new_long)
 
 
-def _to_pil(image):
-  from PIL import Image
-  if isinstance(image, Image.Image):
-    return image if image.mode == "RGB" else image.convert("RGB")
-  a = np.asarray(image)
-  if a.dtype != np.uint8:
-    raise ValueError(f"CLIP images must be uint8 arrays or PIL images, got {a.dtype} (convert [-1, 1] "
-                     "floats with dmd_jax.evaluation.images.to_uint8)")
-  if a.ndim == 3 and a.shape[-1] == 1:
-    a = a[..., 0]
-  if a.ndim == 2:
-    return Image.fromarray(a, "L").convert("RGB")
-  if a.ndim != 3 or a.shape[-1] != 3:
-    raise ValueError(f"CLIP images must be HWC with 1 or 3 channels, got shape {a.shape}")
-  return Image.fromarray(a, "RGB")
-
-
 def resize_and_crop(image, size: int = 224) -> np.ndarray:
   """One image (PIL, or uint8 HWC) → uint8 ``[size, size, 3]``: bicubic shortest-side resize, center crop."""
   from PIL import Image
-  img = _to_pil(image)
+  img = image_io.to_pil_rgb(image, "CLIP images")
   w, h = img.size
   nh, nw = shortest_side_size(h, w, size)
   if (nh, nw) != (h, w):
@@ -98,7 +83,7 @@ def preprocess_images(images: Sequence[Any] | np.ndarray, size: int = 224,
   256 with Lanczos, as the GigaGAN / DMD2 evaluation code does."""
   if resize_256:
     from dmd_jax.evaluation.coco_fid import center_crop_resize
-    images = [center_crop_resize(_to_pil(im), 256) for im in images]
+    images = [center_crop_resize(image_io.to_pil_rgb(im, "CLIP images"), 256) for im in images]
   out = [resize_and_crop(im, size) for im in images]
   return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 

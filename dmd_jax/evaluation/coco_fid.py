@@ -22,25 +22,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from dmd_jax.evaluation import fid
+from dmd_jax.evaluation import images as image_io
 
 COCO_SIZE = 256
-
-
-def _pil(image):
-  from PIL import Image
-  if isinstance(image, Image.Image):
-    return image if image.mode == "RGB" else image.convert("RGB")
-  a = np.asarray(image)
-  if a.dtype != np.uint8:
-    raise ValueError(f"images must be uint8 arrays or PIL images, got {a.dtype} (convert [-1, 1] floats with "
-                     "dmd_jax.evaluation.images.to_uint8)")
-  if a.ndim == 3 and a.shape[-1] == 1:
-    a = a[..., 0]
-  if a.ndim == 2:
-    return Image.fromarray(a, "L").convert("RGB")
-  if a.ndim != 3 or a.shape[-1] != 3:
-    raise ValueError(f"images must be HWC with 1 or 3 channels, got shape {a.shape}")
-  return Image.fromarray(a, "RGB")
 
 
 def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -55,7 +39,7 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
 def center_crop_resize(image, size: int = COCO_SIZE) -> np.ndarray:
   """One image (PIL or uint8 HWC) → uint8 ``[size, size, 3]``: square center crop, PIL Lanczos resize."""
   from PIL import Image
-  img = _pil(image)
+  img = image_io.to_pil_rgb(image)
   img = img.crop(center_crop_box(*img.size))
   if img.size != (size, size):
     img = img.resize((size, size), resample=Image.LANCZOS)

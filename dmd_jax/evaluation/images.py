@@ -24,3 +24,23 @@ def save_png(path: str, image_hwc: np.ndarray) -> None:
   from PIL import Image
   img = image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc
   Image.fromarray(img).save(path)
+
+
+def to_pil_rgb(image, what: str = "images"):
+  """A PIL RGB image from a PIL image (any mode) or a uint8 HW / HWC (1 or 3 channels) array; ``what`` names
+  the images in errors."""
+  from PIL import Image
+  if isinstance(image, Image.Image):
+    return image if image.mode == "RGB" else image.convert("RGB")
+  a = np.asarray(image)
+  if a.dtype != np.uint8:
+    raise ValueError(f"{what} must be uint8 arrays or PIL images, got {a.dtype} (convert [-1, 1] floats with "
+                     "dmd_jax.evaluation.images.to_uint8)")
+  if a.ndim == 3 and a.shape[-1] == 1:
+    a = a[..., 0]
+  if a.ndim == 2:
+    return Image.fromarray(a, "L").convert("RGB")
+  if a.ndim != 3 or a.shape[-1] != 3:
+    raise ValueError(f"{what} must be HWC with 1 or 3 channels, got shape {a.shape}")
+  return Image.fromarray(a, "RGB")
+
