@@ -439,10 +439,9 @@ def _coco_reference(setup: Setup, captions: list[str]):
   if e.reference_stats == "tfds":
     from dmd_jax.evaluation.reference_stats import reference_stats_from_tfds
     module, params = _inception(setup)
-    safe = e.reference_split.replace("+", "-").replace("[", "_").replace(":", "_").replace("]", "")
+    cache = os.path.join(setup.workdir, f"fid_reference_coco_{t2i.split_tag(e.reference_split)}.npz")
     return reference_stats_from_tfds("coco_captions", e.reference_split, e.data_dir or None, module, params,
-                                     protocol="clean", batch_size=e.batch_size, mesh=setup.mesh,
-                                     cache_path=os.path.join(setup.workdir, f"fid_reference_coco_{safe}.npz"))
+                                     protocol="clean", batch_size=e.batch_size, mesh=setup.mesh, cache_path=cache)
   if e.reference_stats == "teacher":
     cache = os.path.join(setup.workdir, f"fid_reference_teacher_{len(captions)}_{t2i.captions_digest(captions)}.npz")
     if os.path.exists(cache):

@@ -38,15 +38,16 @@ from absl import logging
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-def read_prompts_file(path: str) -> list[str]:
-  """One prompt per line (surrounding whitespace stripped, blank lines skipped)."""
+def read_prompts_file(path: str, field: str = "data.prompts_file") -> list[str]:
+  """One prompt per line (surrounding whitespace stripped, blank lines skipped); ``field`` names the config
+  field in errors."""
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"data.prompts_file={path!r} does not exist (expected a text file, one prompt a line)")
+    raise FileNotFoundError(f"{field}={path!r} does not exist (expected a text file, one prompt a line)")
   with open(path, encoding="utf-8") as f:
     prompts = [line.strip() for line in f]
   prompts = [p for p in prompts if p]
   if not prompts:
-    raise ValueError(f"data.prompts_file={path!r} holds no prompts")
+    raise ValueError(f"{field}={path!r} holds no prompts")
   return prompts
 
 

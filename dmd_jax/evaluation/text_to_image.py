@@ -43,8 +43,7 @@ def coco_captions(data_dir: str, split: str, num: int, cache_dir: str | None) ->
   """The first caption of each of the first ``num`` images of ``split`` (record order), cached as
   ``<cache_dir>/coco_captions_<split>_<num>.txt`` (one a line)."""
   from dmd_jax.data import input_pipeline
-  safe = split.replace("+", "-").replace("[", "_").replace(":", "_").replace("]", "")
-  cache = os.path.join(cache_dir, f"coco_captions_{safe}_{num}.txt") if cache_dir else None
+  cache = os.path.join(cache_dir, f"coco_captions_{split_tag(split)}_{num}.txt") if cache_dir else None
   if cache and os.path.exists(cache):
     return read_captions(cache)
   captions = input_pipeline.coco_captions(split, data_dir or None, first_only=True, limit=num)
@@ -58,16 +57,14 @@ def coco_captions(data_dir: str, split: str, num: int, cache_dir: str | None) ->
 
 
 def read_captions(path: str) -> list[str]:
-  """One caption a line; surrounding whitespace stripped, blank lines kept out."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"eval.captions={path!r}: no such file (expected 'coco_captions', 'train_prompts' "
-                            "or a text file with one caption a line)")
-  with open(path, encoding="utf-8") as f:
-    captions = [line.strip() for line in f]
-  captions = [c for c in captions if c]
-  if not captions:
-    raise ValueError(f"eval.captions={path!r} holds no captions")
-  return captions
+  """One caption a line (``eval.captions=FILE``; whitespace stripped, blank lines skipped)."""
+  from dmd_jax.data.prompts import read_prompts_file
+  return read_prompts_file(path, "eval.captions")
+
+
+def split_tag(split: str) -> str:
+  """A tfds split expression as a file-name part: ``val+test+restval`` → ``val-test-restval``."""
+  return split.replace("+", "-").replace("[", "_").replace(":", "_").replace("]", "")
 
 
 def captions_digest(captions: Sequence[str]) -> str:
