@@ -19,7 +19,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
   python3 -c "import jax, flax, torch; print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'torch', torch.__version__)"
 } 2>&1 | tee "$out/env.log"
 timeout ${SD_TIMEOUT:-330} python3 bench/sd_speed.py --size=${SD_SIZE:-full} --batch ${SD_BATCH:-4} --train_batch 8 --repeats 5 \
-  --attention xla auto \
+  --attention auto xla \
   --out "$out/sd_speed_full.md" > "$out/sd_speed_full.log" 2>&1; echo "sd_speed rc=$?"
 timeout ${FID_TIMEOUT:-60} python3 bench/fid_throughput.py --batch_per_device ${FID_BATCH:-250} --num_batches 4 \
   > "$out/fid_throughput.md" 2> "$out/fid_throughput.log"; echo "fid_throughput rc=$?"
