@@ -192,9 +192,7 @@ def coco_captions(split: str, data_dir: str | os.PathLike | None = None, *, firs
     raise ValueError(f"coco_captions split {split!r} has {len(source)} images, fewer than the {n} asked for")
   out = []
   for i in range(n):
-    texts = source[i]["captions"]["text"]
-    texts = [texts] if isinstance(texts, (str, bytes)) else list(np.asarray(texts).reshape(-1))
-    texts = [" ".join(_to_str(t).split()) for t in texts]
+    texts = [" ".join(_to_str(t).split()) for t in _caption_texts(source[i])]
     out.extend(texts[:1] if first_only else texts)
   return out
 
@@ -202,6 +200,12 @@ def coco_captions(split: str, data_dir: str | os.PathLike | None = None, *, firs
 # ---------------------------------------------------------------------------------------------------------
 # Per-example processing
 # ---------------------------------------------------------------------------------------------------------
+
+def _caption_texts(example) -> list:
+  """A COCO example's captions (``captions/text``: one string or a sequence) as a list of str / bytes."""
+  texts = example["captions"]["text"]
+  return [texts] if isinstance(texts, (str, bytes)) else list(np.asarray(texts).reshape(-1))
+
 
 def _to_str(x) -> str:
   if isinstance(x, (bytes, np.bytes_)):
@@ -252,8 +256,7 @@ class _Process:
     if self.spec.has_label:
       out["label"] = np.int32(ex["label"])
     if self.spec.has_captions:
-      texts = ex["captions"]["text"]
-      texts = [texts] if isinstance(texts, (str, bytes)) else list(np.asarray(texts).reshape(-1))
+      texts = _caption_texts(ex)
       if not texts:
         out["caption"] = ""
       else:
