@@ -360,12 +360,19 @@ def _reference_stats(setup: Setup):
     ref = fid.load_reference_stats(e.reference_stats)
     return ref["mu"], ref["sigma"]
   cache = os.path.join(setup.workdir, f"fid_reference_teacher_{e.num_samples}.npz")
+  return _cached_teacher_reference(setup, cache, lambda: _fid_stats(setup, _sample_chunks(
+      setup, setup.nets.teacher_sample, setup.frozen["teacher"], e.num_samples, setup.config.seed + 5000,
+      e.batch_size))[:2])
+
+
+def _cached_teacher_reference(setup: Setup, cache: str, compute):
+  """(mu, sigma) of the teacher's samples: read from ``cache``, else ``compute()`` and written there."""
+  from dmd_jax.evaluation import fid
   if os.path.exists(cache):
     ref = fid.load_reference_stats(cache)
     return ref["mu"], ref["sigma"]
-  logging.info("FID reference: statistics of %d teacher samples (cached in %s)", e.num_samples, cache)
-  mu, sigma, _ = _fid_stats(setup, _sample_chunks(setup, setup.nets.teacher_sample, setup.frozen["teacher"],
-                                                  e.num_samples, setup.config.seed + 5000, e.batch_size))
+  logging.info("FID reference: statistics of the teacher's samples (cached in %s)", cache)
+  mu, sigma = compute()
   if setup.is_main:
     fid.save_reference_stats(cache, mu, sigma)
   return mu, sigma
@@ -444,17 +451,14 @@ def _coco_reference(setup: Setup, captions: list[str]):
                                      protocol="clean", batch_size=e.batch_size, mesh=setup.mesh, cache_path=cache)
   if e.reference_stats == "teacher":
     cache = os.path.join(setup.workdir, f"fid_reference_teacher_{len(captions)}_{t2i.captions_digest(captions)}.npz")
-    if os.path.exists(cache):
-      ref = fid.load_reference_stats(cache)
-      return ref["mu"], ref["sigma"]
-    nets = setup.nets
-    chunks = t2i.caption_images(nets, setup.frozen, setup.mesh, nets.teacher_sample, setup.frozen["teacher"],
-                                captions, setup.config.seed + 5000, e.batch_size)
-    ev = t2i.run(chunks, _coco_evaluator(setup, with_clip=False), len(captions), "FID reference (teacher)")
-    mu, sigma = ev.stats.mu_sigma()
-    if setup.is_main:
-      fid.save_reference_stats(cache, mu, sigma)
-    return mu, sigma
+
+    def compute():
+      nets = setup.nets
+      chunks = t2i.caption_images(nets, setup.frozen, setup.mesh, nets.teacher_sample, setup.frozen["teacher"],
+                                  captions, setup.config.seed + 5000, e.batch_size)
+      return t2i.run(chunks, _coco_evaluator(setup, with_clip=False), len(captions),
+                     "FID reference (teacher)").stats.mu_sigma()
+    return _cached_teacher_reference(setup, cache, compute)
   if not e.reference_stats:
     raise ValueError("eval.reference_stats is empty: pass an .npz with mu and sigma, 'tfds' (the COCO images "
                      "of eval.reference_split) or 'teacher' (the teacher's samples for the same captions)")

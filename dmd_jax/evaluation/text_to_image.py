@@ -36,9 +36,6 @@ from dmd_jax.evaluation import clip_score as clip_lib
 from dmd_jax.evaluation import coco_fid, fid
 from dmd_jax.evaluation import images as image_io
 
-COCO_VAL2014_SPLIT = "val+test+restval"   # tfds coco_captions/2014: the 40,504 val2014 images
-
-
 def coco_captions(data_dir: str, split: str, num: int, cache_dir: str | None) -> list[str]:
   """The first caption of each of the first ``num`` images of ``split`` (record order), cached as
   ``<cache_dir>/coco_captions_<split>_<num>.txt`` (one a line)."""
