@@ -13,6 +13,7 @@ setup(
         "flax>=0.12,<0.13",
         "optax>=0.2.5,<0.3",
         "orbax-checkpoint>=0.12,<0.13",
+        "etils[epath]>=1.7",
         "ml-collections>=1.0,<2",
         "clu>=0.0.12",
         "tensorboardX>=2.6,<3",

@@ -3,25 +3,22 @@ their optimizer states, the step) plus a JSON item with the config and metadata.
 saved: the config names its converted weights.
 
 Orbax writes each step to a temporary folder and renames it when complete, so a run killed mid-save keeps
-the previous good checkpoint, and ``latest_step`` never returns a half-written one.
+the previous good checkpoint, and ``latest_step`` never returns a half-written one. Orbax does its own I/O
+through ``etils.epath``, so ``workdir`` may be local or ``gs://`` (as everywhere, ``dmd_jax.io``).
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from etils import epath
 
-
-def _abs(path: str) -> str:
-  return path if "://" in path else os.path.abspath(path)
+from dmd_jax import io
 
 
 class Checkpointer:
   def __init__(self, workdir: str, max_to_keep: int = 3, read_only: bool = False):
-    self.directory = epath.Path(_abs(workdir)) / "checkpoints"
+    self.directory = io.path(io.join(io.abspath(workdir), "checkpoints"))
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,

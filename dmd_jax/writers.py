@@ -2,15 +2,22 @@
 
 clu's own TensorBoard writer needs TensorFlow or torch; ``TensorboardXWriter`` implements clu's
 ``MetricWriter`` interface on the pure-Python ``tensorboardX`` event-file writer instead.
+
+Remote logdirs (``gs://``): tensorboardX's own ``gs://`` support needs ``google-cloud-storage`` (not a
+dependency) and its own credentials; here the event files of a remote logdir go through ``dmd_jax.io``
+instead (the same ``etils.epath`` backend as every other workdir file), see :class:`RemoteEventFile`.
 """
 from __future__ import annotations
 
 import importlib.util
 import sys
 import types
+from io import BytesIO
 from typing import Any, Mapping
 
 import numpy as np
+
+from dmd_jax import io
 
 
 def _without_tensorflow():
@@ -35,9 +42,57 @@ _without_tensorflow()
 from clu import metric_writers  # noqa: E402  (after the stand-in above)
 
 
+class RemoteEventFile:
+  """tensorboardX's record sink for an event file on an object store, written through ``dmd_jax.io``.
+
+  Objects cannot be appended to: the records are kept in memory and the file is uploaded whole (atomically,
+  ``io.write_bytes``) at each flush that has new records. Once it reaches ``roll_bytes`` it is final, and
+  later records go to ``<name>.00001``, ``<name>.00002``, ... (TensorBoard reads every file whose name holds
+  ``tfevents``, in name order), which bounds both the memory and each upload. tensorboardX flushes only
+  between whole records.
+  """
+
+  def __init__(self, path: str, roll_bytes: int = 16 << 20):
+    self.path, self.roll_bytes = path, int(roll_bytes)
+    self._part, self._buffer, self._dirty = 0, BytesIO(), False
+
+  @property
+  def current_path(self) -> str:
+    return self.path if self._part == 0 else f"{self.path}.{self._part:05d}"
+
+  def write(self, data: bytes) -> None:
+    self._buffer.write(data)
+    self._dirty = True
+
+  def flush(self) -> None:
+    if not self._dirty:
+      return
+    io.write_bytes(self.current_path, self._buffer.getvalue())
+    self._dirty = False
+    if self._buffer.tell() >= self.roll_bytes:
+      self._part, self._buffer = self._part + 1, BytesIO()
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _RemoteEventFiles:
+  """A tensorboardX writer factory (``record_writer.register_writer_factory``) for one URL scheme."""
+
+  def open(self, path: str) -> RemoteEventFile:
+    return RemoteEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    pass   # object stores have no folders to create
+
+
 class TensorboardXWriter(metric_writers.MetricWriter):
   def __init__(self, logdir: str):
-    from tensorboardX import SummaryWriter
+    from tensorboardX import SummaryWriter, record_writer
+    logdir = str(logdir)
+    if io.is_remote(logdir):
+      io.path(logdir)   # a scheme etils.epath serves, or a ValueError naming the path
+      record_writer.register_writer_factory(logdir.split("://", 1)[0], _RemoteEventFiles())
     self._writer = SummaryWriter(logdir=logdir)
 
   def write_summaries(self, step: int, values: Mapping[str, Any], metadata=None):

@@ -2,18 +2,19 @@
 and writing converted parameters to a folder.
 
 A converted network lives in a folder holding ``params.npz`` (the Flax parameter tree, flattened with
-``/``-joined keys) and ``config.json`` (what is needed to rebuild the module). Both are written to a
-temporary name first and renamed into place, so an interrupted conversion never leaves a half-written
-folder that looks complete.
+``/``-joined keys) and ``config.json`` (what is needed to rebuild the module). Both are written atomically
+(``dmd_jax.io``: a temporary name, then a rename), ``config.json`` last, so an interrupted conversion never
+leaves a half-written folder that looks complete. Folders and state-dict files may be local or ``gs://``.
 """
 from __future__ import annotations
 
-import json
 import os
-import tempfile
+from io import BytesIO
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+
+from dmd_jax import io
 
 
 class ConversionError(ValueError):
@@ -23,27 +24,30 @@ class ConversionError(ValueError):
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a flat state dict ``{name: array}`` from ``.npz``, ``.safetensors`` or (with torch) ``.pt/.pth/.bin``.
 
-  Arrays come back as numpy; float16/bfloat16 weights are upcast to float32.
+  Arrays come back as numpy; float16/bfloat16 weights are upcast to float32. A remote (``gs://``) file is
+  read into memory.
   """
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not io.exists(path):
     raise ConversionError(f"no such file: {path!r}")
+  remote = io.is_remote(path)
   ext = os.path.splitext(path)[1].lower()
   if ext == ".npz":
-    with np.load(path, allow_pickle=False) as f:
-      sd = {k: f[k] for k in f.files}
+    sd = io.load_npz(path)
   elif ext == ".safetensors":
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
+    data = io.read_bytes(path) if remote else None
     try:
-      sd = load_file(path)
+      sd = load(data) if remote else load_file(path)
     except Exception as e:  # bfloat16 has no numpy dtype: fall back to torch when present.
       try:
         import torch  # noqa: F401
+        from safetensors.torch import load as torch_load
         from safetensors.torch import load_file as torch_load_file
       except ImportError:
         raise ConversionError(f"cannot read {path!r} without torch: {e}") from e
       sd = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in torch_load_file(path).items()}
+            for k, v in (torch_load(data) if remote else torch_load_file(path)).items()}
   elif ext in (".pt", ".pth", ".bin", ".ckpt"):
     try:
       import torch
@@ -51,7 +55,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
       raise ConversionError(
           f"{path!r} is a PyTorch file and torch is not installed; install torch, or save the state dict "
           "as .npz / .safetensors") from e
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch.load(BytesIO(io.read_bytes(path)) if remote else path, map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
       obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
@@ -147,51 +151,23 @@ def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
   return tree
 
 
-def _atomic_write(path: str, write_fn) -> None:
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-  os.close(fd)
-  try:
-    write_fn(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def save_converted(dst_dir: str | os.PathLike, params: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-  """Writes ``params.npz`` then ``config.json`` (the latter marks the folder complete)."""
+  """Writes ``params.npz`` then ``config.json`` (the latter marks the folder complete), each atomically."""
   dst_dir = os.fspath(dst_dir)
-  flat = flatten_params(params)
-
-  def write_npz(tmp):
-    with open(tmp, "wb") as f:
-      np.savez(f, **flat)
-
-  def write_json(tmp):
-    with open(tmp, "w") as f:
-      json.dump(dict(config), f, indent=1, sort_keys=True)
-
-  _atomic_write(os.path.join(dst_dir, "params.npz"), write_npz)
-  _atomic_write(os.path.join(dst_dir, "config.json"), write_json)
+  io.write_npz(io.join(dst_dir, "params.npz"), **flatten_params(params))
+  io.write_json(io.join(dst_dir, "config.json"), dict(config), indent=1, sort_keys=True)
 
 
 def load_converted(src_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """Reads what ``save_converted`` wrote: ``(params, config)``."""
   src_dir = os.fspath(src_dir)
-  cfg_path = os.path.join(src_dir, "config.json")
-  par_path = os.path.join(src_dir, "params.npz")
-  if not (os.path.exists(cfg_path) and os.path.exists(par_path)):
+  cfg_path = io.join(src_dir, "config.json")
+  par_path = io.join(src_dir, "params.npz")
+  if not (io.exists(cfg_path) and io.exists(par_path)):
     raise ConversionError(
         f"{src_dir!r} is not a converted network folder (expected params.npz and config.json; "
         "run `python -m dmd_jax.convert ...` first)")
-  with open(cfg_path) as f:
-    config = json.load(f)
-  with np.load(par_path, allow_pickle=False) as f:
-    params = unflatten_params({k: f[k] for k in f.files})
-  return params, config
+  return unflatten_params(io.load_npz(par_path)), io.read_json(cfg_path)
 
 
 def random_state_dict(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
@@ -212,9 +188,8 @@ def random_state_dict(shapes: Mapping[str, tuple[int, ...]], seed: int = 0) -> d
 def write_random_network(dst: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]], convert_file,
                          seed: int = 0, **convert_kwargs):
   """Writes ``random_state_dict(shapes)`` as ``<dst>-source/state_dict.npz`` and converts it into ``dst`` with
-  the family's own ``convert_file`` — the path a real checkpoint takes."""
+  the network's own ``convert_file`` — the path a real checkpoint takes."""
   dst = os.fspath(dst)
-  src = os.path.join(dst + "-source", "state_dict.npz")
-  os.makedirs(os.path.dirname(src), exist_ok=True)
-  np.savez(src, **random_state_dict(shapes, seed))
+  src = io.join(dst + "-source", "state_dict.npz")
+  io.write_npz(src, **random_state_dict(shapes, seed))
   return convert_file(src, dst, **convert_kwargs)

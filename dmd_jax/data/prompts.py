@@ -1,4 +1,4 @@
-"""Text prompts for the text-to-image teachers (``model.family='sd'``): the prompt list, its CLIP text
+"""Text prompts for the text-to-image teachers (``configs/coco.py``): the prompt list, its CLIP text
 embeddings (computed once, cached under the workdir) and deterministic per-step prompt choices.
 
 Where the prompts come from (``data`` in ``configs/coco.py``):
@@ -11,10 +11,11 @@ Where the prompts come from (``data`` in ``configs/coco.py``):
   not decoded);
 
 the first ``data.num_prompts`` of them (0: all). The embeddings ``[P, L, D]`` (the text encoder's
-``last_hidden_state``, L = 77 for SD) are written to ``<workdir>/prompt_embeddings_<key>.npy`` (temporary
-name, then renamed) in ``data.embedding_dtype`` (float32, or float16 to halve the cache: 500k SD prompts
-are 118 GB in float32) and memory-mapped when read back, so a resumed run reuses them and a large set never
-has to fit in host memory. ``<key>`` hashes the prompts, the text encoder's folder and the dtype, so changing
+``last_hidden_state``, L = 77 for SD) are written to ``<workdir>/prompt_embeddings_<key>.npy`` (atomically,
+``io.open_memmap_for_write``) in ``data.embedding_dtype`` (float32, or float16 to halve the cache: 500k SD
+prompts are 118 GB in float32) and memory-mapped when read back, so a resumed run reuses them and a large set
+never has to fit in host memory (a ``gs://`` workdir's cache is memory-mapped from a local copy,
+``io.local_copy``). ``<key>`` hashes the prompts, the text encoder's folder and the dtype, so changing
 any of them computes a new cache. Each process computes the set on its own devices (deterministic), and
 writes it when it finds no cache.
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from typing import Callable, Sequence
 
@@ -35,16 +35,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from dmd_jax import io
+
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 def read_prompts_file(path: str, field: str = "data.prompts_file") -> list[str]:
   """One prompt per line (surrounding whitespace stripped, blank lines skipped); ``field`` names the config
   field in errors."""
-  if not os.path.isfile(path):
+  if not io.exists(path) or io.isdir(path):
     raise FileNotFoundError(f"{field}={path!r} does not exist (expected a text file, one prompt a line)")
-  with open(path, encoding="utf-8") as f:
-    prompts = [line.strip() for line in f]
+  prompts = [line.strip() for line in io.read_text(path).split("\n")]
   prompts = [p for p in prompts if p]
   if not prompts:
     raise ValueError(f"{field}={path!r} holds no prompts")
@@ -119,22 +120,18 @@ def cached_embeddings(workdir: str, prompts: Sequence[str], encode: Callable, en
   with ``encode(list_of_prompts, np_dtype)`` and written atomically when absent."""
   if dtype not in _DTYPES:
     raise ValueError(f"data.embedding_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-  path = os.path.join(workdir, f"prompt_embeddings_{cache_key(prompts, encoder_id, dtype)}.npy")
-  if not os.path.exists(path):
+  path = io.join(workdir, f"prompt_embeddings_{cache_key(prompts, encoder_id, dtype)}.npy")
+  if not io.exists(path):
     logging.info("embedding %d prompts with the text encoder (cached in %s)", len(prompts), path)
     t0 = time.time()
     first = encode(prompts[:chunk], _DTYPES[dtype])
-    tmp = f"{path}.tmp-p{jax.process_index()}-{os.getpid()}"
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(len(prompts),) + first.shape[1:])
-    arr[:len(first)] = first
-    for i in range(chunk, len(prompts), chunk):
-      arr[i:i + chunk] = encode(prompts[i:i + chunk], _DTYPES[dtype])
-      logging.info("prompt embeddings: %d/%d (%.0f prompts/s)", min(i + chunk, len(prompts)), len(prompts),
-                   min(i + chunk, len(prompts)) / (time.time() - t0))
-    arr.flush()
-    del arr
-    os.replace(tmp, path)
-  table = np.load(path, mmap_mode="r")
+    with io.open_memmap_for_write(path, first.dtype, (len(prompts),) + first.shape[1:]) as arr:
+      arr[:len(first)] = first
+      for i in range(chunk, len(prompts), chunk):
+        arr[i:i + chunk] = encode(prompts[i:i + chunk], _DTYPES[dtype])
+        logging.info("prompt embeddings: %d/%d (%.0f prompts/s)", min(i + chunk, len(prompts)), len(prompts),
+                     min(i + chunk, len(prompts)) / (time.time() - t0))
+  table = io.load_npy(io.local_copy(path), mmap=True)   # a remote cache is memory-mapped from a local copy
   if table.shape[0] != len(prompts):
     raise ValueError(f"{path} holds {table.shape[0]} embeddings for {len(prompts)} prompts: delete it")
   return table

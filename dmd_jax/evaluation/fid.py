@@ -44,7 +44,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dmd_jax import sharding
+from dmd_jax import io, sharding
 from dmd_jax.sharding import BATCH_AXES
 
 INCEPTION_SIZE = 299
@@ -297,27 +297,15 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
 
 
-def _open(path: str, mode: str):
-  path = os.fspath(path)
-  if "://" in path:  # gs://, https:// ... through etils when installed
-    from etils import epath
-    return epath.Path(path).open(mode)
-  return open(path, mode)
-
-
 def load_reference_stats(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """``{'mu', 'sigma'}`` (float64) from an ``.npz`` such as EDM's ``fid-refs/*.npz`` or pytorch-fid's."""
   path = os.fspath(path)
+  if not io.exists(path):
+    raise FileNotFoundError(f"FID reference statistics {path!r} not found")
   try:
-    f = _open(path, "rb")
-  except (FileNotFoundError, OSError) as e:
-    raise FileNotFoundError(f"FID reference statistics {path!r} not found: {e}") from e
-  with f:
-    try:
-      data = np.load(f, allow_pickle=False)
-      contents = {k: data[k] for k in data.files}
-    except Exception as e:  # not an npz
-      raise ValueError(f"FID reference statistics {path!r} are not a readable .npz file: {e}") from e
+    contents = io.load_npz(path)
+  except Exception as e:  # not an npz
+    raise ValueError(f"FID reference statistics {path!r} are not a readable .npz file: {e}") from e
   missing = [k for k in ("mu", "sigma") if k not in contents]
   if missing:
     raise ValueError(f"FID reference statistics {path!r} lack {', '.join(map(repr, missing))} "
@@ -331,8 +319,4 @@ def load_reference_stats(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_reference_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
   """Writes ``mu`` and ``sigma`` (float64) to an ``.npz`` that ``load_reference_stats`` (and EDM) read."""
-  path = os.fspath(path)
-  if "://" not in path:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with _open(path, "wb") as f:
-    np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+  io.write_npz(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from dmd_jax import io
+
 
 def to_uint8(x) -> np.ndarray:
   """``uint8(clip(x * 127.5 + 128, 0, 255))`` for NHWC images in [-1, 1] (EDM's generate.py)."""
@@ -21,9 +23,11 @@ def grid(images: np.ndarray, cols: int) -> np.ndarray:
 
 
 def save_png(path: str, image_hwc: np.ndarray) -> None:
+  """Writes a uint8 HWC image (1 or 3 channels) as a PNG, atomically (local or ``gs://``)."""
   from PIL import Image
   img = image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc
-  Image.fromarray(img).save(path)
+  with io.atomic_write(path) as f:
+    Image.fromarray(img).save(f, format="PNG")
 
 
 def to_pil_rgb(image, what: str = "images"):

@@ -17,7 +17,6 @@ protocol; ImageNet-64's is the training set as EDM's ``dataset_tool.py`` resized
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -27,7 +26,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dmd_jax import sharding
+from dmd_jax import io, sharding
 from dmd_jax.data import input_pipeline
 from dmd_jax.evaluation import coco_fid, fid
 
@@ -38,10 +37,7 @@ def _meta_path(cache_path: str) -> str:
 
 def _read_meta(cache_path: str) -> dict | None:
   path = _meta_path(cache_path)
-  if "://" in path or not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return io.read_json(path) if io.exists(path) else None
 
 
 def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module, inception_params, *,
@@ -71,7 +67,7 @@ def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module,
     raise ValueError(f"unknown FID protocol {protocol!r}: expected one of {fid.PROTOCOLS}")
   meta = {"name": key, "split": split, "protocol": protocol, "max_examples": max_examples,
           "image_size": image_size}
-  if _exists(cache_path):
+  if io.exists(cache_path):
     saved = _read_meta(cache_path)
     if saved is not None:
       diff = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
@@ -125,19 +121,7 @@ def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module,
   return mu, sigma
 
 
-def _exists(path: str) -> bool:
-  if "://" in path:
-    from etils import epath
-    return epath.Path(path).exists()
-  return os.path.exists(path)
-
-
 def _save(cache_path: str, mu, sigma, meta: dict) -> None:
-  if "://" in cache_path:
-    fid.save_reference_stats(cache_path, mu, sigma)
-    return
-  tmp = f"{cache_path}.tmp{os.getpid()}"
-  fid.save_reference_stats(tmp, mu, sigma)  # creates the folder
-  with open(_meta_path(cache_path), "w") as f:
-    json.dump(meta, f, indent=1)
-  os.replace(tmp, cache_path)  # atomic: a reader never sees half a file
+  """The ``.json`` first, then the ``.npz`` (each atomic): once the statistics exist, their meta is right."""
+  io.write_json(_meta_path(cache_path), meta)
+  fid.save_reference_stats(cache_path, mu, sigma)

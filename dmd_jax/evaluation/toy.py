@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dmd_jax import io
 from dmd_jax.data.toy import GaussianMixture
 
 MMD_SAMPLES = 5000
@@ -100,4 +101,5 @@ def scatter_png(path: str, panels: list[tuple[str, np.ndarray]], mixture: Gaussi
     mx, my = to_px(mixture.means, x0)
     for a, b in zip(mx, my):
       draw.ellipse([a - 3, b - 3, a + 3, b + 3], outline=(30, 30, 200))
-  img.save(path)
+  with io.atomic_write(path) as f:   # local or gs://; never a half-written PNG
+    img.save(f, format="PNG")
