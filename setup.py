@@ -37,6 +37,8 @@ setup(
         ],
         # Stable Diffusion teachers (configs/coco.py): the CLIP tokenizer (no torch needed).
         "sd": ["transformers>=5"],
+        # gs:// workdirs, converted networks and datasets (etils.epath's Cloud Storage backend).
+        "gcs": ["etils[epath-gcs]"],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
         "cuda": ["jax[cuda12]>=0.10,<0.13"],
     },
