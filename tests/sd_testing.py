@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
 from dmd_jax.convert import sd as sdc
+from fixture_testing import rel_err  # noqa: F401  (st.rel_err in the SD tests)
 
 # SD 1.x in miniature: int attention_head_dim, 1x1-conv projections, 2 layers per block. The block order is
 # the reverse of SD's so that, with UNET_SD2, every block type is tested both with and without resampling.
@@ -33,12 +32,6 @@ CLIP = dict(
     vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     max_position_embeddings=16, hidden_act="quick_gelu", bos_token_id=62, eos_token_id=63, pad_token_id=63,
     projection_dim=32)
-
-
-def rel_err(a, b) -> float:
-  """max |a - b| / max |b|."""
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def perturb_(model, seed: int, scale: float = 0.05):

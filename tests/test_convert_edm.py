@@ -11,20 +11,11 @@ import pytest
 from dmd_jax.convert import edm as convert_edm
 from dmd_jax.convert.__main__ import main as convert_main
 from dmd_jax.convert.common import ConversionError, flatten_params
-from test_edm import FIXTURES, fixture, forward, rel_err
+from fixture_testing import edm_fixture, edm_forward, edm_init_kwargs, edm_state_dict, rel_err
 
 import torch  # the test extra installs it: a missing torch must fail, not skip
 
 NAME = "edm_ddpmpp_cond"
-
-
-def fixture_state_dict(name=NAME):
-  data = np.load(FIXTURES / f"{name}.npz")
-  return {k[len("param/"):]: data[k] for k in data.files if k.startswith("param/")}
-
-
-def fixture_init_kwargs(name=NAME):
-  return json.loads((FIXTURES / f"{name}.json").read_text())
 
 
 def assert_same_params(a, b):
@@ -114,7 +105,7 @@ def write_snapshot(path, net, persistent_class):
 
 
 def test_edm_pickle_to_converted_folder(tmp_path, fake_persistence, monkeypatch):
-  state_dict, init_kwargs = fixture_state_dict(), fixture_init_kwargs()
+  state_dict, init_kwargs = edm_state_dict(NAME), edm_init_kwargs(NAME)
   pkl = tmp_path / "edm-fixture.pkl"
   write_snapshot(pkl, build_torch_net(fake_persistence, state_dict, init_kwargs), fake_persistence)
   # Reading must not need (or import) torch_utils: drop the stand-in before loading.
@@ -130,18 +121,18 @@ def test_edm_pickle_to_converted_folder(tmp_path, fake_persistence, monkeypatch)
 
   module, params = convert_edm.convert_file(pkl, tmp_path / "out")
   config = json.loads((tmp_path / "out" / "config.json").read_text())
-  assert config["family"] == "edm" and config["init_kwargs"] == init_kwargs
+  assert config["network"] == "edm" and config["init_kwargs"] == init_kwargs
   module2, params2 = convert_edm.load_converted_edm(tmp_path / "out")
   assert module2 == module
-  assert_same_params(params2, fixture(NAME)[1])
-  d, _, _ = forward(NAME)(params2)
-  err = rel_err(d, fixture(NAME)[3]["D"])
+  assert_same_params(params2, edm_fixture(NAME)[1])
+  d, _, _ = edm_forward(NAME)(params2)
+  err = rel_err(d, edm_fixture(NAME)[3]["D"])
   print(f"\nEDM pickle -> converted folder -> D rel err {err:.2e}")
   assert err <= 1e-5
 
 
 def test_pickle_without_init_kwargs_is_refused(tmp_path, fake_persistence):
-  state_dict = {k: v for k, v in fixture_state_dict().items() if k.startswith("model.map_layer")}
+  state_dict = {k: v for k, v in edm_state_dict(NAME).items() if k.startswith("model.map_layer")}
   pkl = tmp_path / "no-kwargs.pkl"
   write_snapshot(pkl, build_torch_net(fake_persistence, state_dict, None), fake_persistence)
   with pytest.raises(ConversionError, match="no init_kwargs"):
@@ -174,60 +165,60 @@ def test_unpickler_refuses_other_globals(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_npz_and_safetensors_state_dicts(tmp_path):
-  state_dict, init_kwargs = fixture_state_dict(), fixture_init_kwargs()
+  state_dict, init_kwargs = edm_state_dict(NAME), edm_init_kwargs(NAME)
   np.savez(tmp_path / "sd.npz", **state_dict)
   from safetensors.numpy import save_file
   save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, str(tmp_path / "sd.safetensors"))
   _, p_npz = convert_edm.convert_file(tmp_path / "sd.npz", tmp_path / "a", init_kwargs)
   _, p_st = convert_edm.convert_file(tmp_path / "sd.safetensors", tmp_path / "b", init_kwargs)
-  assert_same_params(p_npz, fixture(NAME)[1])
-  assert_same_params(p_st, fixture(NAME)[1])
+  assert_same_params(p_npz, edm_fixture(NAME)[1])
+  assert_same_params(p_st, edm_fixture(NAME)[1])
   _, p_back = convert_edm.load_converted_edm(tmp_path / "a")
   assert_same_params(p_back, p_npz)
 
 
 def test_ncsnpp_fourier_buffer_is_kept():
-  state_dict = fixture_state_dict("edm_ncsnpp_uncond")
-  _, params = fixture("edm_ncsnpp_uncond")[:2]
+  state_dict = edm_state_dict("edm_ncsnpp_uncond")
+  _, params = edm_fixture("edm_ncsnpp_uncond")[:2]
   np.testing.assert_array_equal(params["model"]["map_noise"]["freqs"],
                                 state_dict["model.map_noise.freqs"].astype(np.float32))
 
 
 def test_missing_key_is_named():
-  state_dict = fixture_state_dict()
+  state_dict = edm_state_dict(NAME)
   del state_dict["model.enc.8x8_block0.qkv.weight"]
   with pytest.raises(ConversionError, match=r"missing keys \(1\): model\.enc\.8x8_block0\.qkv\.weight"):
-    convert_edm.convert_state_dict(state_dict, fixture_init_kwargs())
+    convert_edm.convert_state_dict(state_dict, edm_init_kwargs(NAME))
 
 
 def test_unexpected_key_is_named():
-  state_dict = fixture_state_dict()
+  state_dict = edm_state_dict(NAME)
   state_dict["model.enc.8x8_block0.extra"] = np.zeros(3, np.float32)
   with pytest.raises(ConversionError, match=r"unexpected keys \(1\): model\.enc\.8x8_block0\.extra"):
-    convert_edm.convert_state_dict(state_dict, fixture_init_kwargs())
+    convert_edm.convert_state_dict(state_dict, edm_init_kwargs(NAME))
 
 
 def test_wrong_shape_is_named():
-  state_dict = fixture_state_dict()
+  state_dict = edm_state_dict(NAME)
   state_dict["model.map_layer1.weight"] = np.zeros((128, 64), np.float32)
   with pytest.raises(ConversionError, match=r"model\.map_layer1\.weight: expected \(128, 128\), got \(128, 64\)"):
-    convert_edm.convert_state_dict(state_dict, fixture_init_kwargs())
+    convert_edm.convert_state_dict(state_dict, edm_init_kwargs(NAME))
 
 
 def test_wrong_init_kwargs_are_named():
-  state_dict = fixture_state_dict()
+  state_dict = edm_state_dict(NAME)
   with pytest.raises(ConversionError, match="not_a_kwarg"):
-    convert_edm.convert_state_dict(state_dict, dict(fixture_init_kwargs(), not_a_kwarg=1))
+    convert_edm.convert_state_dict(state_dict, dict(edm_init_kwargs(NAME), not_a_kwarg=1))
   # A config that does not match the weights: every mismatch is reported as a key/shape problem.
   with pytest.raises(ConversionError, match="wrong shapes"):
-    convert_edm.convert_state_dict(state_dict, dict(fixture_init_kwargs(), model_channels=16))
+    convert_edm.convert_state_dict(state_dict, dict(edm_init_kwargs(NAME), model_channels=16))
 
 
 def test_resample_filter_values_are_checked():
-  state_dict = fixture_state_dict()
+  state_dict = edm_state_dict(NAME)
   state_dict["model.enc.8x8_down.conv0.resample_filter"] = np.full((1, 1, 2, 2), 0.3, np.float32)
   with pytest.raises(ConversionError, match=r"model\.enc\.8x8_down\.conv0\.resample_filter"):
-    convert_edm.convert_state_dict(state_dict, fixture_init_kwargs())
+    convert_edm.convert_state_dict(state_dict, edm_init_kwargs(NAME))
 
 
 def test_unknown_file_type_and_missing_init_kwargs(tmp_path):
@@ -245,15 +236,15 @@ def test_unknown_file_type_and_missing_init_kwargs(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_cli_npz_plus_json(tmp_path, capsys):
-  np.savez(tmp_path / "sd.npz", **fixture_state_dict())
-  (tmp_path / "kw.json").write_text(json.dumps(fixture_init_kwargs()))
+  np.savez(tmp_path / "sd.npz", **edm_state_dict(NAME))
+  (tmp_path / "kw.json").write_text(json.dumps(edm_init_kwargs(NAME)))
   rc = convert_main(["edm", f"--src={tmp_path / 'sd.npz'}", f"--dst={tmp_path / 'out'}",
                      f"--init_kwargs={tmp_path / 'kw.json'}"])
   assert rc == 0
-  n_params = convert_edm.count_params(fixture(NAME)[1])
+  n_params = convert_edm.count_params(edm_fixture(NAME)[1])
   assert f"{n_params:,} parameters" in capsys.readouterr().out
   _, params = convert_edm.load_converted_edm(tmp_path / "out")
-  assert_same_params(params, fixture(NAME)[1])
+  assert_same_params(params, edm_fixture(NAME)[1])
   # Errors come back as a message and exit status 1.
   rc = convert_main(["edm", f"--src={tmp_path / 'sd.bin2'}", f"--dst={tmp_path / 'out2'}"])
   assert rc == 1

@@ -1,71 +1,18 @@
 """EDM teacher networks: parity with the PyTorch reference (fixtures from NVlabs/edm on random weights),
 published parameter counts, bf16, remat, features. Run with ``-s`` to see the measured errors."""
-import functools
-import json
-import pathlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dmd_jax.convert.edm import convert_state_dict
 from dmd_jax.models.edm import edm_module_from_kwargs, init_inputs
-
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-NAMES = ["edm_ddpmpp_cond", "edm_ncsnpp_uncond", "edm_adm_cond"]
-
-
-def rel_err(got, want):
-  """max |got - want| / max |want|."""
-  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-  assert got.shape == want.shape, (got.shape, want.shape)
-  return float(np.abs(got - want).max() / np.abs(want).max())
+from fixture_testing import EDM_NAMES as NAMES
+from fixture_testing import compile_fast, edm_fixture, edm_forward, rel_err
 
 
-def nhwc(a):
-  return np.transpose(a, (0, 2, 3, 1))
-
-
-@functools.lru_cache(maxsize=None)
-def fixture(name):
-  """``(module, params, inputs, outputs)``: the converted fixture network, its inputs (NHWC) and the reference
-  ``out/`` and ``act/`` arrays (NHWC)."""
-  data = np.load(FIXTURES / f"{name}.npz")
-  init_kwargs = json.loads((FIXTURES / f"{name}.json").read_text())
-  state_dict = {k[len("param/"):]: data[k].astype(np.float32) for k in data.files if k.startswith("param/")}
-  module, params = convert_state_dict(state_dict, init_kwargs)
-  inputs = (jnp.asarray(nhwc(data["in/x_nchw"])), jnp.asarray(data["in/sigma"]),
-            jnp.asarray(data["in/class_labels"]) if "in/class_labels" in data.files else None)
-  outputs = {"D": nhwc(data["out/D_nchw"])}
-  outputs.update({k[len("act/"):]: nhwc(data[k]) for k in data.files if k.startswith("act/")})
-  return module, params, inputs, outputs
-
-
-def compile_fast(f, *args):
-  """``jax.jit(f)`` compiled for ``args`` with LLVM optimisation off: half the CPU compile time, same numbers
-  to float tolerance."""
-  return jax.jit(f).lower(*args).compile(compiler_options={"xla_backend_optimization_level": 0})
-
-
-@functools.lru_cache(maxsize=None)
-def forward(name, dtype=jnp.float32):
-  """A compiled ``params -> (D, features, intermediates)`` for a fixture network (once per dtype; any
-  parameter values of the same shapes reuse it)."""
-  module, params, (x, sigma, labels), _ = fixture(name)
-  module = module.clone(dtype=dtype)
-
-  def f(params):
-    (d, feats), state = module.apply({"params": params}, x, sigma, labels, return_features=True,
-                                     mutable=["intermediates"])
-    return d, feats, {k: v[0] for k, v in state["intermediates"]["model"].items()}
-
-  return compile_fast(f, params)
-
-
-def all_errors(name, params, dtype=jnp.float32):
-  d, feats, acts = forward(name, dtype)(params)
-  outputs = fixture(name)[3]
+def all_errors(name, params, dtype=None):
+  d, feats, acts = edm_forward(name, dtype)(params)
+  outputs = edm_fixture(name)[3]
   errs = {"D": rel_err(d, outputs["D"])}
   missing = sorted(set(outputs) - {"D"} - set(acts))
   assert not missing, f"activations not produced: {missing}"
@@ -75,7 +22,7 @@ def all_errors(name, params, dtype=jnp.float32):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_parity_float32(name):
-  module, params, _, outputs = fixture(name)
+  module, params, _, outputs = edm_fixture(name)
   errs, d, feats, acts = all_errors(name, params)
   worst = max(errs, key=errs.get)
   print(f"\n{name} float32: D rel err {errs['D']:.2e}; worst block {worst} {errs[worst]:.2e}")
@@ -110,7 +57,7 @@ def _contiguous_thirds_qkv(params):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_qkv_split_mutation_breaks_parity(name):
-  params = fixture(name)[1]
+  params = edm_fixture(name)[1]
   errs, *_ = all_errors(name, _contiguous_thirds_qkv(params))
   print(f"\n{name} with a contiguous-thirds qkv split: D rel err {errs['D']:.2e}")
   assert errs["D"] > 1e-2
@@ -118,7 +65,7 @@ def test_qkv_split_mutation_breaks_parity(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bfloat16_activations(name):
-  params = fixture(name)[1]
+  params = edm_fixture(name)[1]
   errs, d, _, acts = all_errors(name, params, jnp.bfloat16)
   worst = max(errs, key=errs.get)
   print(f"\n{name} bfloat16: D rel err {errs['D']:.2e}; worst block {worst} {errs[worst]:.2e}")

@@ -1,5 +1,6 @@
-"""FID Inception-v3 port and converter vs pytorch-fid / torch-fidelity golden vectors, the Fréchet distance vs
-scipy, and feature extraction on 8 emulated devices vs 1."""
+"""FID Inception-v3 port and converter vs pytorch-fid / torch-fidelity golden vectors (``tests/fixtures/
+inception_fid``: a seeded random network; see tests/fixtures/README.md), the Fréchet distance vs scipy, and feature
+extraction on 8 emulated devices vs 1."""
 import os
 import subprocess
 import sys
@@ -14,26 +15,21 @@ from dmd_jax.convert.common import ConversionError
 from dmd_jax.convert.inception import (convert_file, convert_state_dict, expected_shapes,
                                        load_converted_inception)
 from dmd_jax.evaluation import fid
+from fixture_testing import fixture_state_dict, load_fixture, nhwc, rel_err
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = os.path.join(HERE, "fixtures", "inception_fid.npz")
 REPO = os.path.dirname(HERE)
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / np.abs(b).max()
 
 
 @pytest.fixture(scope="module")
 def fixture():
-  with np.load(FIXTURE) as f:
-    return {k: f[k] for k in f.files}
+  return load_fixture("inception_fid")
 
 
 @pytest.fixture(scope="module")
-def state_dict(fixture):
-  return {k[len("param/"):]: v.astype(np.float32) for k, v in fixture.items() if k.startswith("param/")}
+def state_dict():
+  """pytorch-fid's FID Inception state dict of the reference run (seeded weights, float32; with ``fc``)."""
+  return fixture_state_dict("inception_fid")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +38,7 @@ def converted(state_dict):
 
 
 def images_nhwc(fixture):
-  return np.ascontiguousarray(fixture["in/img_uint8_nchw"].transpose(0, 2, 3, 1))
+  return nhwc(fixture["in/img_uint8_nchw"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -50,7 +46,7 @@ def images_nhwc(fixture):
 # ---------------------------------------------------------------------------------------------------------
 
 def test_tf1_resize_matches_torch_fidelity(fixture):
-  ref = fixture["out/tf1_resized_299_nchw_0"].transpose(0, 2, 3, 1)
+  ref = nhwc(fixture["out/tf1_resized_299_nchw_0"])
   got = np.asarray(fid.tf1_resize(images_nhwc(fixture)[:1]))
   assert got.shape == (1, 299, 299, 3)
   assert rel_err(got, ref) <= 1e-5
@@ -219,10 +215,11 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     from dmd_jax.evaluation.fid import inception_features
 
     assert jax.device_count() == 8, jax.devices()
-    fixture, out = sys.argv[1:]
-    with np.load(fixture) as f:
-      module, params = convert_state_dict({k[6:]: f[k] for k in f.files if k.startswith("param/")})
-      images = np.ascontiguousarray(f["in/img_uint8_nchw"].transpose(0, 2, 3, 1))
+    tests, out = sys.argv[1:]
+    sys.path.insert(0, tests)
+    from fixture_testing import fixture_state_dict, load_fixture, nhwc
+    module, params = convert_state_dict(fixture_state_dict("inception_fid"))
+    images = nhwc(load_fixture("inception_fid")["in/img_uint8_nchw"])
     images = np.concatenate([images, images[::-1, ::-1]])  # 6 images, 32x32
     f8 = inception_features(module, params, images, batch_size=7)                  # 8x1 mesh: 1 step of 8
     mesh42 = Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))
@@ -241,7 +238,7 @@ def test_features_8_devices_equal_1_device(tmp_path, fixture, converted):
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   out = tmp_path / "features.npz"
-  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, FIXTURE, str(out)], env=env, cwd=REPO,
+  proc = subprocess.run([sys.executable, "-c", MULTI_DEVICE_SCRIPT, HERE, str(out)], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   with np.load(out) as f:

@@ -1,6 +1,5 @@
-"""LPIPS v0.1 VGG port and converter vs the ``lpips`` 0.1.4 golden vectors."""
-import os
-
+"""LPIPS v0.1 VGG port and converter vs the ``lpips`` 0.1.4 golden vectors (``tests/fixtures/lpips_vgg``: a
+seeded random VGG16 trunk with the real v0.1 linear weights; see tests/fixtures/README.md)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,26 +9,19 @@ from dmd_jax.convert.common import ConversionError
 from dmd_jax.convert.lpips import (convert_file, convert_state_dict, default_lin_weights,
                                    load_converted_lpips)
 from dmd_jax.models.lpips import lpips_distance, normalize_channels
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-FIXTURE = os.path.join(HERE, "fixtures", "lpips_vgg.npz")
-LIN_FIXTURE = os.path.join(HERE, "fixtures", "lpips_v0.1_vgg_lin.npz")
-
-
-def rel_err(a, b):
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return np.abs(a - b).max() / np.abs(b).max()
+from fixture_testing import lin_weights_sha256, load_fixture, load_json, lpips_state_dict, nhwc, rel_err
 
 
 @pytest.fixture(scope="module")
 def fixture():
-  with np.load(FIXTURE) as f:
-    return {k: f[k] for k in f.files}
+  return load_fixture("lpips_vgg")
 
 
 @pytest.fixture(scope="module")
-def state_dict(fixture):
-  return {k[len("param/"):]: v.astype(np.float32) for k, v in fixture.items() if k.startswith("param/")}
+def state_dict():
+  """``lpips.LPIPS(net='vgg').state_dict()`` of the reference run (float32): the seeded trunk and the shipped
+  linear weights under both of the package's names."""
+  return lpips_state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +31,7 @@ def converted(state_dict):
 
 @pytest.fixture(scope="module")
 def inputs(fixture):
-  return tuple(np.ascontiguousarray(fixture[k].transpose(0, 2, 3, 1)) for k in ("in/x0_nchw", "in/x1_nchw"))
+  return tuple(nhwc(fixture[k]) for k in ("in/x0_nchw", "in/x1_nchw"))
 
 
 def test_lpips_native_matches_reference(fixture, converted, inputs):
@@ -51,7 +43,7 @@ def test_lpips_native_matches_reference(fixture, converted, inputs):
 
 def test_upsample_matches_torch_interpolate(fixture, inputs):
   up = jax.image.resize(inputs[0], (2, 224, 224, 3), method="bilinear", antialias=False)
-  assert rel_err(up, fixture["out/x0_up224_nchw"].transpose(0, 2, 3, 1)) <= 1e-5
+  assert rel_err(up, nhwc(fixture["out/x0_up224_nchw"])) <= 1e-5
 
 
 def test_lpips_distance_224_matches_reference_and_is_differentiable(fixture, converted, inputs):
@@ -89,11 +81,11 @@ def test_torchvision_naming_and_default_lin(state_dict, converted):
   tv["classifier.0.weight"] = np.zeros((4096, 25088), np.float16)  # dropped
   _, params = convert_state_dict(tv)  # no lin weights: the shipped v0.1 ones
   assert jax.tree.all(jax.tree.map(np.array_equal, params, ref))
-  with np.load(LIN_FIXTURE) as f:
-    for k in range(5):
-      np.testing.assert_array_equal(default_lin_weights()[f"lin{k}"], f[f"lin{k}"])
-      np.testing.assert_array_equal(params[f"lin{k}"]["kernel"].reshape(-1),
-                                    state_dict[f"lin{k}.model.1.weight"].reshape(-1))
+  # The shipped weights are the lpips package's (the reference run recorded their digest).
+  assert lin_weights_sha256(default_lin_weights()) == load_json("lpips_vgg")["lin_sha256"]
+  for k in range(5):
+    np.testing.assert_array_equal(params[f"lin{k}"]["kernel"].reshape(-1),
+                                  state_dict[f"lin{k}.model.1.weight"].reshape(-1))
 
 
 def test_converter_errors_name_the_problem(state_dict):

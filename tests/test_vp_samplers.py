@@ -12,15 +12,11 @@ import jax.numpy as jnp
 
 from dmd_jax import samplers
 from dmd_jax.schedules import scaled_linear_alphas_cumprod
+from fixture_testing import rel_err
 
 SD15 = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
             steps_offset=1, set_alpha_to_one=False, clip_sample=False, timestep_spacing="leading")
 N, H, W, C, L, D = 3, 4, 4, 4, 5, 6
-
-
-def rel_err(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
