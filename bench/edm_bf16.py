@@ -5,7 +5,8 @@
 
 Accuracy: relative error (max |diff| / max |ref|) of D and of the worst block activation against the PyTorch
 float32 reference in ``tests/fixtures``. Speed: a jitted ``EDMPrecond`` forward (random weights, default XLA
-options), median of ``--repeats`` timed calls after one warm-up, on whatever device JAX picks.
+options), median of ``--repeats`` timed calls after one warm-up, on whatever device JAX picks. ``--attention``:
+the networks' attention kernel (``dmd_jax.models.attention``).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax.convert.edm import convert_state_dict
+from dmd_jax.models.attention import IMPLEMENTATIONS
 from dmd_jax.models.edm import edm_module_from_kwargs, init_inputs
 
 FIXTURES = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures"
@@ -42,7 +44,7 @@ def rel_err(got, want):
   return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-def fixture_errors(name):
+def fixture_errors(name, attention):
   data = np.load(FIXTURES / f"{name}.npz")
   init_kwargs = json.loads((FIXTURES / f"{name}.json").read_text())
   sd = {k[6:]: data[k].astype(np.float32) for k in data.files if k.startswith("param/")}
@@ -52,7 +54,7 @@ def fixture_errors(name):
   labels = jnp.asarray(data["in/class_labels"]) if "in/class_labels" in data.files else None
   row = {}
   for dtype in (jnp.float32, jnp.bfloat16):
-    m = module.clone(dtype=dtype)
+    m = module.clone(dtype=dtype, attention=attention)
     d, state = jax.jit(lambda p: m.apply({"params": p}, x, sigma, labels, mutable=["intermediates"]))(params)
     acts = state["intermediates"]["model"]
     errs = {k[4:]: rel_err(acts[k[4:]][0], nhwc(data[k])) for k in data.files if k.startswith("act/")}
@@ -73,8 +75,8 @@ def random_params(module, seed=0):
   return jax.tree.map(draw, shapes)
 
 
-def time_forward(init_kwargs, batch, repeats):
-  base = edm_module_from_kwargs(init_kwargs)
+def time_forward(init_kwargs, batch, repeats, attention):
+  base = edm_module_from_kwargs(init_kwargs, attention=attention)
   params = random_params(base)
   x, _, labels = init_inputs(base, batch)
   x = jax.random.normal(jax.random.PRNGKey(1), x.shape)
@@ -103,14 +105,16 @@ def main():
                       help=f"comma list of 'fixtures' and {sorted(NETS)}")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS, help="the attention kernel")
   args = parser.parse_args()
   nets = args.nets.split(",")
-  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}\n")
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}; "
+        f"attention {args.attention}\n")
   if "fixtures" in nets:
     print("| fixture | D rel err f32 | D rel err bf16 | worst block bf16 |")
     print("| --- | --- | --- | --- |")
     for name in FIXTURE_NAMES:
-      row = fixture_errors(name)
+      row = fixture_errors(name, args.attention)
       d32 = row["float32"][0]
       d16, worst, e16 = row["bfloat16"]
       print(f"| {name} | {d32:.1e} | {d16:.1e} | {worst} {e16:.1e} |", flush=True)
@@ -120,7 +124,7 @@ def main():
     print("| net | batch | f32 forward (s) | bf16 forward (s) | bf16 / f32 | compile f32 / bf16 (s) |")
     print("| --- | --- | --- | --- | --- | --- |")
     for name in timed:
-      t = time_forward(NETS[name], args.batch, args.repeats)
+      t = time_forward(NETS[name], args.batch, args.repeats, args.attention)
       (f32, c32), (b16, c16) = t["float32"], t["bfloat16"]
       print(f"| {name} | {args.batch} | {f32:.3f} | {b16:.3f} | {b16 / f32:.2f} | {c32:.0f} / {c16:.0f} |",
             flush=True)

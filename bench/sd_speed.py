@@ -16,7 +16,8 @@ Two tables (Markdown, rows as they finish; ``--out FILE`` also writes them there
 2. **UNet train step**: epsilon-prediction MSE at random DDPM timesteps on random latents and text
    embeddings, backward, gradient clipping at 10 and AdamW (lr 1e-5, wd 0.01) — the step a fine-tune or DMD's
    fake score runs. Ours: ``UNet2DConditionModel`` (``dmd_jax.models.unet2d``) with float32 parameters and
-   bfloat16 activations (float32 norms and softmax), jitted with the state donated. Reference: diffusers'
+   bfloat16 activations (float32 norms and softmax), jitted with the state donated, one row per
+   ``--attention`` kernel (the UNet's ``attention`` argument). Reference: diffusers'
    ``UNet2DConditionModel`` built from the same config.json dict, float32 parameters under
    ``torch.autocast(bfloat16)`` (the usual mixed-precision recipe; plain float32 with ``--dtype=float32``), PyTorch's scaled-dot-product attention,
    ``torch.optim.AdamW`` (foreach) and ``clip_grad_norm_``. ``--remat`` on = our per-block rematerialisation
@@ -42,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from dmd_jax.convert import sd as sd_convert  # noqa: E402
-from dmd_jax.models import unet2d  # noqa: E402
+from dmd_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 from dmd_jax.samplers import pndm_sample  # noqa: E402
 from dmd_jax.schedules import VPSchedule  # noqa: E402
 
@@ -143,8 +144,8 @@ def _optimizer():
                      optax.adamw(1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01))
 
 
-def jax_train_row(args, unet_cfg, text_len, b: int, remat: bool) -> dict:
-  unet, unet_in = sd_convert.build_unet(unet_cfg, dtype=jnp.dtype(args.dtype), remat=remat)
+def jax_train_row(args, unet_cfg, text_len, b: int, remat: bool, attention: str) -> dict:
+  unet, unet_in = sd_convert.build_unet(unet_cfg, dtype=jnp.dtype(args.dtype), remat=remat, attention=attention)
   params = init_params(unet, unet_in, 0)
   opt = _optimizer()
   opt_state = jax.jit(opt.init)(params)
@@ -241,9 +242,8 @@ def train_rows(args, unet_cfg, text_len, emit):
       ref = None if args.no_torch else torch_train_row(args, unet_cfg, text_len, b, remat == "on")
       ref_cols = "n/a | n/a | n/a | n/a"
       for attention in args.attention:
-        unet2d.ATTENTION = attention
         try:
-          ours = jax_train_row(args, unet_cfg, text_len, b, remat == "on")
+          ours = jax_train_row(args, unet_cfg, text_len, b, remat == "on", attention)
         except Exception as e:  # noqa: BLE001  (e.g. a kernel this GPU / cuDNN lacks: the row says so)
           emit(f"| {remat} | {attention} | {b} | failed: {type(e).__name__}: {str(e)[:150]} | | | | | | |")
           continue
@@ -254,7 +254,6 @@ def train_rows(args, unet_cfg, text_len, emit):
                       f"{ref['median'] / ours['median']:.2f}× | {ref['first']:.1f}")
         emit(f"| {remat} | {attention} | {b} | {ours['median'] * 1e3:,.1f} | {b / ours['median']:,.2f} | "
              f"{ours['first']:.1f} | {ref_cols} |")
-      unet2d.ATTENTION = "auto"
 
 
 def main(argv=None):
@@ -264,8 +263,9 @@ def main(argv=None):
   p.add_argument("--batch", type=int, nargs="+", default=[1, 4], help="latency table batch sizes")
   p.add_argument("--train_batch", type=int, nargs="+", default=[8], help="train-step batch sizes")
   p.add_argument("--remat", nargs="+", default=["off"], choices=("off", "on"))
-  p.add_argument("--attention", nargs="+", default=["auto"], choices=unet2d.ATTENTION_CHOICES,
-                 help="our attention kernel(s) in the train rows (dmd_jax.models.unet2d.ATTENTION)")
+  p.add_argument("--attention", nargs="+", default=["auto"], choices=IMPLEMENTATIONS,
+                 help="our attention kernel(s) in the train rows (the UNet's attention argument, "
+                      "dmd_jax.models.attention)")
   p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                  help="activations: ours, and torch.autocast on or off for the reference")
   p.add_argument("--teacher_steps", type=int, default=50)

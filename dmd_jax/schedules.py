@@ -1,4 +1,4 @@
-"""Noise parameterisations behind the DMD losses (method.md §3–4).
+"""Noise parameterisations behind the DMD losses (docs/method.md §3–4).
 
 A schedule answers four questions for integer timesteps ``t`` in ``[0, num_timesteps)``:
 how to noise a clean sample (``add_noise``), which ``t`` the distribution-matching loss and the fake-score
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def _bcast(v, x):
+def bcast(v, x):
   """Reshapes a per-sample vector ``v`` [N] to broadcast against ``x`` [N, ...]."""
   return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
 
@@ -32,7 +32,7 @@ def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float) -> np.
 
 
 class _TimestepDraws:
-  """The timestep draws shared by every schedule (method.md §3–4): the DM loss takes t uniformly from the
+  """The timestep draws shared by every schedule (docs/method.md §3–4): the DM loss takes t uniformly from the
   integers [dm_t_min, dm_t_max] (2%..98% of T), the fake-score loss from all of [0, num_timesteps)."""
 
   def sample_dm_t(self, rng, n):
@@ -61,12 +61,28 @@ class EDMSchedule(_TimestepDraws):
     return jnp.asarray(self.sigmas, jnp.float32)[t]
 
   def add_noise(self, x, eps, t):
-    return x + _bcast(self.sigma(t), x) * eps
+    return x + bcast(self.sigma(t), x) * eps
 
   def fake_loss_weight(self, t):
-    """EDM's lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 on the squared x0 error (method.md §4)."""
+    """EDM's lambda(sigma) = 1/sigma^2 + 1/sigma_data^2 on the squared x0 error (docs/method.md §4)."""
     s = self.sigma(t)
     return 1.0 / s ** 2 + 1.0 / self.sigma_data ** 2
+
+
+def edm_precond_coefficients(sigma, sigma_data: float):
+  """EDM's preconditioning (Karras et al. 2022, Table 1) for ``D(x; s) = c_skip x + c_out F(c_in x, c_noise)``.
+
+  ``sigma``: per-sample noise levels [N] (float32). Returns ``(c_skip, c_out, c_in, c_noise)``: the first
+  three shaped [N] (broadcast them against ``x`` with ``bcast``), ``c_noise = ln(sigma) / 4`` [N].
+  The one definition used by the EDM networks (``models/edm.py``) and the toy fake score
+  (``teachers/toy.edm_precond``).
+  """
+  sigma = jnp.asarray(sigma, jnp.float32)
+  sd2 = sigma_data ** 2
+  c_skip = sd2 / (sigma ** 2 + sd2)
+  c_out = sigma * sigma_data / jnp.sqrt(sigma ** 2 + sd2)
+  c_in = 1.0 / jnp.sqrt(sigma ** 2 + sd2)
+  return c_skip, c_out, c_in, jnp.log(sigma) / 4.0
 
 
 def scaled_linear_alphas_cumprod(num_timesteps=1000, beta_start=0.00085, beta_end=0.012) -> np.ndarray:
@@ -91,17 +107,17 @@ class VPSchedule(_TimestepDraws):
     return jnp.asarray(self.alphas_cumprod, jnp.float32)[t]
 
   def add_noise(self, x, eps, t):
-    a = _bcast(self._abar(t), x)
+    a = bcast(self._abar(t), x)
     return jnp.sqrt(a) * x + jnp.sqrt(1.0 - a) * eps
 
   def eps_to_x0(self, x_t, eps, t):
     """``x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``, in float32 (abar_999 ≈ 0.0047)."""
-    a = _bcast(self._abar(t), x_t)
+    a = bcast(self._abar(t), x_t)
     x_t, eps = x_t.astype(jnp.float32), eps.astype(jnp.float32)
     return (x_t - jnp.sqrt(1.0 - a) * eps) / jnp.sqrt(a)
 
   def x0_to_eps(self, x_t, x0, t):
-    a = _bcast(self._abar(t), x_t)
+    a = bcast(self._abar(t), x_t)
     return (x_t.astype(jnp.float32) - jnp.sqrt(a) * x0.astype(jnp.float32)) / jnp.sqrt(1.0 - a)
 
   def fake_loss_weight(self, t):

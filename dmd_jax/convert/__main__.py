@@ -1,7 +1,7 @@
-"""``python -m dmd_jax.convert <family> --src=... --dst=...``: checkpoint → converted Flax folder.
+"""``python -m dmd_jax.convert <network> --src=... --dst=...``: checkpoint → converted Flax folder.
 
-Each family is a module exposing ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args)``; register it
-below with one line. Only the module of the family being run is imported, so one family's optional
+Each converter is a module exposing ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args)``; register
+it below with one line. Only the module of the converter being run is imported, so one converter's optional
 dependencies never break another's command.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 from dmd_jax.convert.common import ConversionError
 
-FAMILIES = {
+CONVERTERS = {
     "edm": "dmd_jax.convert.edm",
     "sd": "dmd_jax.convert.sd",
     "inception": "dmd_jax.convert.inception",
@@ -25,10 +25,10 @@ def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   parser = argparse.ArgumentParser(prog="python -m dmd_jax.convert",
                                    description="Convert a pretrained checkpoint to dmd_jax Flax parameters.")
-  sub = parser.add_subparsers(dest="family", required=True, metavar="FAMILY",
-                              help=f"one of: {', '.join(FAMILIES)}")
-  chosen = argv[0] if argv and argv[0] in FAMILIES else None
-  for name, module_name in FAMILIES.items():
+  sub = parser.add_subparsers(dest="network", required=True, metavar="<network>",
+                              help=f"one of: {', '.join(CONVERTERS)}")
+  chosen = argv[0] if argv and argv[0] in CONVERTERS else None
+  for name, module_name in CONVERTERS.items():
     if name == chosen:
       module = importlib.import_module(module_name)
       sub_parser = sub.add_parser(name, help=getattr(module, "HELP", None), description=getattr(module, "HELP", None))
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
       sub.add_parser(name, help=f"convert {name} checkpoints (python -m dmd_jax.convert {name} --help)")
   args = parser.parse_args(argv)
   try:
-    importlib.import_module(FAMILIES[args.family]).run(args)
+    importlib.import_module(CONVERTERS[args.network]).run(args)
   except ConversionError as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

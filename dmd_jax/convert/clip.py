@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax.convert.common import (ConversionError, check_state_dict, flatten_params, from_torch,
-                                    load_converted, load_state_dict, save_converted, torch_shape,
-                                    unflatten_params)
+                                    load_converted, load_state_dict, read_folder_config, save_converted,
+                                    torch_shape, unflatten_params, weight_files)
 from dmd_jax.convert.sd import expected_shapes, load_tokenizer
 from dmd_jax.models import clip as clip_lib
+from dmd_jax.models.attention import check_implementation
 
 HELP = "transformers CLIPModel folder (config.json + model.safetensors / pytorch_model.bin + tokenizer files)"
 # Buffers some files carry; never parameters.
@@ -48,21 +49,24 @@ def torch_key(flax_path: str) -> str:
   return ".".join(parts)
 
 
-def build_clip(config: Mapping[str, Any], dtype=jnp.float32):
+def build_clip(config: Mapping[str, Any], dtype=jnp.float32, attention: str = "auto"):
   """``(CLIPModel, dummy inputs)`` from a transformers CLIPModel ``config.json`` dict; ``ConversionError`` for
-  a configuration this port does not support."""
+  a configuration this port does not support. ``dtype``: the activation dtype (parameters stay float32);
+  ``attention``: the attention kernel ('auto' | 'xla' | 'cudnn', see ``dmd_jax.models.attention``;
+  ``ValueError`` for another)."""
+  check_implementation(attention)
   try:
     cfg = clip_lib.CLIPConfig.from_hf(config)
   except (ValueError, TypeError) as e:
     raise ConversionError(f"CLIP config.json: {e}") from e
-  return clip_lib.CLIPModel(cfg, dtype=dtype), clip_lib.clip_dummy_inputs(cfg)
+  return clip_lib.CLIPModel(cfg, dtype=dtype, attention=attention), clip_lib.clip_dummy_inputs(cfg)
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping[str, Any], what: str = "CLIP",
-                       dtype=jnp.float32):
+                       dtype=jnp.float32, attention: str = "auto"):
   """Checks a PyTorch ``CLIPModel`` state dict against the module of ``config`` and converts it:
   ``(module, params)``."""
-  module, inputs = build_clip(config, dtype)
+  module, inputs = build_clip(config, dtype, attention)
   shapes = expected_shapes(module, inputs)
   expected = {torch_key(p): torch_shape(p.rsplit("/", 1)[-1], s) for p, s in shapes.items()}
   check_state_dict(state_dict, expected, what, ignore=IGNORED)
@@ -72,45 +76,29 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], config: Mapping[str
   return module, unflatten_params(flat)
 
 
-def _weight_files(folder: str) -> list[str]:
-  for name in ("model.safetensors", "pytorch_model.bin"):
-    if os.path.exists(os.path.join(folder, name)):
-      return [os.path.join(folder, name)]
-  for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-    idx = os.path.join(folder, name)
-    if os.path.exists(idx):
-      with open(idx) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-      return [os.path.join(folder, sh) for sh in shards]
-  raise ConversionError(f"no weights in {folder!r} (expected model.safetensors or pytorch_model.bin)")
-
-
 def read_config(src_dir: str) -> dict[str, Any]:
-  path = os.path.join(src_dir, "config.json")
-  if not os.path.exists(path):
-    raise ConversionError(f"missing config: {path!r}")
-  with open(path) as f:
-    return json.load(f)
+  return read_folder_config(src_dir)
 
 
-def convert_clip_model(src_dir: str | os.PathLike, dtype=jnp.float32, tokenizer_dir: str | None = None):
+def convert_clip_model(src_dir: str | os.PathLike, dtype=jnp.float32, tokenizer_dir: str | None = None,
+                       attention: str = "auto"):
   """Converts a transformers CLIPModel folder: ``(module, params, tokenizer)``.
 
   ``module.apply({'params': params}, pixels_nhwc, method='get_image_features')`` and
   ``module.apply({'params': params}, input_ids, method='get_text_features')`` give transformers'
   ``get_image_features`` / ``get_text_features``. ``tokenizer`` is a ``transformers.CLIPTokenizer`` read from
-  ``tokenizer_dir`` (default: ``src_dir``). ``dtype`` is the activation dtype (parameters stay float32).
+  ``tokenizer_dir`` (default: ``src_dir``). ``dtype`` and ``attention`` as in :func:`build_clip`.
   """
   src_dir = os.fspath(src_dir)
   if not os.path.isdir(src_dir):
     raise ConversionError(f"no such folder: {src_dir!r}")
   config = read_config(src_dir)
-  build_clip(config, dtype)  # fail on the config before the (slow) weight read
+  build_clip(config, dtype, attention)  # fail on the config before the (slow) weight read
   tokenizer = load_tokenizer(os.fspath(tokenizer_dir) if tokenizer_dir is not None else src_dir)
   sd = {}
-  for path in _weight_files(src_dir):
+  for path in weight_files(src_dir, "model", "pytorch_model"):
     sd.update(load_state_dict(path))
-  module, params = convert_state_dict(sd, config, f"CLIP ({src_dir})", dtype)
+  module, params = convert_state_dict(sd, config, f"CLIP ({src_dir})", dtype, attention)
   return module, params, tokenizer
 
 
@@ -121,11 +109,12 @@ def save_converted_clip(dst_dir: str | os.PathLike, params, config: Mapping[str,
   save_converted(dst_dir, jax.device_get(params), config)
 
 
-def load_converted_clip(src_dir: str | os.PathLike, dtype=jnp.float32):
-  """Reads what :func:`save_converted_clip` wrote: ``(module, params, tokenizer)`` (shapes checked)."""
+def load_converted_clip(src_dir: str | os.PathLike, dtype=jnp.float32, attention: str = "auto"):
+  """Reads what :func:`save_converted_clip` wrote: ``(module, params, tokenizer)`` (shapes checked; ``dtype``
+  and ``attention`` as in :func:`build_clip`)."""
   src_dir = os.fspath(src_dir)
   params, config = load_converted(src_dir)
-  module, inputs = build_clip(config, dtype)
+  module, inputs = build_clip(config, dtype, attention)
   check_state_dict(flatten_params(params), expected_shapes(module, inputs), f"converted CLIP ({src_dir})")
   return module, params, load_tokenizer(os.path.join(src_dir, "tokenizer"))
 

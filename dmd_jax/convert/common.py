@@ -8,6 +8,7 @@ leaves a half-written folder that looks complete. Folders and state-dict files m
 """
 from __future__ import annotations
 
+import json
 import os
 from io import BytesIO
 from typing import Any, Iterable, Mapping
@@ -193,3 +194,29 @@ def write_random_network(dst: str | os.PathLike, shapes: Mapping[str, tuple[int,
   src = io.join(dst + "-source", "state_dict.npz")
   io.write_npz(src, **random_state_dict(shapes, seed))
   return convert_file(src, dst, **convert_kwargs)
+
+
+def read_folder_config(folder: str) -> dict[str, Any]:
+  """``<folder>/config.json`` of a diffusers / transformers model folder; a clear error when it is missing."""
+  path = os.path.join(folder, "config.json")
+  if not os.path.exists(path):
+    raise ConversionError(f"missing config: {path!r}")
+  with open(path) as f:
+    return json.load(f)
+
+
+def weight_files(folder: str, stem: str, torch_stem: str) -> list[str]:
+  """The weight file(s) of a diffusers / transformers model folder: ``<stem>.safetensors`` first, then the
+  PyTorch pickle ``<torch_stem>.bin``; sharded checkpoints through their ``.index.json``; ``fp16`` variants
+  last."""
+  for s, t in ((stem, torch_stem), (stem + ".fp16", torch_stem + ".fp16")):
+    for name in (s + ".safetensors", t + ".bin"):
+      if os.path.exists(os.path.join(folder, name)):
+        return [os.path.join(folder, name)]
+    for name in (s + ".safetensors.index.json", t + ".bin.index.json"):
+      idx = os.path.join(folder, name)
+      if os.path.exists(idx):
+        with open(idx) as f:
+          shards = sorted(set(json.load(f)["weight_map"].values()))
+        return [os.path.join(folder, sh) for sh in shards]
+  raise ConversionError(f"no weights in {folder!r} (expected {stem}.safetensors or {torch_stem}.bin)")

@@ -8,7 +8,7 @@ Sources:
   network's ``init_kwargs`` as JSON — the torch-free path.
 
 ``python -m dmd_jax.convert edm --src=FILE --dst=DIR [--init_kwargs=JSON]`` writes ``DIR/params.npz`` and
-``DIR/config.json`` (``{"family": "edm", "init_kwargs": ...}``); ``load_converted_edm(DIR)`` rebuilds
+``DIR/config.json`` (``{"network": "edm", "init_kwargs": ...}``); ``load_converted_edm(DIR)`` rebuilds
 ``(module, params)``.
 """
 from __future__ import annotations
@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax.convert import common
+from dmd_jax.convert import check_network, common
 from dmd_jax.convert.common import (ConversionError, check_state_dict, load_converted, load_state_dict,
                                     save_converted)
 from dmd_jax.models import edm as edm_models
+from dmd_jax.models.attention import check_implementation
 
-FAMILY = "edm"
+NETWORK = "edm"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -311,16 +312,18 @@ def convert_file(src, dst, init_kwargs=None):
     raise ConversionError(f"unknown file type {ext!r} for {src!r}: expected an EDM network pickle (.pkl) or a "
                           "state dict (.npz / .safetensors) with --init_kwargs")
   module, params = convert_state_dict(state_dict, kw)
-  save_converted(dst, params, {"family": FAMILY, "init_kwargs": kw, "source": os.path.basename(src)})
+  save_converted(dst, params, {"network": NETWORK, "init_kwargs": kw, "source": os.path.basename(src)})
   return module, params
 
 
-def load_converted_edm(src_dir, *, dtype=jnp.float32, remat: bool = False):
-  """Reads a folder written by ``convert_file`` → ``(EDMPrecond, params)``."""
+def load_converted_edm(src_dir, *, dtype=jnp.float32, remat: bool = False, attention: str = "auto"):
+  """Reads a folder written by ``convert_file`` → ``(EDMPrecond, params)``. ``dtype``: the activation dtype,
+  ``remat``: per-block rematerialisation, ``attention``: the attention kernel ('auto' | 'xla' | 'cudnn', see
+  ``dmd_jax.models.attention``; ``ValueError`` for another)."""
+  check_implementation(attention)
   params, config = load_converted(src_dir)
-  if config.get("family") != FAMILY:
-    raise ConversionError(f"{os.fspath(src_dir)!r} holds a {config.get('family')!r} network, not 'edm'")
-  module = edm_models.edm_module_from_kwargs(config["init_kwargs"], dtype=dtype, remat=remat)
+  check_network(config, NETWORK, src_dir)
+  module = edm_models.edm_module_from_kwargs(config["init_kwargs"], dtype=dtype, remat=remat, attention=attention)
   return module, params
 
 

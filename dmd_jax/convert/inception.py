@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmd_jax.convert import check_network
 from dmd_jax.convert.common import (ConversionError, check_state_dict, conv_kernel, load_converted,
                                     load_state_dict, save_converted, torch_shape)
 from dmd_jax.models.inception import InceptionV3FID
 
 HELP = "FID Inception-v3 (pytorch-fid pt_inception-2015-12-05 .pth, torchvision naming) -> Flax folder"
-FAMILY = "inception_fid"
+NETWORK = "inception_fid"
 _BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
@@ -75,15 +76,13 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> tuple[InceptionV3FID, d
 def convert_file(src: str | os.PathLike, dst: str | os.PathLike) -> None:
   """Converts pytorch-fid's ``.pth`` (with torch) or a ``.npz`` / ``.safetensors`` state dict into ``dst``."""
   _, params = convert_state_dict(load_state_dict(src))
-  save_converted(dst, params, {"family": FAMILY, "source": os.path.basename(os.fspath(src))})
+  save_converted(dst, params, {"network": NETWORK, "source": os.path.basename(os.fspath(src))})
 
 
 def load_converted_inception(src_dir: str | os.PathLike) -> tuple[InceptionV3FID, dict[str, Any]]:
   """Reads a folder written by ``convert_file``: ``(module, params)`` with ``precision=HIGHEST``."""
   params, config = load_converted(src_dir)
-  if config.get("family") != FAMILY:
-    raise ConversionError(f"{os.fspath(src_dir)!r} holds a {config.get('family')!r} network, "
-                          f"not {FAMILY!r}")
+  check_network(config, NETWORK, src_dir)
   got = {tuple(k.key for k in path): tuple(np.shape(leaf))
          for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
   if got != _param_shapes():

@@ -23,12 +23,13 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import numpy as np
 
+from dmd_jax.convert import check_network
 from dmd_jax.convert.common import (ConversionError, check_state_dict, conv_kernel, load_converted,
                                     load_state_dict, save_converted)
 from dmd_jax.models.lpips import LPIPS, TAP_CHANNELS, VGG16_STAGES, vgg16_conv_names
 
 HELP = "LPIPS v0.1 VGG16 (torchvision vgg16 .pth or lpips state dict; v0.1 lin weights shipped) -> Flax"
-FAMILY = "lpips_vgg"
+NETWORK = "lpips_vgg"
 LIN_ASSET = "lpips_v0.1_vgg_lin.npz"
 
 
@@ -46,13 +47,17 @@ def _vgg16_layout() -> list[tuple[str, int, int, int, int]]:
   return out
 
 
-def _trunk_expected(naming: str) -> dict[str, tuple[int, ...]]:
+def trunk_expected_shapes(naming: str) -> dict[str, tuple[int, ...]]:
+  """The VGG16 trunk's state-dict keys and PyTorch shapes in ``naming`` ('lpips' or 'torchvision')."""
+  if naming not in ("lpips", "torchvision"):
+    raise ValueError(f"LPIPS trunk naming must be 'lpips' or 'torchvision', got {naming!r}")
   exp = {}
   for _, idx, s, cin, cout in _vgg16_layout():
     prefix = f"net.slice{s}.{idx}" if naming == "lpips" else f"features.{idx}"
     exp[f"{prefix}.weight"] = (cout, cin, 3, 3)
     exp[f"{prefix}.bias"] = (cout,)
   return exp
+
 
 
 def default_lin_weights() -> dict[str, np.ndarray]:
@@ -105,7 +110,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], lin: Mapping[str, Any] | N
                           f"{', '.join(sorted(keys)[:10])}{' ...' if len(keys) > 10 else ''}")
   what = f"LPIPS VGG16 ({naming} naming)"
   ignore = [k for k in keys if _is_lin_key(k) or (naming == "torchvision" and k.startswith("classifier."))]
-  check_state_dict(state_dict, _trunk_expected(naming), what, ignore=ignore)
+  check_state_dict(state_dict, trunk_expected_shapes(naming), what, ignore=ignore)
 
   lin_w = _lin_weights(lin, "LPIPS lin weights") if lin is not None else None
   if lin_w is None:
@@ -136,16 +141,14 @@ def convert_file(src: str | os.PathLike, dst: str | os.PathLike,
   """
   lin_sd = load_state_dict(lin) if lin is not None else None
   _, params = convert_state_dict(load_state_dict(src), lin=lin_sd)
-  save_converted(dst, params, {"family": FAMILY, "source": os.path.basename(os.fspath(src))})
+  save_converted(dst, params, {"network": NETWORK, "source": os.path.basename(os.fspath(src))})
 
 
 def load_converted_lpips(src_dir: str | os.PathLike,
                          dtype: Any = jnp.float32) -> tuple[LPIPS, dict[str, Any]]:
   """Reads a folder written by ``convert_file``: ``(module, params)``."""
   params, config = load_converted(src_dir)
-  if config.get("family") != FAMILY:
-    raise ConversionError(f"{os.fspath(src_dir)!r} holds a {config.get('family')!r} network, "
-                          f"not {FAMILY!r}")
+  check_network(config, NETWORK, src_dir)
   return LPIPS(dtype=dtype), params
 
 

@@ -26,10 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax.convert.common import (ConversionError, check_state_dict, flatten_params, from_torch,
-                                    load_converted, load_state_dict, save_converted, torch_shape,
-                                    unflatten_params)
+                                    load_converted, load_state_dict, read_folder_config, save_converted,
+                                    torch_shape, unflatten_params, weight_files)
 from dmd_jax.models import clip as clip_lib
 from dmd_jax.models import unet2d as unet_lib
+from dmd_jax.models.attention import check_implementation
 from dmd_jax.models import vae as vae_lib
 
 HELP = "Stable Diffusion 1.x/2.x folder in diffusers layout (UNet, VAE, CLIP text encoder, tokenizer)"
@@ -114,68 +115,50 @@ def _subfolder(src_dir: str, name: str) -> str:
   return path
 
 
-def _read_config(folder: str) -> dict[str, Any]:
-  path = os.path.join(folder, "config.json")
-  if not os.path.exists(path):
-    raise ConversionError(f"missing config: {path!r}")
-  with open(path) as f:
-    return json.load(f)
-
-
-def _weights_file(folder: str, stem: str) -> list[str]:
-  """The weight file(s) of a subfolder: safetensors first, then the PyTorch pickle; sharded checkpoints
-  through their ``.index.json``; ``fp16`` variants last."""
-  tstem = _TORCH_NAMES[stem]
-  for s, t in ((stem, tstem), (stem + ".fp16", tstem + ".fp16")):
-    for name in (s + ".safetensors", t + ".bin"):
-      if os.path.exists(os.path.join(folder, name)):
-        return [os.path.join(folder, name)]
-    for name in (s + ".safetensors.index.json", t + ".bin.index.json"):
-      idx = os.path.join(folder, name)
-      if os.path.exists(idx):
-        with open(idx) as f:
-          shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(folder, sh) for sh in shards]
-  raise ConversionError(f"no weights in {folder!r} (expected {stem}.safetensors or {tstem}.bin)")
-
-
 def _read_state_dict(folder: str, stem: str) -> dict[str, np.ndarray]:
   sd = {}
-  for path in _weights_file(folder, stem):
+  for path in weight_files(folder, stem, _TORCH_NAMES[stem]):
     sd.update(load_state_dict(path))
   return sd
 
 
-def build_unet(config: Mapping[str, Any], dtype=jnp.float32, remat: bool = False):
+# The builders: ``(module, dummy inputs)`` from a subfolder's config.json dict. ``dtype`` is the activation
+# dtype (parameters stay float32), ``attention`` the attention kernel ('auto' | 'xla' | 'cudnn', see
+# dmd_jax.models.attention); a config this port does not implement, or another ``attention``, is a ValueError.
+
+def build_unet(config: Mapping[str, Any], dtype=jnp.float32, remat: bool = False, attention: str = "auto"):
   cfg = unet_lib.UNetConfig.from_diffusers(config)
-  return unet_lib.UNet2DConditionModel(cfg, dtype=dtype, remat=remat), unet_lib.dummy_inputs(cfg)
+  module = unet_lib.UNet2DConditionModel(cfg, dtype=dtype, remat=remat, attention=check_implementation(attention))
+  return module, unet_lib.dummy_inputs(cfg)
 
 
-def build_vae(config: Mapping[str, Any], dtype=jnp.float32):
+def build_vae(config: Mapping[str, Any], dtype=jnp.float32, attention: str = "auto"):
   cfg = vae_lib.VAEConfig.from_diffusers(config)
-  return vae_lib.AutoencoderKL(cfg, dtype=dtype), vae_lib.dummy_inputs(cfg)
+  return vae_lib.AutoencoderKL(cfg, dtype=dtype, attention=check_implementation(attention)), vae_lib.dummy_inputs(cfg)
 
 
-def build_text_encoder(config: Mapping[str, Any], dtype=jnp.float32):
+def build_text_encoder(config: Mapping[str, Any], dtype=jnp.float32, attention: str = "auto"):
   cfg = clip_lib.CLIPTextConfig.from_hf(config)
-  return clip_lib.CLIPTextTransformer(cfg, dtype=dtype), clip_lib.dummy_inputs(cfg)
+  module = clip_lib.CLIPTextTransformer(cfg, dtype=dtype, attention=check_implementation(attention))
+  return module, clip_lib.dummy_inputs(cfg)
 
 
-def _build(name: str, config: Mapping[str, Any], dtype):
+def _build(name: str, config: Mapping[str, Any], dtype, attention: str = "auto"):
   builder = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder}[name]
+  check_implementation(attention)  # before the config's errors are attributed to the config file
   try:
-    return builder(config, dtype=dtype)
+    return builder(config, dtype=dtype, attention=attention)
   except ValueError as e:
     if isinstance(e, ConversionError):
       raise
     raise ConversionError(f"{name}/config.json: {e}") from e
 
 
-def convert_network(src_dir: str, name: str, dtype=jnp.float32):
+def convert_network(src_dir: str, name: str, dtype=jnp.float32, attention: str = "auto"):
   """Converts one subfolder (``unet``, ``vae`` or ``text_encoder``): ``(module, params, config_dict)``."""
   folder = _subfolder(src_dir, name)
-  config = _read_config(folder)
-  module, inputs = _build(name, config, dtype)
+  config = read_folder_config(folder)
+  module, inputs = _build(name, config, dtype, attention)
   sd = _read_state_dict(folder, _WEIGHT_NAMES[name])
   ignore = ()
   if name == "vae":
@@ -205,10 +188,10 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def convert_pipeline(src_dir: str | os.PathLike, dtype=jnp.float32) -> dict[str, Any]:
+def convert_pipeline(src_dir: str | os.PathLike, dtype=jnp.float32, attention: str = "auto") -> dict[str, Any]:
   """Converts a diffusers SD folder. Returns ``{'unet': (module, params), 'vae': ..., 'text_encoder': ...,
   'tokenizer': CLIPTokenizer, 'configs': {network: original config dict}, 'scheduler_config': dict | None}``.
-  ``dtype`` is the modules' activation dtype (parameters stay float32)."""
+  ``dtype`` is the modules' activation dtype (parameters stay float32), ``attention`` their attention kernel."""
   src_dir = os.fspath(src_dir)
   if not os.path.isdir(src_dir):
     raise ConversionError(f"no such folder: {src_dir!r}")
@@ -216,7 +199,7 @@ def convert_pipeline(src_dir: str | os.PathLike, dtype=jnp.float32) -> dict[str,
     _subfolder(src_dir, name)
   out: dict[str, Any] = {"configs": {}}
   for name in NETWORKS:
-    module, params, config = convert_network(src_dir, name, dtype)
+    module, params, config = convert_network(src_dir, name, dtype, attention)
     out[name] = (module, params)
     out["configs"][name] = config
   out["tokenizer"] = load_tokenizer(os.path.join(src_dir, "tokenizer"))
@@ -242,14 +225,14 @@ def save_converted_sd(converted: Mapping[str, Any], dst_dir: str | os.PathLike) 
     save_converted(os.path.join(dst_dir, name), jax.device_get(converted[name][1]), converted["configs"][name])
 
 
-def load_converted_sd(src_dir: str | os.PathLike, dtype=jnp.float32) -> dict[str, Any]:
+def load_converted_sd(src_dir: str | os.PathLike, dtype=jnp.float32, attention: str = "auto") -> dict[str, Any]:
   """Reads what :func:`save_converted_sd` wrote, as the same dict :func:`convert_pipeline` returns
-  (parameter shapes checked against the modules)."""
+  (parameter shapes checked against the modules; ``dtype`` and ``attention`` as there)."""
   src_dir = os.fspath(src_dir)
   out: dict[str, Any] = {"configs": {}}
   for name in NETWORKS:
     params, config = load_converted(os.path.join(src_dir, name))
-    module, inputs = _build(name, config, dtype)
+    module, inputs = _build(name, config, dtype, attention)
     want = expected_shapes(module, inputs)
     check_state_dict(flatten_params(params), want, f"converted {name} ({src_dir})")
     out[name] = (module, params)

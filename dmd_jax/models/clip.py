@@ -14,7 +14,8 @@ Stable Diffusion 1.x conditions on ``last_hidden_state`` (after the final LayerN
 ``pre_layrnorm`` + the same encoder + ``post_layernorm``) reuses it unmasked. Parameter names mirror
 the PyTorch state dict (the text transformer's without the ``text_model.`` prefix:
 ``encoder.layers.3.mlp.fc1.weight`` ↔ ``encoder/layers_3/mlp/fc1/kernel``). LayerNorm statistics and the
-softmax are float32.
+softmax are float32. ``attention`` chooses the attention kernel ('auto' | 'xla' | 'cudnn', see
+``dmd_jax.models.attention``; the text tower's causal mask always takes the XLA path).
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmd_jax.models.unet2d import LayerNorm, _dense, dot_product_attention
+from dmd_jax.models.attention import dot_product_attention
+from dmd_jax.models.layers import LayerNorm, conv, dense
 
 Dtype = Any
 
@@ -66,15 +68,16 @@ class CLIPTextConfig:
 class CLIPAttention(nn.Module):
   heads: int
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask=None):
     c = x.shape[-1]
-    q = _dense(c, self.dtype, "q_proj")(x)
-    k = _dense(c, self.dtype, "k_proj")(x)
-    v = _dense(c, self.dtype, "v_proj")(x)
-    out = dot_product_attention(q, k, v, self.heads, mask=mask)
-    return _dense(c, self.dtype, "out_proj")(out)
+    q = dense(c, self.dtype, "q_proj")(x)
+    k = dense(c, self.dtype, "k_proj")(x)
+    v = dense(c, self.dtype, "v_proj")(x)
+    out = dot_product_attention(q, k, v, self.heads, mask=mask, impl=self.attention)
+    return dense(c, self.dtype, "out_proj")(out)
 
 
 class CLIPMLP(nn.Module):
@@ -84,8 +87,8 @@ class CLIPMLP(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = _ACTIVATIONS[self.hidden_act](_dense(self.intermediate_size, self.dtype, "fc1")(x))
-    return _dense(x.shape[-1], self.dtype, "fc2")(h)
+    h = _ACTIVATIONS[self.hidden_act](dense(self.intermediate_size, self.dtype, "fc1")(x))
+    return dense(x.shape[-1], self.dtype, "fc2")(h)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -94,10 +97,11 @@ class CLIPEncoderLayer(nn.Module):
   hidden_act: str
   eps: float
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask=None):
-    x = x + CLIPAttention(self.heads, self.dtype, name="self_attn")(
+    x = x + CLIPAttention(self.heads, self.dtype, self.attention, name="self_attn")(
         LayerNorm(self.eps, self.dtype, name="layer_norm1")(x), mask)
     x = x + CLIPMLP(self.intermediate_size, self.hidden_act, self.dtype, name="mlp")(
         LayerNorm(self.eps, self.dtype, name="layer_norm2")(x))
@@ -113,12 +117,13 @@ class CLIPEncoder(nn.Module):
   hidden_act: str
   eps: float
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask=None):
     for i in range(self.num_layers):
       x = CLIPEncoderLayer(self.heads, self.intermediate_size, self.hidden_act, self.eps, self.dtype,
-                           name=f"layers_{i}")(x, mask)
+                           self.attention, name=f"layers_{i}")(x, mask)
     return x
 
 
@@ -144,6 +149,7 @@ class CLIPTextTransformer(nn.Module):
   (the last-id argmax for legacy configs with ``eos_token_id == 2``, as transformers does)."""
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, input_ids, return_pooled: bool = False):
@@ -154,7 +160,7 @@ class CLIPTextTransformer(nn.Module):
                            name="embeddings")(input_ids)
     causal = jnp.where(jnp.tril(jnp.ones((n, n), bool)), 0.0, -jnp.inf).astype(jnp.float32)
     x = CLIPEncoder(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act,
-                    cfg.layer_norm_eps, self.dtype, name="encoder")(x, causal)
+                    cfg.layer_norm_eps, self.dtype, self.attention, name="encoder")(x, causal)
     x = LayerNorm(cfg.layer_norm_eps, jnp.float32, name="final_layer_norm")(x)
     if not return_pooled:
       return x
@@ -252,8 +258,8 @@ class CLIPVisionEmbeddings(nn.Module):
     d = cfg.hidden_size
     class_embedding = self.param("class_embedding", nn.initializers.normal(0.02), (d,), jnp.float32)
     p = cfg.patch_size
-    x = nn.Conv(d, (p, p), strides=(p, p), padding="VALID", use_bias=False, dtype=self.dtype,
-                param_dtype=jnp.float32, name="patch_embedding")(pixel_values.astype(self.dtype))
+    x = conv(d, p, self.dtype, "patch_embedding", stride=p, padding=0, use_bias=False)(
+        pixel_values.astype(self.dtype))
     x = x.reshape(b, -1, d)                              # row-major patches, as torch's flatten(2)
     cls = jnp.broadcast_to(class_embedding.astype(x.dtype), (b, 1, d))
     x = jnp.concatenate([cls, x], axis=1)
@@ -267,6 +273,7 @@ class CLIPVisionTransformer(nn.Module):
   the class token (the pooled output)."""
   config: CLIPVisionConfig
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, pixel_values):
@@ -274,7 +281,7 @@ class CLIPVisionTransformer(nn.Module):
     x = CLIPVisionEmbeddings(cfg, self.dtype, name="embeddings")(pixel_values)
     x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="pre_layrnorm")(x)
     x = CLIPEncoder(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act,
-                    cfg.layer_norm_eps, self.dtype, name="encoder")(x)
+                    cfg.layer_norm_eps, self.dtype, self.attention, name="encoder")(x)
     pooled = LayerNorm(cfg.layer_norm_eps, jnp.float32, name="post_layernorm")(x[:, 0])
     return x, pooled
 
@@ -293,15 +300,14 @@ class CLIPModel(nn.Module):
   """
   config: CLIPConfig
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   def setup(self):
     cfg = self.config
-    self.text_model = CLIPTextTransformer(cfg.text, self.dtype)
-    self.vision_model = CLIPVisionTransformer(cfg.vision, self.dtype)
-    self.visual_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
-                                      param_dtype=jnp.float32)
-    self.text_projection = nn.Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype,
-                                    param_dtype=jnp.float32)
+    self.text_model = CLIPTextTransformer(cfg.text, self.dtype, self.attention)
+    self.vision_model = CLIPVisionTransformer(cfg.vision, self.dtype, self.attention)
+    self.visual_projection = dense(cfg.projection_dim, self.dtype, use_bias=False)
+    self.text_projection = dense(cfg.projection_dim, self.dtype, use_bias=False)
     self.logit_scale = self.param("logit_scale", nn.initializers.constant(2.6592), (), jnp.float32)
 
   def get_image_features(self, pixel_values):

@@ -9,7 +9,9 @@
 Parameters are float32 and named like the PyTorch modules (``model/enc_16x16_block0/conv0/kernel`` for
 ``model.enc.16x16_block0.conv0.weight``) so that ``dmd_jax.convert.edm`` is a renaming plus layout change.
 ``dtype`` sets the activation dtype (float32 or bfloat16); GroupNorm statistics, attention logits and softmax,
-the sinusoidal / Fourier noise embeddings and the preconditioning stay float32.
+the sinusoidal / Fourier noise embeddings and the preconditioning stay float32. ``attention`` chooses the
+attention kernel ('auto' | 'xla' | 'cudnn', see ``dmd_jax.models.attention``; EDM's attention is upcast, q·k
+from float32 inputs, which 'auto' keeps on the XLA path).
 
 The NCSN++ Fourier frequencies (a PyTorch buffer) live in the parameter tree as ``model/map_noise/freqs`` and
 get no gradient; mask them out of weight decay when fine-tuning.
@@ -24,6 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict
 
+from dmd_jax.models.attention import check_implementation, dot_product_attention
+from dmd_jax.models.layers import GroupNorm, dense
+from dmd_jax.schedules import bcast, edm_precond_coefficients
+
 Dtype = Any
 
 # Init-time record of the PyTorch buffers (``resample_filter``) that a state dict holds, in PyTorch layout. It is
@@ -33,6 +39,8 @@ TORCH_BUFFERS = "torch_buffers"
 
 _conv_init = nn.initializers.xavier_uniform()
 _dense_init = nn.initializers.xavier_uniform()
+# EDM's GroupNorm: min(32, C // 4) groups.
+_GROUPS, _MIN_CHANNELS_PER_GROUP = 32, 4
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -122,30 +130,12 @@ class Conv2d(nn.Module):
     return x
 
 
-class GroupNorm(nn.Module):
-  """GroupNorm with ``min(num_groups, C // min_channels_per_group)`` groups; statistics in float32."""
-  eps: float
-  num_groups: int = 32
-  min_channels_per_group: int = 4
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    g = min(self.num_groups, c // self.min_channels_per_group)
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    xf = x.astype(jnp.float32).reshape(x.shape[:-1] + (g, c // g))
-    axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
-    mean = xf.mean(axis=axes, keepdims=True)
-    var = jnp.square(xf - mean).mean(axis=axes, keepdims=True)
-    y = ((xf - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-    return (y * scale + bias).astype(self.dtype)
+def _group_norm(eps: float, dtype: Dtype, name: str) -> GroupNorm:
+  return GroupNorm(_GROUPS, eps, dtype, min_channels_per_group=_MIN_CHANNELS_PER_GROUP, name=name)
 
 
-def _dense(features, name, dtype, use_bias=True):
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=_dense_init, name=name)
+def _dense(features: int, name: str, dtype: Dtype, use_bias: bool = True) -> nn.Dense:
+  return dense(features, dtype, name, use_bias=use_bias, kernel_init=_dense_init)
 
 
 def positional_embedding(x, num_channels: int, max_positions: int = 10000, endpoint: bool = False):
@@ -181,7 +171,7 @@ class UNetBlock(nn.Module):
   out_channels: int
   up: bool = False
   down: bool = False
-  attention: bool = False
+  use_attention: bool = False
   num_heads: Optional[int] = None
   channels_per_head: int = 64
   dropout: float = 0.0
@@ -192,22 +182,23 @@ class UNetBlock(nn.Module):
   adaptive_scale: bool = True
   deterministic: bool = True
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, emb):
     cin, cout, dt = x.shape[-1], self.out_channels, self.dtype
-    num_heads = 0 if not self.attention else (
+    num_heads = 0 if not self.use_attention else (
         self.num_heads if self.num_heads is not None else cout // self.channels_per_head)
     orig = x
-    x = GroupNorm(self.eps, dtype=dt, name="norm0")(x)
+    x = _group_norm(self.eps, dt, name="norm0")(x)
     x = Conv2d(cout, 3, up=self.up, down=self.down, resample_filter=self.resample_filter, dtype=dt,
                name="conv0")(nn.silu(x))
     p = _dense(cout * (2 if self.adaptive_scale else 1), "affine", dt)(emb)[:, None, None, :].astype(dt)
     if self.adaptive_scale:
       scale, shift = jnp.split(p, 2, axis=-1)
-      x = nn.silu(shift + GroupNorm(self.eps, dtype=dt, name="norm1")(x) * (scale + 1))
+      x = nn.silu(shift + _group_norm(self.eps, dt, name="norm1")(x) * (scale + 1))
     else:
-      x = nn.silu(GroupNorm(self.eps, dtype=dt, name="norm1")(x + p))
+      x = nn.silu(_group_norm(self.eps, dt, name="norm1")(x + p))
     x = nn.Dropout(self.dropout, deterministic=self.deterministic)(x)
     x = Conv2d(cout, 3, dtype=dt, name="conv1")(x)
     if cout != cin or self.up or self.down:
@@ -217,14 +208,12 @@ class UNetBlock(nn.Module):
     x = (x + orig.astype(dt)) * self.skip_scale
     if num_heads:
       n, h, w, _ = x.shape
-      d = cout // num_heads
-      qkv = Conv2d(cout * 3, 1, dtype=dt, name="qkv")(GroupNorm(self.eps, dtype=dt, name="norm2")(x))
+      qkv = Conv2d(cout * 3, 1, dtype=dt, name="qkv")(_group_norm(self.eps, dt, name="norm2")(x))
       # PyTorch qkv output channel o = 3 * (head * d + c) + j, j in (q, k, v): interleaved, not thirds.
-      qkv = qkv.reshape(n, h * w, num_heads, d, 3)
-      q, k, v = qkv[..., 0], qkv[..., 1], qkv[..., 2]
-      logits = jnp.einsum("nqhc,nkhc->nhqk", q.astype(jnp.float32), k.astype(jnp.float32)) / np.sqrt(d)
-      weights = jax.nn.softmax(logits, axis=-1).astype(dt)
-      a = jnp.einsum("nhqk,nkhc->nqhc", weights, v).reshape(n, h, w, cout)
+      qkv = qkv.reshape(n, h * w, cout, 3)
+      # EDM's AttentionOp: q·k and the softmax in float32.
+      a = dot_product_attention(qkv[..., 0], qkv[..., 1], qkv[..., 2], num_heads, upcast=True,
+                                impl=self.attention).reshape(n, h, w, cout)
       x = (Conv2d(cout, 1, dtype=dt, name="proj")(a) + x) * self.skip_scale
     return x
 
@@ -249,6 +238,21 @@ def _label_dropout(module: nn.Module, labels, rate: float, train: bool):
 # ---------------------------------------------------------------------------------------------------------------
 # SongUNet: DDPM++ and NCSN++ (Song et al. 2021), as configured by EDM.
 # ---------------------------------------------------------------------------------------------------------------
+
+def _decoder_level_entry(Block, block_kwargs, record, x, emb, cout: int, res: int, lowest: bool):
+  """The first blocks of a decoder level, the same in SongUNet and DhariwalUNet: at the lowest resolution two
+  blocks (attention in the first), elsewhere one upsampling block. Called inside the parent's compact
+  ``__call__``, so the blocks are its submodules under these names."""
+  if lowest:
+    x = Block(cout, use_attention=True, **block_kwargs, name=f"dec_{res}x{res}_in0")(x, emb)
+    record(f"dec.{res}x{res}_in0", x)
+    x = Block(cout, **block_kwargs, name=f"dec_{res}x{res}_in1")(x, emb)
+    record(f"dec.{res}x{res}_in1", x)
+  else:
+    x = Block(cout, up=True, **block_kwargs, name=f"dec_{res}x{res}_up")(x, emb)
+    record(f"dec.{res}x{res}_up", x)
+  return x
+
 
 class SongUNet(nn.Module):
   """DDPM++ / NCSN++ U-Net. ``__call__`` returns ``(F, encoder_output)``, both NHWC.
@@ -275,6 +279,7 @@ class SongUNet(nn.Module):
   resample_filter: Sequence[int] = (1, 1)
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train: bool = False):
@@ -290,7 +295,7 @@ class SongUNet(nn.Module):
     Block = _block_cls(self.remat)
     block_kwargs = dict(num_heads=1, dropout=self.dropout, skip_scale=float(np.sqrt(0.5)), eps=1e-6,
                         resample_filter=tuple(self.resample_filter), resample_proj=True, adaptive_scale=False,
-                        deterministic=not train, dtype=dt)
+                        deterministic=not train, dtype=dt, attention=self.attention)
     rf = tuple(self.resample_filter)
     record = lambda name, v: self.sow("intermediates", name, v)
 
@@ -340,7 +345,7 @@ class SongUNet(nn.Module):
       for idx in range(self.num_blocks):
         cout = self.model_channels * mult
         name = f"{res}x{res}_block{idx}"
-        x = Block(cout, attention=res in self.attn_resolutions, **block_kwargs, name=f"enc_{name}")(x, emb)
+        x = Block(cout, use_attention=res in self.attn_resolutions, **block_kwargs, name=f"enc_{name}")(x, emb)
         record(f"enc.{name}", x)
         skips.append(x)
     features = x
@@ -349,25 +354,19 @@ class SongUNet(nn.Module):
     aux = None
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       res = self.img_resolution >> level
-      if level == len(self.channel_mult) - 1:
-        x = Block(cout, attention=True, **block_kwargs, name=f"dec_{res}x{res}_in0")(x, emb)
-        record(f"dec.{res}x{res}_in0", x)
-        x = Block(cout, **block_kwargs, name=f"dec_{res}x{res}_in1")(x, emb)
-        record(f"dec.{res}x{res}_in1", x)
-      else:
-        x = Block(cout, up=True, **block_kwargs, name=f"dec_{res}x{res}_up")(x, emb)
-        record(f"dec.{res}x{res}_up", x)
+      x = _decoder_level_entry(Block, block_kwargs, record, x, emb, cout, res,
+                               lowest=level == len(self.channel_mult) - 1)
       for idx in range(self.num_blocks + 1):
         cout = self.model_channels * mult
         attn = idx == self.num_blocks and res in self.attn_resolutions
         x = jnp.concatenate([x, skips.pop()], axis=-1)
-        x = Block(cout, attention=attn, **block_kwargs, name=f"dec_{res}x{res}_block{idx}")(x, emb)
+        x = Block(cout, use_attention=attn, **block_kwargs, name=f"dec_{res}x{res}_block{idx}")(x, emb)
         record(f"dec.{res}x{res}_block{idx}", x)
       if self.decoder_type == "skip" or level == 0:
         if self.decoder_type == "skip" and level < len(self.channel_mult) - 1:
           aux = Conv2d(self.out_channels, 0, up=True, resample_filter=rf, dtype=dt,
                        name=f"dec_{res}x{res}_aux_up")(aux)
-        t = GroupNorm(1e-6, dtype=dt, name=f"dec_{res}x{res}_aux_norm")(x)
+        t = _group_norm(1e-6, dt, name=f"dec_{res}x{res}_aux_norm")(x)
         record(f"dec.{res}x{res}_aux_norm", t)
         t = Conv2d(self.out_channels, 3, dtype=dt, name=f"dec_{res}x{res}_aux_conv")(nn.silu(t))
         record(f"dec.{res}x{res}_aux_conv", t)
@@ -395,13 +394,15 @@ class DhariwalUNet(nn.Module):
   label_dropout: float = 0.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train: bool = False):
     dt = self.dtype
     emb_channels = self.model_channels * self.channel_mult_emb
     Block = _block_cls(self.remat)
-    block_kwargs = dict(channels_per_head=64, dropout=self.dropout, deterministic=not train, dtype=dt)
+    block_kwargs = dict(channels_per_head=64, dropout=self.dropout, deterministic=not train, dtype=dt,
+                        attention=self.attention)
     record = lambda name, v: self.sow("intermediates", name, v)
 
     # Mapping.
@@ -434,7 +435,7 @@ class DhariwalUNet(nn.Module):
       for idx in range(self.num_blocks):
         cout = self.model_channels * mult
         name = f"{res}x{res}_block{idx}"
-        x = Block(cout, attention=res in self.attn_resolutions, **block_kwargs, name=f"enc_{name}")(x, emb)
+        x = Block(cout, use_attention=res in self.attn_resolutions, **block_kwargs, name=f"enc_{name}")(x, emb)
         record(f"enc.{name}", x)
         skips.append(x)
     features = x
@@ -442,21 +443,15 @@ class DhariwalUNet(nn.Module):
     # Decoder.
     for level, mult in reversed(list(enumerate(self.channel_mult))):
       res = self.img_resolution >> level
-      if level == len(self.channel_mult) - 1:
-        x = Block(cout, attention=True, **block_kwargs, name=f"dec_{res}x{res}_in0")(x, emb)
-        record(f"dec.{res}x{res}_in0", x)
-        x = Block(cout, **block_kwargs, name=f"dec_{res}x{res}_in1")(x, emb)
-        record(f"dec.{res}x{res}_in1", x)
-      else:
-        x = Block(cout, up=True, **block_kwargs, name=f"dec_{res}x{res}_up")(x, emb)
-        record(f"dec.{res}x{res}_up", x)
+      x = _decoder_level_entry(Block, block_kwargs, record, x, emb, cout, res,
+                               lowest=level == len(self.channel_mult) - 1)
       for idx in range(self.num_blocks + 1):
         cout = self.model_channels * mult
         x = jnp.concatenate([x, skips.pop()], axis=-1)
-        x = Block(cout, attention=res in self.attn_resolutions, **block_kwargs,
+        x = Block(cout, use_attention=res in self.attn_resolutions, **block_kwargs,
                   name=f"dec_{res}x{res}_block{idx}")(x, emb)
         record(f"dec.{res}x{res}_block{idx}", x)
-    x = GroupNorm(1e-5, dtype=dt, name="out_norm")(x)
+    x = _group_norm(1e-5, dt, name="out_norm")(x)
     x = Conv2d(self.out_channels, 3, dtype=dt, name="out_conv")(nn.silu(x))
     return x, features
 
@@ -471,13 +466,11 @@ MODEL_TYPES = {"SongUNet": SongUNet, "DhariwalUNet": DhariwalUNet}
 class EDMPrecond(nn.Module):
   """EDM preconditioning (Karras et al. 2022, Table 1):
 
-      c_skip = sd^2 / (sigma^2 + sd^2),  c_out = sigma sd / sqrt(sigma^2 + sd^2),
-      c_in = 1 / sqrt(sigma^2 + sd^2),  c_noise = ln(sigma) / 4,
       D(x; sigma) = c_skip x + c_out F(c_in x, c_noise, labels)          (float32)
 
-  ``model_kwargs`` are the network kwargs of ``model_type`` (lists as tuples); ``sigma_min``/``sigma_max`` are
-  recorded for samplers and not used here. Build one from an EDM ``init_kwargs`` dict with
-  ``edm_module_from_kwargs``.
+  with the coefficients of ``dmd_jax.schedules.edm_precond_coefficients``. ``model_kwargs`` are the network
+  kwargs of ``model_type`` (lists as tuples); ``sigma_min``/``sigma_max`` are recorded for samplers and not
+  used here. Build one from an EDM ``init_kwargs`` dict with ``edm_module_from_kwargs``.
   """
   img_resolution: int
   img_channels: int
@@ -489,6 +482,7 @@ class EDMPrecond(nn.Module):
   sigma_max: float = float("inf")
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, sigma, class_labels=None, augment_labels=None, train: bool = False,
@@ -506,17 +500,14 @@ class EDMPrecond(nn.Module):
                       else jnp.asarray(class_labels, jnp.float32).reshape(-1, self.label_dim))
     else:
       class_labels = None
-    sd = self.sigma_data
-    s = sigma.reshape(-1, 1, 1, 1)
-    c_skip = sd ** 2 / (s ** 2 + sd ** 2)
-    c_out = s * sd / jnp.sqrt(s ** 2 + sd ** 2)
-    c_in = 1 / jnp.sqrt(sd ** 2 + s ** 2)
-    c_noise = jnp.log(sigma) / 4
+    c_skip, c_out, c_in, c_noise = edm_precond_coefficients(sigma, self.sigma_data)
     net = MODEL_TYPES[self.model_type](
         img_resolution=self.img_resolution, in_channels=self.img_channels, out_channels=self.img_channels,
-        label_dim=self.label_dim, dtype=self.dtype, remat=self.remat, **dict(self.model_kwargs), name="model")
-    f_x, features = net((c_in * x).astype(self.dtype), c_noise, class_labels, augment_labels, train=train)
-    d_x = c_skip * x + c_out * f_x.astype(jnp.float32)
+        label_dim=self.label_dim, dtype=self.dtype, remat=self.remat, attention=self.attention,
+        **dict(self.model_kwargs), name="model")
+    f_x, features = net((bcast(c_in, x) * x).astype(self.dtype), c_noise, class_labels, augment_labels,
+                        train=train)
+    d_x = bcast(c_skip, x) * x + bcast(c_out, x) * f_x.astype(jnp.float32)
     return (d_x, features) if return_features else d_x
 
 
@@ -542,12 +533,14 @@ def _freeze(v):
 
 
 def edm_module_from_kwargs(init_kwargs: Mapping[str, Any], *, dtype: Dtype = jnp.float32,
-                           remat: bool = False) -> EDMPrecond:
+                           remat: bool = False, attention: str = "auto") -> EDMPrecond:
   """Builds ``EDMPrecond`` from the ``init_kwargs`` an EDM network pickle records (``net.init_kwargs``).
 
   ``use_fp16`` is accepted and ignored (``dtype`` chooses the activation precision here); ``sigma_min`` /
-  ``sigma_max`` / ``sigma_data`` are kept. Unknown keys raise ``ValueError`` naming them.
+  ``sigma_max`` / ``sigma_data`` are kept. Unknown keys raise ``ValueError`` naming them, as does an
+  ``attention`` that is not 'auto', 'xla' or 'cudnn'.
   """
+  check_implementation(attention)
   kw = dict(init_kwargs)
   model_type = kw.get("model_type", "DhariwalUNet")
   if model_type not in _NET_KEYS:
@@ -563,7 +556,7 @@ def edm_module_from_kwargs(init_kwargs: Mapping[str, Any], *, dtype: Dtype = jnp
       img_resolution=int(kw["img_resolution"]), img_channels=int(kw["img_channels"]),
       label_dim=int(kw.get("label_dim", 0)), model_type=model_type, model_kwargs=FrozenDict(model_kwargs),
       sigma_data=float(kw.get("sigma_data", 0.5)), sigma_min=float(kw.get("sigma_min", 0.0)),
-      sigma_max=float(kw.get("sigma_max", float("inf"))), dtype=dtype, remat=remat)
+      sigma_max=float(kw.get("sigma_max", float("inf"))), dtype=dtype, remat=remat, attention=attention)
 
 
 def init_inputs(module: EDMPrecond, batch: int = 1):

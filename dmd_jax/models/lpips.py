@@ -3,7 +3,7 @@
 ``d(x0, x1) = Σ_k mean_hw( w_k · (n(f_k(x0)) - n(f_k(x1)))² )`` where ``f_k`` are the VGG16 ``features`` taps
 after relu1_2, relu2_2, relu3_3, relu4_3 and relu5_3 of the scaled input ``(x - shift) / scale``, ``n``
 divides each pixel's channel vector by ``(‖·‖₂ + 1e-10)``, and ``w_k ≥ 0`` are the v0.1 linear calibration
-weights (a 1×1 conv without bias). DMD's regression loss (method.md §5) uses it on images upsampled to 224.
+weights (a 1×1 conv without bias). DMD's regression loss (docs/method.md §5) uses it on images upsampled to 224.
 
 Note: piq's LPIPS (used by DMD2's regression pretraining) average-pools instead of max-pooling — a
 different function; this is the ``lpips`` package's.
@@ -18,6 +18,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dmd_jax.models.layers import conv
 
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -43,8 +45,7 @@ class VGG16Features(nn.Module):
       if s > 0:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       for i in range(n):
-        x = nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=jnp.float32,
-                    precision=self.precision, name=f"conv{s + 1}_{i + 1}")(x)
+        x = conv(c, 3, self.dtype, f"conv{s + 1}_{i + 1}", precision=self.precision)(x)
         x = nn.relu(x)
       taps.append(x)
     return taps
@@ -81,8 +82,7 @@ class LPIPS(nn.Module):
       f = normalize_channels(f)
       diff = jnp.square(f[:n] - f[n:])
       # lin{k}: 1×1 conv C → 1 without bias (non-negative weights), then the spatial mean.
-      d = nn.Conv(1, (1, 1), use_bias=False, dtype=jnp.float32, precision=self.precision,
-                  name=f"lin{k}")(diff)
+      d = conv(1, 1, jnp.float32, f"lin{k}", use_bias=False, precision=self.precision)(diff)
       total = total + jnp.mean(d, axis=(1, 2, 3))
     return total
 

@@ -10,205 +10,23 @@ Precision: parameters are float32; activations run in ``dtype`` (float32 or bflo
 statistics, attention logits and softmax, and the timestep embedding are computed in float32; the returned
 epsilon is float32.
 
-The building blocks here (GroupNorm, ResnetBlock2D, Attention, resamplers) are shared with ``vae.py``.
+``attention`` chooses the attention kernel ('auto' | 'xla' | 'cudnn', see ``dmd_jax.models.attention``). The
+norms, convs and resnet / resampling blocks are ``dmd_jax.models.layers`` (shared with ``vae.py``).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from dmd_jax.models.attention import dot_product_attention
+from dmd_jax.models.layers import (Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, Upsample2D, conv,
+                                   dense)
+
 Dtype = Any
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Layers
-# ---------------------------------------------------------------------------------------------------------
-
-def _conv(features: int, kernel: int, dtype: Dtype, name: Optional[str] = None, stride: int = 1,
-          padding: Optional[int] = None) -> nn.Conv:
-  pad = (kernel - 1) // 2 if padding is None else padding
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-def _dense(features: int, dtype: Dtype, name: str, use_bias: bool = True) -> nn.Dense:
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32, name=name)
-
-
-class GroupNorm(nn.Module):
-  """``torch.nn.GroupNorm`` (affine): statistics in float32 with the two-pass variance, output in ``dtype``."""
-  num_groups: int
-  epsilon: float
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    if c % self.num_groups:
-      raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    xf = x.astype(jnp.float32)
-    g = xf.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
-    axes = tuple(range(1, x.ndim - 1)) + (x.ndim,)
-    mean = g.mean(axes, keepdims=True)
-    var = jnp.square(g - mean).mean(axes, keepdims=True)
-    g = (g - mean) / jnp.sqrt(var + self.epsilon)
-    return (g.reshape(x.shape) * scale + bias).astype(self.dtype)
-
-
-class LayerNorm(nn.Module):
-  """``torch.nn.LayerNorm`` over the last axis: statistics in float32, output in ``dtype``."""
-  epsilon: float = 1e-5
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) / jnp.sqrt(var + self.epsilon)
-    return (y * scale + bias).astype(self.dtype)
-
-
-# Which attention kernel bf16 / f16 activations use: 'auto' — cuDNN's fused flash attention on a GPU when it
-# takes the shapes (head dim a multiple of 8, ≤ 256 on Hopper; SD 1.5's 40 / 80 / 160 are), else XLA's
-# einsum-softmax-einsum; 'xla' — always the latter; 'cudnn' — always the former (an error where it can't).
-# Float32 activations and masked or upcast attention always take the XLA path. Read when a function is traced.
-ATTENTION = "auto"
-ATTENTION_CHOICES = ("auto", "xla", "cudnn")
-
-
-def _fused_attention(q, k, v, d: int, upcast: bool, mask):
-  """cuDNN flash attention (float32 accumulation and softmax inside the kernel), or None for the XLA path."""
-  if ATTENTION not in ATTENTION_CHOICES:
-    raise ValueError(f"unet2d.ATTENTION must be one of {ATTENTION_CHOICES}, got {ATTENTION!r}")
-  if ATTENTION == "xla" or mask is not None or upcast or q.dtype not in (jnp.bfloat16, jnp.float16):
-    return None
-  if ATTENTION == "auto" and jax.default_backend() != "gpu":
-    return None
-  try:
-    return jax.nn.dot_product_attention(q, k, v, scale=d ** -0.5, implementation="cudnn")
-  except (NotImplementedError, ValueError, RuntimeError):
-    if ATTENTION == "cudnn":
-      raise
-    return None
-
-
-def dot_product_attention(q, k, v, heads: int, upcast: bool = False, mask=None):
-  """Multi-head attention on ``[B, N, heads*d]`` inputs; logits (scale ``d**-0.5``) and softmax in float32.
-
-  ``upcast`` (diffusers' ``upcast_attention``) also computes q·k from float32 inputs; ``mask`` is added to
-  the logits (broadcast to ``[B, heads, N, M]``). bf16 on a GPU: a fused kernel, see ``ATTENTION``.
-  """
-  b, n, inner = q.shape
-  d = inner // heads
-  q = q.reshape(b, n, heads, d)
-  k = k.reshape(b, k.shape[1], heads, d)
-  v = v.reshape(b, v.shape[1], heads, d)
-  fused = _fused_attention(q, k, v, d, upcast, mask)
-  if fused is not None:
-    return fused.reshape(b, n, heads * d)
-  if upcast:
-    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * (d ** -0.5)
-  if mask is not None:
-    logits = logits + mask
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
-  return out.reshape(b, n, heads * d)
-
-
-class Attention(nn.Module):
-  """diffusers ``Attention`` as used by the UNet's transformer blocks (no q/k/v bias).
-
-  Takes ``[B, N, C]`` tokens; ``context`` (``[B, M, D]``) makes it cross-attention.
-  """
-  heads: int
-  dim_head: int
-  out_dim: int
-  upcast: bool = False
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, context=None):
-    context = x if context is None else context
-    inner = self.heads * self.dim_head
-    q = _dense(inner, self.dtype, "to_q", use_bias=False)(x)
-    k = _dense(inner, self.dtype, "to_k", use_bias=False)(context)
-    v = _dense(inner, self.dtype, "to_v", use_bias=False)(context)
-    out = dot_product_attention(q, k, v, self.heads, self.upcast)
-    return _dense(self.out_dim, self.dtype, "to_out_0")(out)
-
-
-class ResnetBlock2D(nn.Module):
-  """``x + conv2(silu(norm2(conv1(silu(norm1(x))) + proj(silu(temb)))))``, 1×1 shortcut when channels change."""
-  out_channels: int
-  groups: int
-  eps: float
-  output_scale_factor: float = 1.0
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, temb=None):
-    h = nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x))
-    h = _conv(self.out_channels, 3, self.dtype, "conv1")(h)
-    if temb is not None:
-      t = _dense(self.out_channels, self.dtype, "time_emb_proj")(nn.silu(temb))
-      h = h + t[:, None, None, :]
-    h = nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name="norm2")(h))
-    h = _conv(self.out_channels, 3, self.dtype, "conv2")(h)
-    if x.shape[-1] != self.out_channels:
-      x = _conv(self.out_channels, 1, self.dtype, "conv_shortcut")(x)
-    out = x + h
-    if self.output_scale_factor != 1.0:
-      out = out / self.output_scale_factor
-    return out
-
-
-class Downsample2D(nn.Module):
-  """3×3 conv with stride 2; ``padding == 0`` pads right/bottom by one first (the VAE encoder's form)."""
-  channels: int
-  padding: int = 1
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    if self.padding == 0:
-      x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return _conv(self.channels, 3, self.dtype, "conv", stride=2, padding=self.padding)(x)
-
-
-def nearest_resize(x, size: Sequence[int]):
-  """``F.interpolate(mode='nearest')`` on NHWC: source index ``floor(dst · in / out)``."""
-  h, w = x.shape[1:3]
-  oh, ow = size
-  if (oh, ow) == (2 * h, 2 * w):
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-  iy = jnp.floor(jnp.arange(oh, dtype=jnp.float32) * jnp.float32(h / oh)).astype(jnp.int32)
-  ix = jnp.floor(jnp.arange(ow, dtype=jnp.float32) * jnp.float32(w / ow)).astype(jnp.int32)
-  return x[:, jnp.minimum(iy, h - 1)][:, :, jnp.minimum(ix, w - 1)]
-
-
-class Upsample2D(nn.Module):
-  """Nearest-neighbour upsampling (2× or to ``size``) followed by a 3×3 conv."""
-  channels: int
-  size: Optional[tuple[int, int]] = None
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    size = self.size if self.size is not None else (2 * x.shape[1], 2 * x.shape[2])
-    x = nearest_resize(x, size)
-    return _conv(self.channels, 3, self.dtype, "conv")(x)
 
 
 def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: float,
@@ -231,6 +49,29 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool, freq_shift: f
 # Transformer
 # ---------------------------------------------------------------------------------------------------------
 
+class Attention(nn.Module):
+  """diffusers ``Attention`` as used by the UNet's transformer blocks (no q/k/v bias).
+
+  Takes ``[B, N, C]`` tokens; ``context`` (``[B, M, D]``) makes it cross-attention.
+  """
+  heads: int
+  dim_head: int
+  out_dim: int
+  upcast: bool = False
+  dtype: Dtype = jnp.float32
+  attention: str = "auto"
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    context = x if context is None else context
+    inner = self.heads * self.dim_head
+    q = dense(inner, self.dtype, "to_q", use_bias=False)(x)
+    k = dense(inner, self.dtype, "to_k", use_bias=False)(context)
+    v = dense(inner, self.dtype, "to_v", use_bias=False)(context)
+    out = dot_product_attention(q, k, v, self.heads, upcast=self.upcast, impl=self.attention)
+    return dense(self.out_dim, self.dtype, "to_out_0")(out)
+
+
 class GEGLU(nn.Module):
   """``proj(x) = [h, gate]``; ``h · gelu(gate)`` (exact erf GELU)."""
   dim_out: int
@@ -238,7 +79,7 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h, gate = jnp.split(_dense(2 * self.dim_out, self.dtype, "proj")(x), 2, axis=-1)
+    h, gate = jnp.split(dense(2 * self.dim_out, self.dtype, "proj")(x), 2, axis=-1)
     return h * nn.gelu(gate, approximate=False)
 
 
@@ -250,7 +91,7 @@ class FeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = GEGLU(self.dim * self.mult, self.dtype, name="net_0")(x)
-    return _dense(self.dim, self.dtype, "net_2")(x)
+    return dense(self.dim, self.dtype, "net_2")(x)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -260,10 +101,12 @@ class BasicTransformerBlock(nn.Module):
   dim_head: int
   upcast: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, context):
-    kw = dict(heads=self.heads, dim_head=self.dim_head, out_dim=self.dim, upcast=self.upcast, dtype=self.dtype)
+    kw = dict(heads=self.heads, dim_head=self.dim_head, out_dim=self.dim, upcast=self.upcast, dtype=self.dtype,
+              attention=self.attention)
     x = Attention(**kw, name="attn1")(LayerNorm(1e-5, self.dtype, name="norm1")(x)) + x
     x = Attention(**kw, name="attn2")(LayerNorm(1e-5, self.dtype, name="norm2")(x), context) + x
     x = FeedForward(self.dim, dtype=self.dtype, name="ff")(LayerNorm(1e-5, self.dtype, name="norm3")(x)) + x
@@ -280,6 +123,7 @@ class Transformer2DModel(nn.Module):
   use_linear_projection: bool
   upcast: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, context):
@@ -288,16 +132,16 @@ class Transformer2DModel(nn.Module):
     residual = x
     x = GroupNorm(self.groups, 1e-6, self.dtype, name="norm")(x)
     if self.use_linear_projection:
-      x = _dense(inner, self.dtype, "proj_in")(x.reshape(b, h * w, c))
+      x = dense(inner, self.dtype, "proj_in")(x.reshape(b, h * w, c))
     else:
-      x = _conv(inner, 1, self.dtype, "proj_in")(x).reshape(b, h * w, inner)
+      x = conv(inner, 1, self.dtype, "proj_in")(x).reshape(b, h * w, inner)
     for i in range(self.num_layers):
-      x = BasicTransformerBlock(inner, self.heads, self.dim_head, self.upcast, self.dtype,
+      x = BasicTransformerBlock(inner, self.heads, self.dim_head, self.upcast, self.dtype, self.attention,
                                 name=f"transformer_blocks_{i}")(x, context)
     if self.use_linear_projection:
-      x = _dense(c, self.dtype, "proj_out")(x).reshape(b, h, w, c)
+      x = dense(c, self.dtype, "proj_out")(x).reshape(b, h, w, c)
     else:
-      x = _conv(c, 1, self.dtype, "proj_out")(x.reshape(b, h, w, inner))
+      x = conv(c, 1, self.dtype, "proj_out")(x.reshape(b, h, w, inner))
     return x + residual
 
 
@@ -444,6 +288,7 @@ class DownBlock(nn.Module):
   upcast: bool
   downsample_padding: int
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, temb, context):
@@ -453,7 +298,7 @@ class DownBlock(nn.Module):
       if self.cross_attn:
         x = Transformer2DModel(self.heads, self.out_channels // self.heads, self.transformer_layers,
                                self.groups, self.use_linear_projection, self.upcast, self.dtype,
-                               name=f"attentions_{i}")(x, context)
+                               self.attention, name=f"attentions_{i}")(x, context)
       skips.append(x)
     if self.add_downsample:
       x = Downsample2D(self.out_channels, self.downsample_padding, self.dtype, name="downsamplers_0")(x)
@@ -475,6 +320,7 @@ class UpBlock(nn.Module):
   use_linear_projection: bool
   upcast: bool
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, skips, temb, context):
@@ -485,7 +331,7 @@ class UpBlock(nn.Module):
       if self.cross_attn:
         x = Transformer2DModel(self.heads, self.out_channels // self.heads, self.transformer_layers,
                                self.groups, self.use_linear_projection, self.upcast, self.dtype,
-                               name=f"attentions_{i}")(x, context)
+                               self.attention, name=f"attentions_{i}")(x, context)
     if self.upsample_size is not None:
       x = Upsample2D(self.out_channels, self.upsample_size, self.dtype, name="upsamplers_0")(x)
     return x
@@ -501,13 +347,15 @@ class MidBlockCrossAttn(nn.Module):
   use_linear_projection: bool
   upcast: bool
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, temb, context):
     c = x.shape[-1]
     x = ResnetBlock2D(c, self.groups, self.eps, self.output_scale_factor, self.dtype, name="resnets_0")(x, temb)
     x = Transformer2DModel(self.heads, c // self.heads, self.transformer_layers, self.groups,
-                           self.use_linear_projection, self.upcast, self.dtype, name="attentions_0")(x, context)
+                           self.use_linear_projection, self.upcast, self.dtype, self.attention,
+                           name="attentions_0")(x, context)
     return ResnetBlock2D(c, self.groups, self.eps, self.output_scale_factor, self.dtype, name="resnets_1")(x, temb)
 
 
@@ -522,7 +370,7 @@ class TimestepEmbedding(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return _dense(self.dim, self.dtype, "linear_2")(nn.silu(_dense(self.dim, self.dtype, "linear_1")(x)))
+    return dense(self.dim, self.dtype, "linear_2")(nn.silu(dense(self.dim, self.dtype, "linear_1")(x)))
 
 
 class UNet2DConditionModel(nn.Module):
@@ -530,11 +378,13 @@ class UNet2DConditionModel(nn.Module):
   (float32). With ``return_mid_features=True`` returns ``(eps, mid)``, ``mid`` the mid-block output
   ``[B, H/2^k, W/2^k, C_last]`` in ``dtype`` (the bottleneck DMD2's GAN head reads).
 
-  ``remat`` rematerialises each down/mid/up block in the backward pass (gradient checkpointing).
+  ``remat`` rematerialises each down/mid/up block in the backward pass (gradient checkpointing);
+  ``attention`` is the attention kernel ('auto' | 'xla' | 'cudnn', see ``dmd_jax.models.attention``).
   """
   config: UNetConfig
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, sample, timesteps, encoder_hidden_states, return_mid_features: bool = False):
@@ -553,18 +403,20 @@ class UNet2DConditionModel(nn.Module):
     temb = TimestepEmbedding(temb_dim, self.dtype, name="time_embedding")(temb)
     context = jnp.asarray(encoder_hidden_states).astype(self.dtype)
 
-    x = _conv(ch[0], cfg.conv_in_kernel, self.dtype, "conv_in")(sample.astype(self.dtype))
+    x = conv(ch[0], cfg.conv_in_kernel, self.dtype, "conv_in")(sample.astype(self.dtype))
     skips = [x]
     for i, kind in enumerate(cfg.down_block_types):
       x, res = wrap(DownBlock)(
           ch[i], cfg.layers_per_block[i], kind == "CrossAttnDownBlock2D", cfg.num_heads[i],
           cfg.transformer_layers_per_block[i], i < n - 1, groups, eps, cfg.use_linear_projection,
-          cfg.upcast_attention, cfg.downsample_padding, self.dtype, name=f"down_blocks_{i}")(x, temb, context)
+          cfg.upcast_attention, cfg.downsample_padding, self.dtype, self.attention,
+          name=f"down_blocks_{i}")(x, temb, context)
       skips.extend(res)
 
     x = wrap(MidBlockCrossAttn)(
         cfg.num_heads[-1], cfg.transformer_layers_per_block[-1], groups, eps, cfg.mid_block_scale_factor,
-        cfg.use_linear_projection, cfg.upcast_attention, self.dtype, name="mid_block")(x, temb, context)
+        cfg.use_linear_projection, cfg.upcast_attention, self.dtype, self.attention,
+        name="mid_block")(x, temb, context)
     mid = x
 
     rev = lambda v: tuple(reversed(v))
@@ -576,11 +428,11 @@ class UNet2DConditionModel(nn.Module):
       size = tuple(skips[-1].shape[1:3]) if i < n - 1 else None
       x = wrap(UpBlock)(
           r_ch[i], k, kind == "CrossAttnUpBlock2D", r_heads[i], r_tl[i], size, groups, eps,
-          cfg.use_linear_projection, cfg.upcast_attention, self.dtype, name=f"up_blocks_{i}")(
+          cfg.use_linear_projection, cfg.upcast_attention, self.dtype, self.attention, name=f"up_blocks_{i}")(
               x, tuple(res), temb, context)
 
     x = nn.silu(GroupNorm(groups, eps, self.dtype, name="conv_norm_out")(x))
-    eps_out = _conv(cfg.out_channels, cfg.conv_out_kernel, self.dtype, "conv_out")(x).astype(jnp.float32)
+    eps_out = conv(cfg.out_channels, cfg.conv_out_kernel, self.dtype, "conv_out")(x).astype(jnp.float32)
     if return_mid_features:
       return eps_out, mid
     return eps_out

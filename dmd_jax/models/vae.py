@@ -5,7 +5,8 @@
 
 Callers apply ``config.scaling_factor`` (0.18215 for SD 1.x): ``decode(z / scaling_factor)``,
 ``encode(x) * scaling_factor``. The decoder output is not clipped (nominally in [-1, 1]).
-Parameter names mirror the diffusers state dict (see ``unet2d.py``).
+Parameter names mirror the diffusers state dict (see ``unet2d.py``). ``attention`` chooses the mid-block
+attention's kernel ('auto' | 'xla' | 'cudnn', see ``dmd_jax.models.attention``).
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from dmd_jax.models.unet2d import (Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, _conv, _dense,
-                                   dot_product_attention)
+from dmd_jax.models.attention import dot_product_attention
+from dmd_jax.models.layers import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv, dense
 
 Dtype = Any
 
@@ -80,15 +81,16 @@ class AttentionBlock(nn.Module):
   groups: int
   eps: float = 1e-6
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     t = GroupNorm(self.groups, self.eps, self.dtype, name="group_norm")(x).reshape(b, h * w, c)
-    q = _dense(c, self.dtype, "to_q")(t)
-    k = _dense(c, self.dtype, "to_k")(t)
-    v = _dense(c, self.dtype, "to_v")(t)
-    out = _dense(c, self.dtype, "to_out_0")(dot_product_attention(q, k, v, heads=1))
+    q = dense(c, self.dtype, "to_q")(t)
+    k = dense(c, self.dtype, "to_k")(t)
+    v = dense(c, self.dtype, "to_v")(t)
+    out = dense(c, self.dtype, "to_out_0")(dot_product_attention(q, k, v, 1, impl=self.attention))
     return out.reshape(b, h, w, c) + x
 
 
@@ -97,13 +99,14 @@ class MidBlock(nn.Module):
   groups: int
   add_attention: bool = True
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     x = ResnetBlock2D(c, self.groups, 1e-6, dtype=self.dtype, name="resnets_0")(x)
     if self.add_attention:
-      x = AttentionBlock(self.groups, 1e-6, self.dtype, name="attentions_0")(x)
+      x = AttentionBlock(self.groups, 1e-6, self.dtype, self.attention, name="attentions_0")(x)
     return ResnetBlock2D(c, self.groups, 1e-6, dtype=self.dtype, name="resnets_1")(x)
 
 
@@ -144,33 +147,35 @@ class DecoderBlock(nn.Module):
 class Encoder(nn.Module):
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     cfg = self.config
     ch, g = cfg.block_out_channels, cfg.norm_num_groups
-    x = _conv(ch[0], 3, self.dtype, "conv_in")(x.astype(self.dtype))
+    x = conv(ch[0], 3, self.dtype, "conv_in")(x.astype(self.dtype))
     for i, c in enumerate(ch):
       x = EncoderBlock(c, cfg.layers_per_block, i < len(ch) - 1, g, self.dtype, name=f"down_blocks_{i}")(x)
-    x = MidBlock(g, cfg.mid_block_add_attention, self.dtype, name="mid_block")(x)
+    x = MidBlock(g, cfg.mid_block_add_attention, self.dtype, self.attention, name="mid_block")(x)
     x = nn.silu(GroupNorm(g, 1e-6, self.dtype, name="conv_norm_out")(x))
-    return _conv(2 * cfg.latent_channels, 3, self.dtype, "conv_out")(x)
+    return conv(2 * cfg.latent_channels, 3, self.dtype, "conv_out")(x)
 
 
 class Decoder(nn.Module):
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, z):
     cfg = self.config
     ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
-    x = _conv(ch[0], 3, self.dtype, "conv_in")(z.astype(self.dtype))
-    x = MidBlock(g, cfg.mid_block_add_attention, self.dtype, name="mid_block")(x)
+    x = conv(ch[0], 3, self.dtype, "conv_in")(z.astype(self.dtype))
+    x = MidBlock(g, cfg.mid_block_add_attention, self.dtype, self.attention, name="mid_block")(x)
     for i, c in enumerate(ch):
       x = DecoderBlock(c, cfg.layers_per_block + 1, i < len(ch) - 1, g, self.dtype, name=f"up_blocks_{i}")(x)
     x = nn.silu(GroupNorm(g, 1e-6, self.dtype, name="conv_norm_out")(x))
-    return _conv(cfg.out_channels, 3, self.dtype, "conv_out")(x)
+    return conv(cfg.out_channels, 3, self.dtype, "conv_out")(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -178,15 +183,16 @@ class AutoencoderKL(nn.Module):
   both (``decode(encode(x))``), which is what ``init`` needs to create every parameter."""
   config: VAEConfig
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   def setup(self):
     cfg = self.config
-    self.encoder = Encoder(cfg, self.dtype)
-    self.decoder = Decoder(cfg, self.dtype)
+    self.encoder = Encoder(cfg, self.dtype, self.attention)
+    self.decoder = Decoder(cfg, self.dtype, self.attention)
     if cfg.use_quant_conv:
-      self.quant_conv = _conv(2 * cfg.latent_channels, 1, self.dtype)
+      self.quant_conv = conv(2 * cfg.latent_channels, 1, self.dtype)
     if cfg.use_post_quant_conv:
-      self.post_quant_conv = _conv(cfg.latent_channels, 1, self.dtype)
+      self.post_quant_conv = conv(cfg.latent_channels, 1, self.dtype)
 
   def encode(self, x):
     """Image ``[B, H, W, in_channels]`` → mean of the latent posterior ``[B, H/f, W/f, latent_channels]``."""
