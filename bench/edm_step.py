@@ -6,7 +6,7 @@
 
 Everything is the real code path: a random-weight teacher in the published checkpoint's shape is written with
 ``dmd_jax.convert.edm.write_random_teacher`` (once, cached under ``--workdir``), ``configs/imagenet64.py`` points
-``teacher.path`` at it, and ``dmd_jax.train.Setup`` builds the networks (``networks.build``), the optimizers
+``teacher.path`` at it, and ``dmd_jax.train.setup`` builds the teacher (``teachers.build``), the optimizers
 (``train.make_hyper``), the mesh, the shardings and the initial state (generator and fake score copied from the
 teacher, AdamW states). Three functions are jitted with those shardings and the state donated, as
 ``train.py`` does:
@@ -44,8 +44,9 @@ import numpy as np  # noqa: E402
 
 from bench import common as bench_common  # noqa: E402
 from bench.common import MIB, measure  # noqa: E402
-from dmd_jax import dmd, sharding, train  # noqa: E402
+from dmd_jax import dmd, sharding, streams, train  # noqa: E402
 from dmd_jax.convert import edm as edm_convert  # noqa: E402
+from dmd_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 
 # The init_kwargs edm-imagenet-64x64-cond-adm.pkl records (EDM's train.py --arch=adm --dropout=0.1 --augment=0
 # --fp16=1; DhariwalUNet / EDMPrecond defaults for the rest); shared/docs/references.md.
@@ -84,6 +85,7 @@ def make_config(args, dtype: str, remat: bool, workdir: str):
   config = load_config(args.config)
   config.model.dtype = dtype
   config.model.remat = remat
+  config.model.attention = args.attention
   n_dev = jax.device_count()
   config.batch_size = args.batch_per_device * n_dev
   config.regression.batch_size = args.batch_per_device * n_dev
@@ -100,8 +102,8 @@ def make_config(args, dtype: str, remat: bool, workdir: str):
 def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
   config = make_config(args, dtype, remat, workdir)
   t0 = time.perf_counter()
-  setup = train.Setup(config, os.path.join(workdir, f"run-{args.config}"))
-  nets, hyper, mesh = setup.nets, setup.hyper, setup.mesh
+  setup = train.setup(config, os.path.join(workdir, f"run-{args.config}"))
+  nets, hyper, mesh = setup.teacher, setup.hyper, setup.mesh
   state = setup.init_state()
   jax.block_until_ready(state)
   print(f"[{dtype}, remat={remat}] networks, state: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
@@ -112,18 +114,16 @@ def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
   gen_sh, fake_sh = state_sh["generator"], state_sh["fake_score"]
 
   # Per-step inputs, drawn as train_step draws them (fold_in(key, step), split 4).
-  r_z, r_c, r_dm, r_fake = jax.random.split(jax.random.fold_in(setup.step_key, 0), 4)
+  step_key = streams.key(config.seed, "train")
+  r_z, r_c, r_dm, r_fake = jax.random.split(jax.random.fold_in(step_key, 0), 4)
   r_rz, r_rx, r_rc = jax.random.split(jax.random.PRNGKey(123), 3)
   put = lambda a: jax.device_put(a, batch_sh)
-  z, cond = put(nets.sample_noise(r_z, B)), nets.sample_cond(r_c, B)
-  cond = None if cond is None else put(cond)
+  z, cond = put(nets.sample_noise(r_z, B)), put(nets.conditions.draw(r_c, B))
   batch = {}
   if config.regression.weight > 0:
     rb = config.regression.batch_size
-    batch = {"reg_z": put(nets.sample_noise(r_rz, rb)), "reg_x": put(0.5 * nets.sample_noise(r_rx, rb))}
-    reg_cond = nets.sample_cond(r_rc, rb)
-    if reg_cond is not None:
-      batch["reg_cond"] = put(reg_cond)
+    batch = {"reg_z": put(nets.sample_noise(r_rz, rb)), "reg_x": put(0.5 * nets.sample_noise(r_rx, rb)),
+             "reg_cond": put(nets.conditions.draw(r_rc, rb))}
   batch_tree_sh = jax.tree.map(lambda _: batch_sh, batch)
   x_fake = put(jnp.clip(0.5 * nets.sample_noise(r_fake, B), -1, 1))   # stands for detached generator samples
 
@@ -140,7 +140,7 @@ def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
     jitted = jax.jit(functools.partial(dmd.train_step, nets=nets, hyper=hyper),
                      in_shardings=(state_sh, frozen_sh, batch_tree_sh, repl), out_shardings=(state_sh, repl),
                      donate_argnums=(0,))
-    full_args = (state, setup.frozen, batch, setup.step_key)
+    full_args = (state, setup.frozen, batch, step_key)
     del state
     row, full_args = measure(jitted, full_args, lambda a, out: (out[0],) + a[1:], **common,
                              run=not args.full_compile_only)
@@ -174,7 +174,8 @@ def _fake_row(nets, hyper, state, fake_sh, batch_sh, repl, x_fake, cond, r_fake,
 def header(args, n_params: int) -> str:
   d = jax.devices()[0]
   return (f"device: {d.device_kind} ({jax.default_backend()}) × {jax.device_count()}, jax {jax.__version__}; "
-          f"config {args.config} ({n_params:,} teacher parameters); batch per device {args.batch_per_device}; "
+          f"config {args.config} ({n_params:,} teacher parameters); attention {args.attention}; "
+          f"batch per device {args.batch_per_device}; "
           f"median of {args.repeats} after {args.warmup} warm-up call(s); memory: XLA memory_analysis per device "
           f"in MiB (total = argument + output - alias + temp)")
 
@@ -202,6 +203,8 @@ def main(argv=None):
   parser.add_argument("--batch_per_device", type=int, default=2)
   parser.add_argument("--dtype", default="float32,bfloat16", help="comma list of float32, bfloat16 (model.dtype)")
   parser.add_argument("--remat", default="off", help="comma list of off, on (model.remat)")
+  parser.add_argument("--attention", default="auto", choices=IMPLEMENTATIONS,
+                      help="the attention kernel (model.attention)")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--fsdp", type=int, default=1, help="mesh.fsdp (data = the remaining devices)")

@@ -17,10 +17,10 @@ total = argument + output - alias + temp), XLA's flop count per device and the c
 The config is ``configs/coco.py`` (``config_lib.sd_config``: bfloat16 activations, rematerialised UNet blocks,
 guidance 3, LPIPS regression weight 0.25 on VAE-decoded images, ``train.make_hyper``'s AdamW), with the global DM
 batch b × N and the regression batch ceil(b / 2) × N (the recipe's 2304 : 1152). The networks come from
-``networks.sd_networks`` on the released SD 1.5 configs (``convert.sd.SD15_UNET`` / ``SD15_VAE`` /
+``teachers.sd.sd_teacher`` on the released SD 1.5 configs (``convert.sd.SD15_UNET`` / ``SD15_VAE`` /
 ``SD15_TEXT``): parameters, Adam moments, the frozen teacher / VAE / LPIPS VGG16 and the inputs are
-``jax.ShapeDtypeStruct``\\ s with shardings (``sharding.tree_sharding`` / ``batch_sharding``), the state's shapes
-from ``jax.eval_shape`` of ``dmd.init_state(nets, hyper, *nets.init(key))`` as ``train.Setup`` does. Text
+``jax.ShapeDtypeStruct``\\ s with shardings, the state's shapes and shardings from ``train.build`` (the pure
+build every training run goes through). Text
 conditions are abstract [B, 77, 768] CLIP embeddings (no prompt is embedded).
 
 Layouts (``sharding.make_mesh(data, fsdp)``; batches are split over both axes, i.e. over all N devices):
@@ -83,8 +83,8 @@ def _set_xla_flags(n: int, fast_compile: bool) -> None:
 
 
 class AbstractPrompts:
-  """The condition source ``networks.sd_networks`` expects, standing in for ``data.prompts.PromptSet``: the
-  shape of the embedding table only (nothing here is ever looked up)."""
+  """The prompt set ``teachers.base.PromptConditions`` expects, standing in for ``data.prompts.PromptSet``:
+  the shape of the embedding table only (nothing here is ever looked up)."""
 
   key = "abstract"
 
@@ -108,8 +108,8 @@ class Model:
   def __init__(self, tiny: bool):
     import jax
     import jax.numpy as jnp
-    from dmd_jax import networks
     from dmd_jax.config_lib import sd_config
+    from dmd_jax.teachers import base, sd
     from dmd_jax.convert import sd as sdc
     from dmd_jax.models.lpips import LPIPS
     self.tiny = tiny
@@ -128,15 +128,11 @@ class Model:
     n_prompts = len(self.config.data.prompts) if tiny else self.config.data.num_prompts
     self.prompts = AbstractPrompts(n_prompts, length, width)
     uncond = jax.ShapeDtypeStruct((1, length, width), jnp.float32)
-    self.frozen = networks.sd_frozen(self.unet_params, uncond, vae_params, lpips_params)
-    self.nets = self.networks(self.unet_params)
+    self.frozen = sd.sd_frozen(self.unet_params, uncond, vae_params, lpips_params)
+    conditions = base.PromptConditions(self.prompts, self.config.seed, encode_text=None)
+    self.teacher = sd.sd_teacher(self.config, self.unet_cfg, self.vae_cfg, self.unet_params, conditions)
     self.counts = {name: _count(tree) for name, tree in
                    (("UNet", self.unet_params), ("VAE", vae_params), ("LPIPS VGG16", lpips_params))}
-
-  def networks(self, teacher_params):
-    from dmd_jax import networks
-    return networks.sd_networks(self.config, self.unet_cfg, self.vae_cfg, teacher_params, self.prompts)
-
 
 def _count(tree) -> int:
   import jax
@@ -149,12 +145,13 @@ def _sharded(tree, shardings):
 
 
 def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit) -> None:
-  """The rows of one mesh (N devices, ``layout``) and per-device batch ``b``: builds the config, mesh, hyper,
-  abstract state and shardings as ``train.Setup`` does, then compiles each step."""
+  """The rows of one mesh (N devices, ``layout``) and per-device batch ``b``: the config and mesh, then
+  ``train.build`` (hyper-parameters, abstract state, shardings) as a training run does, then compiles each
+  step."""
   import jax
   import jax.numpy as jnp
   from bench import common
-  from dmd_jax import dmd, sharding, train
+  from dmd_jax import sharding, train
 
   config = model.config.copy_and_resolve_references()
   rb = -(-b // 2)
@@ -162,20 +159,11 @@ def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit) -> None
   config.mesh.data, config.mesh.fsdp = (1, n) if layout == "fsdp" else (n, 1)
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:n])
-  min_shard = config.mesh.min_shard_size
-  nets = model.nets
-  hyper = train.make_hyper(config, nets, mesh)
-
-  def init_state(teacher_params, key):   # train.Setup._init_state on networks built from the abstract teacher
-    nets_p = model.networks(teacher_params)
-    return dmd.init_state(nets_p, hyper, *nets_p.init(key))
-
+  run = train.build(config, model.teacher, model.frozen, mesh)
+  nets, hyper, state_sh, frozen_sh = run.teacher, run.hyper, run.state_sharding, run.frozen_sharding
   key = jax.random.PRNGKey(config.seed)
-  state = jax.eval_shape(init_state, model.unet_params, key)
-  state_sh = sharding.tree_sharding(mesh, state, min_shard)
-  frozen_sh = sharding.frozen_sharding(mesh, model.frozen, min_shard)
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  state, frozen = _sharded(state, state_sh), _sharded(model.frozen, frozen_sh)
+  state, frozen = _sharded(run.abstract_state, state_sh), _sharded(model.frozen, frozen_sh)
 
   f32 = jnp.float32
   cond_shape = model.prompts.table.shape[1:]
@@ -235,7 +223,7 @@ def header(model: Model) -> str:
   what = "configs/coco.py:tiny shapes (convert.sd.TINY_*)" if model.tiny else "Stable Diffusion v1.5 (configs/coco.py)"
   return (f"{what}: parameters {counts}; activations {c.model.dtype}, remat {c.model.remat}, guidance "
           f"{c.guidance_scale}, regression {c.regression.distance} (weight {c.regression.weight}) on VAE-decoded "
-          f"{model.nets.sample_shape[0] * 2 ** (len(model.vae_cfg['block_out_channels']) - 1)} px images; "
+          f"{model.teacher.sample_shape[0] * 2 ** (len(model.vae_cfg['block_out_channels']) - 1)} px images; "
           f"regression batch per device = ceil(DM batch / 2) (the recipe's 2304 : 1152); FSDP-shards arrays of >= "
           f"{c.mesh.min_shard_size:,} elements. Compile only on {d.platform} ({jax.device_count()} devices; "
           f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}), jax {jax.__version__}; memory: XLA memory_analysis per "

@@ -1,4 +1,4 @@
-"""DMD on CIFAR-10 with EDM teachers (DMD paper, CIFAR-10 rows; method.md §2–6).
+"""DMD on CIFAR-10 with EDM teachers (DMD paper, CIFAR-10 rows; docs/method.md §2–6).
 
 Variants (``--config=configs/cifar10.py:VARIANTS``, comma-separated):
   cond (default)  class-conditional teacher edm-cifar10-32x32-cond-vp (DDPM++), lambda_reg 0.25, 100k pairs

@@ -1,4 +1,4 @@
-"""DMD text-to-image on Stable Diffusion v1.5 (the DMD paper's LAION → COCO rows; method.md §2–6).
+"""DMD text-to-image on Stable Diffusion v1.5 (the DMD paper's LAION → COCO rows; docs/method.md §2–6).
 
 Variants (``--config=configs/coco.py:VARIANTS``):
   (default)  SD v1.5 teacher (converted folder), lr 1e-5 (AdamW, 500 warm-up steps, then constant), guidance 3
@@ -24,7 +24,7 @@ once and cached in the workdir (``dmd_jax/data/prompts.py``; 500k × 77 × 768 f
 (uint8, VAE-decoded) for prompts drawn from the first 64 training prompts as an .npz. The tokenizer needs
 ``transformers`` (``pip install -e '.[sd]'``; torch is not needed).
 
-Evaluation (``--mode=eval``, and at the end of training; method.md §8, dmd_jax/evaluation/text_to_image.py):
+Evaluation (``--mode=eval``, and at the end of training; docs/method.md §8, dmd_jax/evaluation/text_to_image.py):
 COCO-30k FID under the clean-fid protocol (centre crop, Lanczos 256, clean resize 299) against the 40,504
 val2014 images, and CLIP score on "A photo depicts <caption>":
 

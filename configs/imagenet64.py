@@ -1,4 +1,4 @@
-"""DMD on ImageNet 64×64 with the EDM ADM teacher (DMD paper, ImageNet rows; method.md §2–6).
+"""DMD on ImageNet 64×64 with the EDM ADM teacher (DMD paper, ImageNet rows; docs/method.md §2–6).
 
 Variants (``--config=configs/imagenet64.py:VARIANTS``):
   (default)  edm-imagenet-64x64-cond-adm (DhariwalUNet, 296M parameters), lr 2e-6, batch 336, 350k steps,

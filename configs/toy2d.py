@@ -2,7 +2,7 @@
 
 The teacher is the exact EDM denoiser E[x0 | x0 + sigma eps = x] of the mixture, so nothing is downloaded
 and the whole method — DM gradient, fake-score training, regression on teacher Heun-ODE pairs — runs on a
-laptop CPU in a few minutes. Generator and fake score are MLPs from random weights (method.md §2).
+laptop CPU in a few minutes. Generator and fake score are MLPs from random weights (docs/method.md §2).
 
 Variants (``--config=configs/toy2d.py:VARIANT``):
   default   8 equal modes on the unit circle, std 0.05
@@ -73,5 +73,7 @@ def get_config(arg: str = ""):
 
   c.ema = ml_collections.ConfigDict(dict(decay=0.0))   # EMA of the generator; 0 = off
 
-  c.eval = ml_collections.ConfigDict(dict(num_samples=20_000))
+  c.eval = ml_collections.ConfigDict(dict(
+      evaluators=("toy",),  # evaluation/evaluators.py: TV, precision, mode shares, MMD² and a scatter PNG
+      num_samples=20_000))
   return c

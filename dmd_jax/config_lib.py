@@ -26,7 +26,7 @@ def base_config(seed: int = 0) -> ml_collections.ConfigDict:
   c.schedule = ml_collections.ConfigDict(dict(
       kind="edm", sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5,
       num_timesteps=1000, dm_t_min=20, dm_t_max=980))
-  # method.md §6: AdamW (0.9, 0.999), wd 0.01, eps 1e-8, 500 warm-up steps then constant, clipping at 10
+  # docs/method.md §6: AdamW (0.9, 0.999), wd 0.01, eps 1e-8, 500 warm-up steps then constant, clipping at 10
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-5, warmup_steps=500, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0,
       decay="constant"))
@@ -35,13 +35,14 @@ def base_config(seed: int = 0) -> ml_collections.ConfigDict:
 
 def edm_config(*, lr: float, batch_size: int, num_train_steps: int, regression_weight: float, num_pairs: int,
                sampler_steps: int, tiny_init_kwargs: dict | None) -> ml_collections.ConfigDict:
-  """An EDM-teacher DMD config (method.md §2–6). ``tiny_init_kwargs`` switches to a small random-weight
+  """An EDM-teacher DMD config (docs/method.md §2–6). ``tiny_init_kwargs`` switches to a small random-weight
   teacher of the same family, written under the workdir, with CPU-sized batches and step counts."""
   c = base_config()
   c.model = ml_collections.ConfigDict(dict(
       family="edm",
       dtype="bfloat16",     # activations; parameters, optimizer state and DM-loss arithmetic stay float32
-      remat=False))
+      remat=False,
+      attention="auto"))    # 'auto' (cuDNN flash attention for bf16 on GPUs, else XLA), 'xla', 'cudnn'
   c.teacher = ml_collections.ConfigDict(dict(
       path="",              # a folder written by `python -m dmd_jax.convert edm`; 'random' for the :tiny variants
       random_init_kwargs=""))   # JSON init_kwargs of the random-weight teacher (teacher.path='random')
@@ -53,15 +54,16 @@ def edm_config(*, lr: float, batch_size: int, num_train_steps: int, regression_w
   c.log_every = 100
   c.regression = ml_collections.ConfigDict(dict(
       weight=regression_weight,
-      distance="lpips",     # LPIPS-VGG after bilinear upsampling to 224 (method.md §5); or 'l2' / 'mse'
+      distance="lpips",     # LPIPS-VGG after bilinear upsampling to 224 (docs/method.md §5); or 'l2' / 'mse'
       lpips_path="",        # a folder written by `python -m dmd_jax.convert lpips --src=vgg16.pth`
       lpips_resize=224,
       num_pairs=num_pairs,
       shard_size=1_000,
       batch_size=batch_size,
       sampler_steps=sampler_steps))   # EDM Heun steps of the teacher ODE pairs (2N - 1 NFE)
-  # method.md §8: 50k samples, TF-FID protocol, EDM's reference statistics
+  # docs/method.md §8: 50k samples, TF-FID protocol, EDM's reference statistics
   c.eval = ml_collections.ConfigDict(dict(
+      evaluators=("grid", "fid"),   # evaluation/evaluators.py: sample picture, FID (with eval.inception_path)
       num_samples=50_000,
       batch_size=500,       # images per generation / Inception step (global)
       inception_path="",    # a folder written by `python -m dmd_jax.convert inception --src=pt_inception-...pth`
@@ -98,14 +100,15 @@ TINY_PROMPTS = ("a red bus", "a bus", "a red car on a road", "two birds", "a cat
 
 
 def sd_config(*, tiny: bool) -> ml_collections.ConfigDict:
-  """The DMD text-to-image recipe on Stable Diffusion v1.5 (method.md §2–6; see configs/coco.py).
+  """The DMD text-to-image recipe on Stable Diffusion v1.5 (docs/method.md §2–6; see configs/coco.py).
   ``tiny`` switches to a random-weight tiny pipeline written under the workdir, built-in prompts and
   CPU-sized batches and step counts."""
   c = base_config()
   c.model = ml_collections.ConfigDict(dict(
       family="sd",
       dtype="bfloat16",     # activations; parameters, optimizer state, eps -> x0 and the DM loss stay float32
-      remat=True,           # gradient checkpointing of every UNet block (method.md §6)
+      remat=True,           # gradient checkpointing of every UNet block (docs/method.md §6)
+      attention="auto",     # 'auto' (cuDNN flash attention for bf16 on GPUs, else XLA), 'xla', 'cudnn'
       latent_resolution=0))  # 0: the UNet config's sample_size (64 for SD 1.5: 512 px images)
   c.teacher = ml_collections.ConfigDict(dict(
       path=""))             # a folder written by `python -m dmd_jax.convert sd`; 'random' for :tiny
@@ -128,7 +131,7 @@ def sd_config(*, tiny: bool) -> ml_collections.ConfigDict:
   c.log_every = 50
   c.regression = ml_collections.ConfigDict(dict(
       weight=0.25,
-      distance="lpips",     # LPIPS-VGG on VAE-decoded images (method.md §5); 'l2' / 'mse' compare latents
+      distance="lpips",     # LPIPS-VGG on VAE-decoded images (docs/method.md §5); 'l2' / 'mse' compare latents
       lpips_path="",        # a folder written by `python -m dmd_jax.convert lpips --src=vgg16.pth`
       lpips_resize=224,     # upsampling of smaller images only (SD's 512 px images are compared as they are)
       num_pairs=500_000,    # pair i: prompt i mod P, PNDM-50 with guidance 3 from noise z_i
@@ -136,9 +139,10 @@ def sd_config(*, tiny: bool) -> ml_collections.ConfigDict:
       batch_size=1152,
       sampler="pndm",       # 'pndm' (the paper's) or 'ddim'
       sampler_steps=50))
-  # method.md §8: COCO-30k FID (clean-fid protocol against the 40,504 val2014 images) and CLIP score
+  # docs/method.md §8: COCO-30k FID (clean-fid protocol against the 40,504 val2014 images) and CLIP score
   # (OpenCLIP ViT-g/14, "A photo depicts <caption>"); dmd_jax/evaluation/text_to_image.py
   c.eval = ml_collections.ConfigDict(dict(
+      evaluators=("grid", "coco"),  # evaluation/evaluators.py: sample picture, COCO FID + CLIP score
       num_samples=30_000,
       batch_size=64,        # images per generation / Inception / CLIP step (global)
       captions="coco_captions",   # tfds coco_captions/2014 (first caption of each image), 'train_prompts', or a file

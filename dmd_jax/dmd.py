@@ -1,8 +1,8 @@
 """Distribution Matching Distillation as pure functions (Yin et al. 2024, DMD and DMD2).
 
-Nothing here knows which network it drives: a ``DMDNetworks`` (``networks.py``) supplies the schedule,
-the one-step generator, the real (teacher) and fake x0-denoisers and the noise / condition samplers.
-References are to ``shared/docs/method.md`` sections and the DMD paper's equations.
+Nothing here knows which network it drives: a ``Teacher`` (``teachers/base.py``) supplies the schedule,
+the one-step generator, the real (teacher) and fake x0-denoisers, the noise, the conditions and the regression
+distance. References are to docs/method.md sections and the DMD paper's equations.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _per_sample_mean(v):
 
 
 def dm_loss(x, real_x0, fake_x0):
-  """Distribution-matching loss (method.md §3, DMD Eq. 7–8), in float32.
+  """Distribution-matching loss (docs/method.md §3, DMD Eq. 7–8), in float32.
 
   ``x`` is the generator output (with gradient); ``real_x0`` / ``fake_x0`` are the two denoisers'
   predictions at the noised ``x_t`` (no gradient). The KL gradient direction is
@@ -57,7 +57,7 @@ def distribution_matching_loss(nets, teacher_params, fake_params, x, cond, rng):
 
 
 def fake_score_loss(nets, fake_params, x, cond, rng):
-  """Denoising loss of the fake score on detached generator samples (method.md §4).
+  """Denoising loss of the fake score on detached generator samples (docs/method.md §4).
 
   ``mean(lambda(t) (mu_fake(x_t, t) - x)^2)`` with t uniform over all timesteps; lambda(t) is EDM's
   ``1/sigma^2 + 1/sigma_data^2`` or, for VP schedules, SNR(t) (= epsilon-MSE).
@@ -86,14 +86,14 @@ def mse_distance(params, x, y):
 REGRESSION_DISTANCES = {"l2": l2_distance, "mse": mse_distance}
 
 
-def regression_loss(distance: Callable, params, x_pred, y):
-  """``E[d(G(z), y)]`` over precomputed teacher ODE pairs (method.md §5, DMD Eq. 9); ``distance(params, x, y)``
-  is per-sample (L2, or LPIPS with its frozen VGG ``params``)."""
-  return jnp.mean(distance(params, x_pred, y))
+def regression_loss(distance: Callable, frozen, x_pred, y):
+  """``E[d(G(z), y)]`` over precomputed teacher ODE pairs (docs/method.md §5, DMD Eq. 9); ``distance(frozen, x, y)``
+  is per-sample (L2, or LPIPS with its frozen VGG weights in ``frozen``)."""
+  return jnp.mean(distance(frozen, x_pred, y))
 
 
 # ---------------------------------------------------------------------------------------------------
-# Optimisation (method.md §6): AdamW per network, warm-up then constant (or cosine), clipping.
+# Optimisation (docs/method.md §6): AdamW per network, warm-up then constant (or cosine), clipping.
 # ---------------------------------------------------------------------------------------------------
 
 def learning_rate_schedule(lr: float, warmup_steps: int, decay: str = "constant", total_steps: int = 0):
@@ -163,8 +163,8 @@ def generator_loss(gen_params, nets, hyper: DMDHyper, frozen, fake_params, z, co
   loss, metrics = distribution_matching_loss(nets, frozen["teacher"], fake_params, x, cond, rng)
   loss = hyper.dm_weight * loss
   if hyper.regression_weight > 0:
-    x_reg = nets.generate(gen_params, batch["reg_z"], batch.get("reg_cond"))
-    reg = regression_loss(nets.regression_distance, frozen.get("regression"), x_reg, batch["reg_x"])
+    x_reg = nets.generate(gen_params, batch["reg_z"], batch["reg_cond"])
+    reg = regression_loss(nets.regression_distance, frozen, x_reg, batch["reg_x"])
     metrics["regression_loss"] = reg
     loss = loss + hyper.regression_weight * reg
   metrics["generator_loss"] = loss
@@ -203,16 +203,15 @@ def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
   """One DMD iteration: a generator update every N-th step, a fake-score update every step.
 
   ``state`` is ``init_state``'s pytree, ``frozen`` holds the frozen networks' parameters
-  (``'teacher'``, ...), ``batch`` the per-step data (regression pairs, conditions), ``key`` the root
-  PRNG key: the step's randomness is ``fold_in(key, step)``, so a resumed run repeats it exactly.
+  (``'teacher'``, ...), ``batch`` the per-step data (regression pairs; the conditions when they come from a
+  host-side table), ``key`` the ``'train'`` stream's key: the step's randomness is ``fold_in(key, step)``, so a
+  resumed run repeats it exactly.
   """
   step = state["step"]
   rng = jax.random.fold_in(key, step)
   r_z, r_c, r_dm, r_fake = jax.random.split(rng, 4)
   z = hyper.constrain_batch(nets.sample_noise(r_z, hyper.batch_size))
-  cond = batch["cond"] if "cond" in batch else nets.sample_cond(r_c, hyper.batch_size)
-  if cond is not None:
-    cond = hyper.constrain_batch(cond)
+  cond = hyper.constrain_batch(batch["cond"] if "cond" in batch else nets.conditions.draw(r_c, hyper.batch_size))
 
   def with_update(gen_state):
     return generator_update(gen_state, nets, hyper, frozen, state["fake_score"]["params"], z, cond,

@@ -35,27 +35,25 @@ def main(argv):
   std_logging.getLogger("absl").addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from dmd_jax import train  # imported here so that --help stays fast
+  from dmd_jax import modes, train  # imported here so that --help stays fast
 
   config = _CONFIG.value
   workdir = _WORKDIR.value
   mode = _MODE.value
   if workdir is None:
     raise app.UsageError("--workdir is required")
+  if mode in ("sample", "teacher_sample") and not _OUTPUT.value:
+    raise app.UsageError(f"--mode={mode} needs --output=FILE.npz (FILE.png with --prompt)")
   if mode == "train":
     train.train(config, workdir)
   elif mode == "sample":
-    if not _OUTPUT.value:
-      raise app.UsageError("--mode=sample needs --output=FILE.npz (FILE.png with --prompt)")
-    train.sample(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value, prompt=_PROMPT.value)
+    modes.sample(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value, prompt=_PROMPT.value)
   elif mode == "teacher_sample":
-    if not _OUTPUT.value:
-      raise app.UsageError("--mode=teacher_sample needs --output=FILE.npz")
-    train.sample_teacher(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value)
+    modes.sample_teacher(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value)
   elif mode == "eval":
-    train.evaluate_latest(config, workdir)
+    modes.evaluate(config, workdir)
   elif mode == "pairs":
-    train.make_pairs(config, workdir)
+    modes.pairs(config, workdir)
 
 
 def run():

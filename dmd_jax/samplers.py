@@ -1,4 +1,4 @@
-"""Teacher ODE samplers. Used for the regression pairs (method.md §5) and for teacher baselines: EDM Heun
+"""Teacher ODE samplers. Used for the regression pairs (docs/method.md §5) and for teacher baselines: EDM Heun
 for EDM teachers; DDIM and PNDM (PLMS) with classifier-free guidance for VP / Stable Diffusion teachers."""
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmd_jax.guidance import classifier_free_guidance, unguided
 from dmd_jax.schedules import scaled_linear_alphas_cumprod
 
 
@@ -76,24 +77,10 @@ def _prev_index(t, num_train_timesteps: int):
 
 
 def guided_eps(eps_fn: Callable, x, t, cond, uncond=None, guidance_scale=1.0):
-  """Classifier-free guidance ``eps_u + g (eps_c - eps_u)`` (float32) with one batched call of ``eps_fn``.
-
-  ``x [N, ...]``; ``t`` an int32 scalar, broadcast to ``[N]`` (``[2N]`` with guidance); ``cond [N, ...]``;
-  ``uncond`` the unconditional embedding (the empty prompt's), broadcast to ``cond``'s shape (so ``[1, L, D]``
-  works); ``None`` calls ``eps_fn`` on the conditional batch only (no guidance).
-  """
-  n = x.shape[0]
-  if uncond is None:
-    return eps_fn(x, jnp.full((n,), t, jnp.int32), cond).astype(jnp.float32)
-  uncond = jnp.broadcast_to(jnp.asarray(uncond, cond.dtype), cond.shape)
-  eps = eps_fn(jnp.concatenate([x, x], axis=0), jnp.full((2 * n,), t, jnp.int32),
-               jnp.concatenate([uncond, cond], axis=0)).astype(jnp.float32)
-  eps_u, eps_c = eps[:n], eps[n:]
-  return eps_u + jnp.float32(guidance_scale) * (eps_c - eps_u)
-
-
-def _no_guidance(uncond, guidance_scale):
-  return uncond is None or (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0)
+  """The guided eps (``guidance.classifier_free_guidance``, float32) at one timestep ``t`` (an int scalar,
+  broadcast to the batch) of a sampler step; ``uncond=None`` calls ``eps_fn`` on the conditional batch only."""
+  return classifier_free_guidance(eps_fn, x, jnp.full((x.shape[0],), t, jnp.int32), cond, uncond,
+                                  guidance_scale)
 
 
 def ddim_sample(eps_fn: Callable, z, cond, uncond=None, *, num_steps: int = 50, guidance_scale=1.0,
@@ -115,7 +102,7 @@ def ddim_sample(eps_fn: Callable, z, cond, uncond=None, *, num_steps: int = 50, 
   table, T = _alpha_table(alphas_cumprod, set_alpha_to_one)
   ts = leading_timesteps(num_steps, T, steps_offset)
   prev = _prev_index(ts - T // num_steps, T)
-  if _no_guidance(uncond, guidance_scale):
+  if unguided(uncond, guidance_scale):
     uncond = None
 
   def step(x, inp):
@@ -163,7 +150,7 @@ def pndm_sample(eps_fn: Callable, z, cond, uncond=None, *, num_steps: int = 50, 
   table, T = _alpha_table(alphas_cumprod, set_alpha_to_one)
   ts = leading_timesteps(num_steps, T, steps_offset)   # descending t_0 > t_1 > ... > t_{N-1}
   delta = T // num_steps
-  if _no_guidance(uncond, guidance_scale):
+  if unguided(uncond, guidance_scale):
     uncond = None
   eps_at = lambda x, t: guided_eps(eps_fn, x, t, cond, uncond, guidance_scale)
 

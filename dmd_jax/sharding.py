@@ -101,13 +101,10 @@ def process_slice(global_batch_size: int) -> slice:
 
 
 def frozen_sharding(mesh: Mesh, frozen: dict, min_shard_size: int = 2 ** 18) -> dict:
-  """Shardings of the frozen networks: the teacher FSDP-sharded like the trainable state (``tree_sharding``);
-  the regression networks (``frozen['regression']``: LPIPS-VGG16, SD's VAE decoder — 375 MB together)
-  replicated. Their convolutions run on large per-sample activations (512 px images), and with sharded
-  weights the partitioner reshards activations instead of gathering weights: SD1.5's generator step on 8
-  devices then did 2× the VAE's flops and 4× its temporary memory (bench/sd_memory.py)."""
-  out = {k: tree_sharding(mesh, v, min_shard_size) for k, v in frozen.items() if k != "regression"}
-  if "regression" in frozen:
-    out["regression"] = jax.tree.map(lambda _: replicated(mesh), frozen["regression"])
-  return out
-
+  """Shardings of the frozen parameters: the teacher (``frozen['teacher']``) FSDP-sharded like the trainable
+  state (``tree_sharding``); everything else (LPIPS-VGG16, SD's VAE — 375 MB together) replicated. Their
+  convolutions run on large per-sample activations (512 px images), and with sharded weights the partitioner
+  reshards activations instead of gathering weights: SD1.5's generator step on 8 devices then did 2× the
+  VAE's flops and 4× its temporary memory (bench/sd_memory.py)."""
+  return {k: (tree_sharding(mesh, v, min_shard_size) if k == "teacher"
+              else jax.tree.map(lambda _: replicated(mesh), v)) for k, v in frozen.items()}

@@ -36,8 +36,8 @@ def test_tiny_config_end_to_end(tmp_path, name):
     assert np.all(np.isfinite(f["x"]))
     if num_classes:
       assert f["cond"].dtype.kind == "i" and 0 <= f["cond"].min() and f["cond"].max() < num_classes
-    else:
-      assert "cond" not in f.files
+    else:   # unconditional teachers store the placeholder condition 0 (conditions are always arrays)
+      assert f["cond"].dtype.kind == "i" and not f["cond"].any()
   assert os.path.isfile(tmp_path / "random_edm" / "params.npz")
   assert glob.glob(str(tmp_path / "samples" / "step4.png"))
 
@@ -90,7 +90,7 @@ def test_pair_generation_killed_and_resumed_on_8_devices_matches(tmp_path):
   assert done < 200, "pair generation finished before the kill: the test proved nothing"
   p = run_main(f"--workdir={dir_}", "--mode=pairs", *PAIRS, devices=8)   # resume on another device count
   assert "100000 pairs" in p.stdout
-  assert not glob.glob(str(dir_ / "pairs" / "*.tmp*"))
+  assert not [n for n in os.listdir(dir_ / "pairs") if ".tmp" in n]   # no temporaries left (hidden files too)
   a, b = _pairs(ref_dir), _pairs(dir_)
   np.testing.assert_array_equal(a["index"], np.arange(100000))
   np.testing.assert_array_equal(b["index"], a["index"])

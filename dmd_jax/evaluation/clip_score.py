@@ -1,4 +1,4 @@
-"""CLIP score (method.md §8): ``100 · max(cos(E_img(image), E_txt(prefix + caption)), 0)``, averaged.
+"""CLIP score (docs/method.md §8): ``100 · max(cos(E_img(image), E_txt(prefix + caption)), 0)``, averaged.
 
 The DMD / DMD2 COCO numbers use OpenCLIP ViT-g/14 (LAION-2B) on ``"A photo depicts " + caption``; the model
 comes as a transformers ``CLIPModel`` folder (``laion/CLIP-ViT-g-14-laion2B-s12B-b42K``) converted with

@@ -1,4 +1,4 @@
-"""COCO-30k FID image preparation (method.md §8): the protocol of the DMD / DMD2 / GigaGAN text-to-image
+"""COCO-30k FID image preparation (docs/method.md §8): the protocol of the DMD / DMD2 / GigaGAN text-to-image
 numbers.
 
 1. ``center_crop_resize``: each image (generated, or a COCO val2014 reference) is center-cropped to a square

@@ -11,7 +11,7 @@ Two resize/normalise protocols feed the FID Inception-v3 (``dmd_jax.models.incep
 At 32–64 px the two resizes differ by about half a source pixel, which moves FID: compare numbers only
 within one protocol. A third protocol takes images resized on the host:
 
-- ``'clean'`` — clean-fid's default ("clean" mode, the COCO protocol of method.md §8): the caller resizes
+- ``'clean'`` — clean-fid's default ("clean" mode, the COCO protocol of docs/method.md §8): the caller resizes
   each channel to 299×299 with PIL bicubic as float32 ``F`` images and clips to [0, 255]
   (``dmd_jax.evaluation.coco_fid.clean_resize``); the network gets those float32 pixels with clean-fid's
   normalisation ``(x - 128) / 128`` (its ``InceptionV3W`` with ``resize_inside=False``) and no resize.

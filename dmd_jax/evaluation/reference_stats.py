@@ -55,7 +55,7 @@ def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module,
     cache_path: the ``.npz`` to load when it exists, else to write.
     max_examples: use only the first this many examples of the split (``split[:max_examples]``).
     image_size: centre-crop and resize to this size first (required for COCO, whose sizes vary). Under the
-      ``'clean'`` protocol (COCO FID, method.md §8) the images are read as they are and prepared on the host
+      ``'clean'`` protocol (COCO FID, docs/method.md §8) the images are read as they are and prepared on the host
       by ``coco_fid.prepare_images`` — square centre crop, PIL Lanczos to ``image_size`` (default 256), then
       clean-fid's resize to 299 — exactly as generated images are.
     mesh: the ``('data', 'fsdp')`` mesh for the features; default every device along ``data``.

@@ -1,4 +1,4 @@
-"""Text-to-image evaluation (method.md §8): COCO-30k FID (clean-fid protocol) and CLIP score.
+"""Text-to-image evaluation (docs/method.md §8): COCO-30k FID (clean-fid protocol) and CLIP score.
 
 For each caption ``i`` of the evaluation set, one image is generated from the noise ``fold_in(key(seed), i)``
 (the noise ``--mode=sample --prompt`` uses for image ``i``), conditioned on the caption's text embedding, and
@@ -23,7 +23,6 @@ guided samples for the same captions (FID to the teacher), cached.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from typing import Callable, Iterator, Sequence
 
@@ -31,7 +30,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from dmd_jax import sharding
+from dmd_jax import io, sharding
 from dmd_jax.evaluation import clip_score as clip_lib
 from dmd_jax.evaluation import coco_fid, fid
 from dmd_jax.evaluation import images as image_io
@@ -40,16 +39,12 @@ def coco_captions(data_dir: str, split: str, num: int, cache_dir: str | None) ->
   """The first caption of each of the first ``num`` images of ``split`` (record order), cached as
   ``<cache_dir>/coco_captions_<split>_<num>.txt`` (one a line)."""
   from dmd_jax.data import input_pipeline
-  cache = os.path.join(cache_dir, f"coco_captions_{split_tag(split)}_{num}.txt") if cache_dir else None
-  if cache and os.path.exists(cache):
+  cache = io.join(cache_dir, f"coco_captions_{split_tag(split)}_{num}.txt") if cache_dir else None
+  if cache and io.exists(cache):
     return read_captions(cache)
   captions = input_pipeline.coco_captions(split, data_dir or None, first_only=True, limit=num)
   if cache and jax.process_index() == 0:
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{cache}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write("\n".join(captions) + "\n")
-    os.replace(tmp, cache)
+    io.write_text(cache, "\n".join(captions) + "\n")
   return captions
 
 
@@ -68,27 +63,26 @@ def captions_digest(captions: Sequence[str]) -> str:
   return hashlib.sha256("\n".join(captions).encode("utf-8")).hexdigest()[:16]
 
 
-def caption_images(nets, frozen, mesh, fn: Callable, params, captions: Sequence[str], seed: int,
+def caption_images(teacher, frozen, mesh, fn: Callable, params, captions: Sequence[str], key,
                    chunk: int) -> Iterator[tuple[np.ndarray, list[str]]]:
   """Yields ``(uint8 images [c, H, W, 3], their captions)`` for ``captions`` in order: image ``i`` is
-  ``decode(fn(params, z_i, embed(caption_i)))`` with ``z_i`` drawn from ``fold_in(key(seed), i)``.
-  ``fn`` is ``nets.generate`` (with the generator's params) or ``nets.teacher_sample`` (with
+  ``decode(fn(params, z_i, embed(caption_i)))`` with ``z_i`` drawn from ``fold_in(key, i)``.
+  ``fn`` is ``teacher.generate`` (with the generator's params) or ``teacher.sampler.sample`` (with
   ``frozen['teacher']``). Chunks are padded to a multiple of the device count; padding rows are dropped."""
   batch = sharding.batch_sharding(mesh)
   n_dev = mesh.devices.size
   chunk = -(-max(1, min(chunk, len(captions))) // n_dev) * n_dev
-  key = jax.random.PRNGKey(seed)
 
   @jax.jit
   def one(params, frozen, idx, cond):
-    z = jax.vmap(lambda i: nets.sample_noise(jax.random.fold_in(key, i), 1)[0])(idx)
+    z = jax.vmap(lambda i: teacher.sample_noise(jax.random.fold_in(key, i), 1)[0])(idx)
     z = jax.lax.with_sharding_constraint(z, batch)
-    return jax.lax.with_sharding_constraint(nets.decode(frozen, fn(params, z, cond)), batch)
+    return jax.lax.with_sharding_constraint(teacher.decode(frozen, fn(params, z, cond)), batch)
 
   for start in range(0, len(captions), chunk):
     caps = list(captions[start:start + chunk])
     m = len(caps)
-    cond = np.asarray(nets.encode_text(caps + [caps[-1]] * (chunk - m)), np.float32)
+    cond = np.asarray(teacher.conditions.encode_text(caps + [caps[-1]] * (chunk - m)), np.float32)
     idx = np.arange(start, start + chunk, dtype=np.int32)
     x = one(params, frozen, jax.device_put(idx, batch), jax.device_put(cond, batch))
     yield image_io.to_uint8(np.asarray(jax.device_get(x))[:m]), caps

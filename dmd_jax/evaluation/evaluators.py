@@ -1,0 +1,278 @@
+"""Evaluators, built from ``eval.evaluators`` and run by the loop (at ``eval.every_steps`` with
+``final=False``, and at the end of training with ``final=True``) and by ``--mode=eval``.
+
+Each has ``run(generator_params, step, final) -> results`` (a dict merged into ``metrics.json`` /
+``eval_step<N>.json``) and writes its scalars to the run's metric writer:
+
+- ``toy``: distribution metrics of generator and teacher samples against the true mixture, and a scatter
+  PNG (``evaluation/toy.py``);
+- ``grid``: a PNG of one-step samples above teacher samples drawn from the same noise;
+- ``fid``: FID of ``eval.num_samples`` one-step samples (a monitoring FID of ``eval.periodic_num_samples``
+  when not final) against ``eval.reference_stats`` (docs/method.md §8);
+- ``coco``: COCO-30k FID (clean-fid protocol) and CLIP score of text-to-image generators (docs/method.md §8,
+  ``evaluation/text_to_image.py``).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from absl import logging
+
+from dmd_jax import io, pretrained, sharding, streams
+from dmd_jax.evaluation import images as image_io
+from dmd_jax.evaluation import sampling
+
+
+def _replicated(run, params):
+  import jax
+  return jax.device_put(params, sharding.replicated(run.mesh))
+
+
+def _inception(run):
+  """``(module, replicated params)`` of the FID Inception, loaded once per run."""
+  if "inception" not in run.cache:
+    module, params = pretrained.inception(run.config, run.workdir)
+    run.cache["inception"] = (module, _replicated(run, params))
+  return run.cache["inception"]
+
+
+def _cached_reference(run, cache: str, compute) -> tuple[np.ndarray, np.ndarray]:
+  """(mu, sigma) of the teacher's samples: read from ``cache``, else ``compute()`` and written there."""
+  from dmd_jax.evaluation import fid
+  if io.exists(cache):
+    ref = fid.load_reference_stats(cache)
+    return ref["mu"], ref["sigma"]
+  logging.info("FID reference: statistics of the teacher's samples (cached in %s)", cache)
+  mu, sigma = compute()
+  if run.is_main:
+    fid.save_reference_stats(cache, mu, sigma)
+  return mu, sigma
+
+
+class ToyEvaluator:
+  """Generator vs teacher samples against the true mixture: TV, precision, mode shares, MMD² (and its floor)."""
+
+  def __init__(self, run, writer):
+    from dmd_jax.data.toy import GaussianMixture
+    self.ctx, self.writer = run, writer
+    self.mixture = GaussianMixture.from_config(run.config.toy)
+
+  def run(self, params, step, final):
+    from dmd_jax.evaluation import toy as toy_eval
+    if not final:
+      return {}
+    run, config = self.ctx, self.ctx.config
+    n, seed = config.eval.num_samples, config.seed
+    gen, _ = sampling.generate(run, params, n, streams.key(seed, "toy_generator"))
+    teach, _ = sampling.teacher_samples(run, n, streams.key(seed, "toy_teacher"))
+    floor = toy_eval.mmd2_floor(self.mixture, seed)
+    results = {"generator": toy_eval.toy_metrics(gen, self.mixture, seed, floor),
+               "teacher": toy_eval.toy_metrics(teach, self.mixture, seed, floor)}
+    self.writer.write_scalars(step, {f"eval/{who}/{k}": v for who in ("generator", "teacher")
+                                     for k, v in results[who].items() if not isinstance(v, list)})
+    if run.is_main:
+      path = io.join(run.workdir, "samples", f"toy_step{step}.png")
+      toy_eval.scatter_png(path, [(f"teacher ({run.teacher.sampler.nfe} NFE)", teach),
+                                  (f"one-step generator, step {step}", gen)], self.mixture)
+      results["samples_png"] = path
+    return results
+
+
+class GridEvaluator:
+  """``eval.grid_samples`` one-step samples above as many teacher samples from the same noise, one PNG."""
+
+  def __init__(self, run, writer):
+    self.ctx = run
+
+  def run(self, params, step, final):
+    run = self.ctx
+    num = run.config.eval.get("grid_samples", 64)
+    if not final or num <= 0:
+      return {}
+    key = streams.key(run.config.seed, "sample_grid")
+    gen, _ = sampling.generate(run, params, num, key)
+    teach, _ = sampling.teacher_samples(run, num, key)
+    gen, teach = sampling.to_outputs(run, gen), sampling.to_outputs(run, teach)
+    if not run.is_main:
+      return {}
+    path = io.join(run.workdir, "samples", f"step{step}.png")
+    cols = int(np.ceil(np.sqrt(num)))
+    g, t = image_io.grid(image_io.to_uint8(gen), cols), image_io.grid(image_io.to_uint8(teach), cols)
+    image_io.save_png(path, np.concatenate([g, np.full((8,) + g.shape[1:], 255, np.uint8), t]))
+    return {"samples_png": path}
+
+
+class FidEvaluator:
+  """FID of one-step samples (Inception pool features of uint8 images, data-parallel over the mesh, float64
+  statistics) against ``eval.reference_stats``: an .npz with mu / sigma, or 'teacher' (the teacher's own
+  samples, cached in the workdir). Inactive without ``eval.inception_path``."""
+
+  def __init__(self, run, writer):
+    self.ctx, self.writer = run, writer
+
+  def _stats(self, chunks):
+    from dmd_jax.evaluation import fid
+    module, params = _inception(self.ctx)
+    e = self.ctx.config.eval
+    stats = fid.FeatureStats()
+    t0 = time.time()
+    for x, _ in chunks:
+      stats.update(fid.inception_features(module, params, image_io.to_uint8(sampling.to_outputs(self.ctx, x)),
+                                          protocol=e.protocol, batch_size=e.batch_size, mesh=self.ctx.mesh,
+                                          log_every=0))
+      logging.info("FID: %d images (%.1f images/s)", stats.count, stats.count / (time.time() - t0))
+    return stats.mu_sigma()
+
+  def _reference(self):
+    from dmd_jax.evaluation import fid
+    run, e = self.ctx, self.ctx.config.eval
+    if not e.reference_stats:
+      raise ValueError("eval.reference_stats is empty: pass an .npz with mu and sigma (e.g. EDM's fid-refs), "
+                       "or 'teacher' for the statistics of the teacher's own samples")
+    if e.reference_stats != "teacher":
+      ref = fid.load_reference_stats(e.reference_stats)
+      return ref["mu"], ref["sigma"]
+    cache = io.join(run.workdir, f"fid_reference_teacher_{e.num_samples}.npz")
+    return _cached_reference(run, cache, lambda: self._stats(sampling.sample_chunks(
+        run, run.teacher.sampler.sample, run.frozen["teacher"], e.num_samples,
+        streams.key(run.config.seed, "teacher_reference"), e.batch_size)))
+
+  def fid(self, params, num: int) -> float:
+    from dmd_jax.evaluation import fid
+    run = self.ctx
+    ref = self._reference()
+    mu, sigma = self._stats(sampling.sample_chunks(run, run.teacher.generate, params, num,
+                                                   streams.key(run.config.seed, "fid"),
+                                                   run.config.eval.batch_size))
+    return fid.frechet_distance(mu, sigma, *ref)
+
+  def run(self, params, step, final):
+    e = self.ctx.config.eval
+    if not e.get("inception_path", ""):
+      return {}
+    n = e.num_samples if final else e.periodic_num_samples
+    if n <= 0:
+      return {}
+    value = self.fid(params, n)
+    self.writer.write_scalars(step, {f"eval/fid{n}": value})
+    if final:
+      logging.info("FID (%d samples, %s protocol) at step %d: %.4f", n, e.protocol, step, value)
+    else:
+      logging.info("monitoring FID (%d samples) at step %d: %.4f", n, step, value)
+    return {"fid": value, "fid_num_samples": n, "fid_protocol": e.protocol} if final else {}
+
+
+class CocoEvaluator:
+  """Text-to-image: COCO FID under the clean-fid protocol and CLIP score of ``eval.num_samples`` captions
+  (``evaluation/text_to_image.py``). Inactive without ``eval.inception_path`` and ``eval.clip_path``."""
+
+  def __init__(self, run, writer):
+    self.ctx, self.writer = run, writer
+
+  def _clip(self):
+    if not self.ctx.config.eval.clip_path:
+      return None
+    if "clip" not in self.ctx.cache:
+      module, params, tokenizer = pretrained.clip(self.ctx.config, self.ctx.workdir)
+      self.ctx.cache["clip"] = (module, _replicated(self.ctx, params), tokenizer)
+    return self.ctx.cache["clip"]
+
+  def _captions(self) -> list[str]:
+    from dmd_jax.evaluation import text_to_image as t2i
+    config = self.ctx.config
+    e, n = config.eval, config.eval.num_samples
+    if e.captions == "coco_captions":
+      return t2i.coco_captions(e.data_dir, e.captions_split, n, self.ctx.workdir)
+    if e.captions == "train_prompts":
+      from dmd_jax.data.prompts import prompts_from_config
+      base = prompts_from_config(config.data)
+    else:
+      base = t2i.read_captions(e.captions)
+    return [base[i % len(base)] for i in range(n)]
+
+  def _evaluator(self, with_clip: bool):
+    from dmd_jax.evaluation import text_to_image as t2i
+    e = self.ctx.config.eval
+    return t2i.CocoEvaluator(self.ctx.mesh, _inception(self.ctx) if e.inception_path else None,
+                             self._clip() if with_clip else None, e.batch_size, e.clip_resize_256)
+
+  def _reference(self, captions):
+    from dmd_jax.evaluation import fid
+    from dmd_jax.evaluation import text_to_image as t2i
+    run, e = self.ctx, self.ctx.config.eval
+    if e.reference_stats == "tfds":
+      from dmd_jax.evaluation.reference_stats import reference_stats_from_tfds
+      module, params = _inception(run)
+      cache = io.join(run.workdir, f"fid_reference_coco_{t2i.split_tag(e.reference_split)}.npz")
+      return reference_stats_from_tfds("coco_captions", e.reference_split, e.data_dir or None, module, params,
+                                       protocol="clean", batch_size=e.batch_size, mesh=run.mesh, cache_path=cache)
+    if e.reference_stats == "teacher":
+      cache = io.join(run.workdir,
+                      f"fid_reference_teacher_{len(captions)}_{t2i.captions_digest(captions)}.npz")
+
+      def compute():
+        chunks = t2i.caption_images(run.teacher, run.frozen, run.mesh, run.teacher.sampler.sample,
+                                    run.frozen["teacher"], captions,
+                                    streams.key(run.config.seed, "teacher_reference"), e.batch_size)
+        return t2i.run(chunks, self._evaluator(with_clip=False), len(captions),
+                       "FID reference (teacher)").stats.mu_sigma()
+      return _cached_reference(run, cache, compute)
+    if not e.reference_stats:
+      raise ValueError("eval.reference_stats is empty: pass an .npz with mu and sigma, 'tfds' (the COCO images "
+                       "of eval.reference_split) or 'teacher' (the teacher's samples for the same captions)")
+    ref = fid.load_reference_stats(e.reference_stats)
+    return ref["mu"], ref["sigma"]
+
+  def run(self, params, step, final):
+    from dmd_jax.evaluation import text_to_image as t2i
+    run, e = self.ctx, self.ctx.config.eval
+    if not final or not (e.inception_path or e.clip_path) or e.num_samples <= 0:
+      if final:
+        logging.info("no eval.inception_path / eval.clip_path: COCO FID and CLIP score skipped")
+      return {}
+    captions = self._captions()
+    reference = self._reference(captions) if e.inception_path else None
+    chunks = t2i.caption_images(run.teacher, run.frozen, run.mesh, run.teacher.generate, params, captions,
+                                streams.key(run.config.seed, "fid"), e.batch_size)
+    ev = t2i.run(chunks, self._evaluator(with_clip=True), len(captions), f"COCO eval, step {step}")
+    metrics = ev.result(reference)
+    n = len(captions)
+    self.writer.write_scalars(step, {f"eval/{k}{n}": v for k, v in metrics.items()})
+    logging.info("COCO eval at step %d on %d captions: %s", step, n,
+                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return {**metrics, "num_samples": n, "captions": e.captions, "fid_protocol": "clean",
+            "reference_stats": e.reference_stats}
+
+
+EVALUATORS = {"toy": ToyEvaluator, "grid": GridEvaluator, "fid": FidEvaluator, "coco": CocoEvaluator}
+
+
+def build(run, writer) -> list:
+  """The evaluators named by ``eval.evaluators``, in order."""
+  names = tuple(run.config.eval.get("evaluators", ()))
+  unknown = [n for n in names if n not in EVALUATORS]
+  if unknown:
+    raise ValueError(f"eval.evaluators: unknown {unknown}; known: {sorted(EVALUATORS)}")
+  return [EVALUATORS[n](run, writer) for n in names]
+
+
+def run_all(run, evaluators, params, step: int, final: bool) -> dict:
+  """Runs every evaluator; the merged results (with the step and both samplers' NFE when final)."""
+  results = {"step": step, "generator_nfe": 1, "teacher_nfe": run.teacher.sampler.nfe} if final else {}
+  for ev in evaluators:
+    results.update(ev.run(params, step, final))
+  return results
+
+
+def summary(results: dict) -> dict:
+  """The few numbers printed at the end of a run or an evaluation."""
+  keep = ("tv", "precision", "min_mode_share", "mmd2_ratio")
+  out = {}
+  for who in ("generator", "teacher"):
+    if who in results:
+      out[who] = {k: round(results[who][k], 4) for k in keep if k in results[who]}
+  for k in ("fid", "fid_num_samples", "clip_score", "train_seconds", "total_seconds", "steps"):
+    if k in results:
+      out[k] = round(results[k], 1) if isinstance(results[k], float) else results[k]
+  return out

@@ -1,0 +1,60 @@
+"""Samples of the generator or the teacher's sampler over the mesh, in chunks, for the evaluators and the
+modes. Chunk ``i`` draws its noise and conditions from ``fold_in(key, i)``, so the samples depend on the key
+and the chunk size only, not on the device count."""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+
+from dmd_jax import sharding
+
+
+def sample_chunks(run, fn: Callable, params, num: int, key, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """Yields host ``(x, cond)`` chunks of ``fn(params, z, cond)`` (``teacher.generate`` with generator
+  parameters, or ``teacher.sampler.sample`` with ``frozen['teacher']``) over fresh noise and conditions."""
+  teacher = run.teacher
+  batch = sharding.batch_sharding(run.mesh)
+  n_dev = run.mesh.devices.size
+  chunk = -(-min(chunk, num) // n_dev) * n_dev
+
+  @functools.partial(jax.jit, out_shardings=batch)
+  def one(params, key):
+    r_z, r_c = jax.random.split(key)
+    z = jax.lax.with_sharding_constraint(teacher.sample_noise(r_z, chunk), batch)
+    cond = teacher.conditions.draw(r_c, chunk)
+    return fn(params, z, cond), cond
+
+  for i in range(-(-num // chunk)):
+    x, c = jax.device_get(one(params, jax.random.fold_in(key, i)))
+    keep = min(chunk, num - i * chunk)
+    yield np.asarray(x)[:keep], np.asarray(c)[:keep]
+
+
+def collect(chunks) -> tuple[np.ndarray, np.ndarray]:
+  xs, cs = zip(*chunks)
+  return np.concatenate(xs), np.concatenate(cs)
+
+
+def generate(run, params, num: int, key, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """``num`` one-step samples and their conditions, deterministic for ``key``."""
+  return collect(sample_chunks(run, run.teacher.generate, params, num, key, chunk))
+
+
+def teacher_samples(run, num: int, key, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+  """``num`` samples of the teacher's sampler (the same noise / condition recipe as :func:`generate`)."""
+  return collect(sample_chunks(run, run.teacher.sampler.sample, run.frozen["teacher"], num, key, chunk))
+
+
+def to_outputs(run, x: np.ndarray, chunk: int = 64) -> np.ndarray:
+  """Samples → outputs on the host: images in [-1, 1] for image teachers (latent teachers decode with their
+  VAE, ``teacher.decode``), the samples themselves otherwise."""
+  if not run.teacher.images:
+    return np.asarray(x)
+  if "decode" not in run.cache:
+    run.cache["decode"] = jax.jit(run.teacher.decode)
+  decode = run.cache["decode"]
+  return np.concatenate([np.asarray(jax.device_get(decode(run.frozen, x[i:i + chunk])))
+                         for i in range(0, len(x), chunk)])

@@ -1,0 +1,232 @@
+"""What every teacher family hands the method, the loop, the evaluators and the modes (docs/architecture.md).
+
+A family module (``toy``, ``edm``, ``sd``) turns a config into one :class:`Teacher` and its frozen parameters.
+Nothing outside ``dmd_jax/teachers/`` knows which family it drives: ``dmd.py`` sees the schedule, the
+generator, the two denoisers, the noise and the conditions; the loop and the modes also see the teacher's
+sampler, the decoder to outputs and the regression distance. No field is optional.
+
+Frozen parameters are one dict: ``'teacher'`` (the teacher network's, FSDP-sharded like the trainable state)
+and whatever else the family's functions read (LPIPS, a VAE: replicated; ``sharding.frozen_sharding``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmd_jax import streams
+from dmd_jax.data.pairs import EpochSampler
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Conditions: what one sample is conditioned on (nothing, a class label, a prompt).
+# ---------------------------------------------------------------------------------------------------------
+
+class Conditions(Protocol):
+  """The condition source of a teacher. Conditions are always arrays (unconditional teachers use int32
+  zeros that their networks ignore), so no caller tests for their absence.
+
+  - ``draw(rng, n)`` (inside jit): the conditions of ``n`` generated samples (training, pictures, FID).
+  - ``for_step(step, batch_size, rows)`` (host): extra inputs of train step ``step`` — ``{'cond': rows of the
+    DM batch's conditions}`` when they come from a host-side table (prompt embeddings), ``{}`` when the
+    step draws them itself with ``draw``. Deterministic in ``step``, so a resumed run repeats them.
+  - ``for_pairs(indices)`` (host): the int32 id stored with each regression pair (its label or prompt id).
+  - ``lookup(ids)`` (host): stored ids → what the networks take (labels as they are; prompt embeddings).
+  - ``record(cond)`` (host): what ``--mode=sample`` writes beside the samples (``{'labels': ...}`` or ``{}``).
+  - ``encode_text(texts)`` (host): prompts → conditions; a clear error for teachers without text.
+  - ``spec``: what identifies the conditions of a regression-pair set (part of its spec).
+  - ``text``: whether the conditions are text prompts (``--mode=sample`` then takes ``--prompt``).
+  """
+
+  spec: dict
+  text: bool
+
+  def draw(self, rng, n: int) -> jax.Array: ...
+  def for_step(self, step: int, batch_size: int, rows: slice) -> dict[str, np.ndarray]: ...
+  def for_pairs(self, indices: np.ndarray) -> np.ndarray: ...
+  def lookup(self, ids: np.ndarray) -> np.ndarray: ...
+  def record(self, cond: np.ndarray) -> dict[str, np.ndarray]: ...
+  def encode_text(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def _no_text(texts):
+  raise ValueError("this teacher takes no text prompts: --prompt needs a text-to-image config "
+                   "(e.g. configs/coco.py)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unconditional:
+  """No conditions: int32 zeros."""
+  spec: dict = dataclasses.field(default_factory=dict)
+  text: bool = False
+
+  def draw(self, rng, n):
+    return jnp.zeros((n,), jnp.int32)
+
+  def for_step(self, step, batch_size, rows):
+    return {}
+
+  def for_pairs(self, indices):
+    return np.zeros((len(indices),), np.int32)
+
+  def lookup(self, ids):
+    return np.asarray(ids, np.int32)
+
+  def record(self, cond):
+    return {}
+
+  encode_text = staticmethod(_no_text)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassLabels:
+  """Integer class labels in ``[0, num_classes)``, drawn uniformly; pair ``i``'s label comes from
+  ``fold_in(key(seed, 'pair_conditions'), i)``."""
+  num_classes: int
+  seed: int
+  spec: dict = dataclasses.field(default_factory=dict)
+  text: bool = False
+
+  def draw(self, rng, n):
+    return jax.random.randint(rng, (n,), 0, self.num_classes)
+
+  def for_step(self, step, batch_size, rows):
+    return {}
+
+  def for_pairs(self, indices):
+    key = streams.key(self.seed, "pair_conditions")
+    k = self.num_classes
+    return np.asarray(jax.vmap(lambda i: jax.random.randint(jax.random.fold_in(key, i), (), 0, k))(
+        jnp.asarray(indices, jnp.uint32)), np.int32)
+
+  def lookup(self, ids):
+    return np.asarray(ids, np.int32)
+
+  def record(self, cond):
+    return {"labels": np.asarray(cond, np.int32)}
+
+  encode_text = staticmethod(_no_text)
+
+
+class PromptConditions:
+  """Text conditions: the CLIP embeddings of a prompt set (``data.prompts.PromptSet``, or any object with
+  ``len()``, ``key``, ``lookup(ids)`` and ``eval_table(k)``). Training steps take prompt ids in epoch order
+  (``EpochSampler`` on the ``'condition_order'`` stream); pictures and FID draw from the first 64 prompts;
+  pair ``i`` uses prompt ``i mod P``."""
+  text = True
+
+  def __init__(self, prompts, seed: int, encode_text: Callable[[list[str]], np.ndarray]):
+    self.prompts, self.seed, self._encode = prompts, seed, encode_text
+    self.spec = {"prompts": prompts.key}
+    self._samplers: dict[int, EpochSampler] = {}
+
+  def draw(self, rng, n):
+    table = self.prompts.eval_table(64)
+    return table[jax.random.randint(rng, (n,), 0, table.shape[0])]
+
+  def for_step(self, step, batch_size, rows):
+    if batch_size not in self._samplers:
+      self._samplers[batch_size] = EpochSampler(len(self.prompts), batch_size,
+                                                streams.numpy_seed(self.seed, "condition_order"))
+    return {"cond": self.prompts.lookup(self._samplers[batch_size].indices(step)[rows])}
+
+  def for_pairs(self, indices):
+    return (np.asarray(indices, np.int64) % len(self.prompts)).astype(np.int32)
+
+  def lookup(self, ids):
+    return self.prompts.lookup(ids)
+
+  def record(self, cond):
+    return {}
+
+  def encode_text(self, texts):
+    return np.asarray(self._encode(list(texts)), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The teacher.
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSampler:
+  """The teacher's own sampler (an ODE solver): ``sample(frozen_teacher, z, cond) -> x``, its network
+  evaluations per sample (``nfe``), and what identifies its samples in a regression-pair spec."""
+  sample: Callable
+  nfe: int
+  spec: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """One teacher family's networks and data, as functions of parameters (docs/architecture.md).
+
+  ``generate(generator_params, z, cond) -> x``; ``real_denoise(frozen['teacher'], x_t, t, cond) -> x0``
+  (classifier-free guidance inside, where the family has it); ``fake_denoise(fake_params, x_t, t, cond)``;
+  ``sample_noise(rng, n) -> z``; ``init(rng) -> (generator_params, fake_params)``;
+  ``regression_distance(frozen, x, y) -> [N]`` (docs/method.md §5); ``decode(frozen, x)`` → outputs: images
+  in [-1, 1] when ``images`` (latent teachers decode with their VAE), the samples themselves otherwise.
+  """
+  name: str
+  schedule: Any
+  generate: Callable
+  real_denoise: Callable
+  fake_denoise: Callable
+  sample_noise: Callable
+  init: Callable
+  conditions: Conditions
+  sampler: TeacherSampler
+  regression_distance: Callable
+  decode: Callable
+  images: bool
+  sample_shape: tuple
+
+
+def teacher_copies(teacher_params) -> Callable:
+  """``Teacher.init`` of the families whose generator and fake score both start from the teacher
+  (docs/method.md §2): ``rng -> (float32 copy, float32 copy)`` of ``teacher_params``. Abstract teacher
+  parameters (``jax.ShapeDtypeStruct``, the compile-only bench scripts) are allowed under ``jax.eval_shape``,
+  which is all that ever sees their copies."""
+  def f32(a):
+    return jnp.zeros(a.shape, jnp.float32) if isinstance(a, jax.ShapeDtypeStruct) else jnp.array(a, jnp.float32)
+
+  def init(rng):
+    del rng
+    copy = jax.tree.map(f32, teacher_params)
+    return copy, jax.tree.map(jnp.copy, copy)
+  return init
+
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def model_dtype(config):
+  if config.model.dtype not in DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {config.model.dtype!r}")
+  return DTYPES[config.model.dtype]
+
+
+def distance(config) -> Callable:
+  """The regression distance ``(lpips_params, x, y) -> [N]`` (docs/method.md §5): 'lpips' (VGG LPIPS after
+  bilinear upsampling to ``regression.lpips_resize``; the papers'), or 'l2' / 'mse' (``lpips_params``
+  unused)."""
+  from dmd_jax import dmd
+  r = config.regression
+  if r.distance != "lpips":
+    if r.distance not in dmd.REGRESSION_DISTANCES:
+      raise ValueError(f"regression.distance must be 'lpips' or one of {sorted(dmd.REGRESSION_DISTANCES)}, "
+                       f"got {r.distance!r}")
+    return dmd.REGRESSION_DISTANCES[r.distance]
+  from dmd_jax.models.lpips import LPIPS, lpips_distance
+  module, resize = LPIPS(), int(r.lpips_resize)
+  return lambda p, x, y: lpips_distance(module, p, x, y, resize_to=resize)
+
+
+def distance_params(config, workdir: str | None) -> dict:
+  """The frozen parameters of :func:`distance`: the LPIPS weights, or ``{}`` for 'l2' / 'mse'."""
+  if config.regression.distance != "lpips":
+    return {}
+  from dmd_jax import pretrained
+  return pretrained.lpips(config, workdir)

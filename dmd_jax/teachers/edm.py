@@ -1,0 +1,73 @@
+"""EDM pixel-space teachers (CIFAR-10, ImageNet-64; ``configs/cifar10.py``, ``configs/imagenet64.py``;
+docs/method.md §2). Real score, fake score and generator all start from the teacher; the generator is
+``G(z, c) = D(sigma_gen z; sigma_gen, c)`` with ``sigma_gen = generator.sigma`` (80). Conditions are integer
+class labels (one-hot inside); the teacher's sampler is EDM's Heun with ``regression.sampler_steps`` steps."""
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+
+from dmd_jax import pretrained, schedules
+from dmd_jax.samplers import edm_heun_sample
+from dmd_jax.teachers import base
+
+
+def teacher_dir(config, workdir: str | None) -> str:
+  """The converted teacher folder; ``teacher.path='random'`` (the ``:tiny`` configs) writes a random-weight
+  teacher of ``teacher.random_init_kwargs`` under the workdir, through the real converter."""
+  from dmd_jax.convert import edm as edm_convert
+  t = config.teacher
+
+  def write(dst):
+    if not t.random_init_kwargs:
+      raise ValueError("teacher.path='random' needs teacher.random_init_kwargs (a JSON EDM init_kwargs dict)")
+    edm_convert.write_random_teacher(dst, json.loads(t.random_init_kwargs), seed=config.seed)
+
+  return pretrained.network_dir(t.path, "teacher.path", "edm", workdir, write)
+
+
+def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
+  from dmd_jax.convert.edm import load_converted_edm
+  schedule = schedules.from_config(config.schedule)
+  path = teacher_dir(config, workdir)
+  attention = config.model.attention
+  teacher, teacher_params = load_converted_edm(path, attention=attention)
+  student, _ = load_converted_edm(path, dtype=base.model_dtype(config), remat=config.model.remat,
+                                  attention=attention)
+  res, ch, label_dim = teacher.img_resolution, teacher.img_channels, teacher.label_dim
+  sigma_gen = float(config.generator.sigma)
+  distance = base.distance(config)
+
+  def apply(module, params, x, sigma, cond):
+    labels = jax.nn.one_hot(cond, label_dim, dtype=jnp.float32) if label_dim else None
+    return module.apply({"params": params}, x, sigma, labels)
+
+  def generate(params, z, cond):
+    return apply(student, params, sigma_gen * z, jnp.full((z.shape[0],), sigma_gen, jnp.float32), cond)
+
+  steps = config.regression.sampler_steps
+
+  def teacher_sample(p, z, cond):
+    return edm_heun_sample(lambda x, s: apply(teacher, p, x, s, cond), z, steps,
+                           schedule.sigma_min, schedule.sigma_max, schedule.rho)
+
+  conditions = base.ClassLabels(label_dim, config.seed) if label_dim else base.Unconditional()
+  out = base.Teacher(
+      name="edm",
+      schedule=schedule,
+      generate=generate,
+      real_denoise=lambda p, x_t, t, cond: apply(teacher, p, x_t, schedule.sigma(t), cond),
+      fake_denoise=lambda p, x_t, t, cond: apply(student, p, x_t, schedule.sigma(t), cond),
+      sample_noise=lambda rng, n: jax.random.normal(rng, (n, res, res, ch), jnp.float32),
+      init=base.teacher_copies(teacher_params),
+      conditions=conditions,
+      sampler=base.TeacherSampler(sample=teacher_sample, nfe=2 * steps - 1,
+                                  spec={"sampler": "edm_heun", "sampler_steps": steps}),
+      regression_distance=lambda frozen, x, y: distance(frozen["lpips"], x, y),
+      decode=lambda frozen, x: x,
+      images=True,
+      sample_shape=(res, res, ch),
+  )
+  return out, {"teacher": teacher_params, "lpips": base.distance_params(config, workdir)}

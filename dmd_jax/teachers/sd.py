@@ -1,0 +1,169 @@
+"""Stable Diffusion 1.x teachers (text-to-image, ``configs/coco.py``; docs/method.md §2–5): a VP
+(scaled-linear) epsilon-prediction teacher in latent space.
+
+Generator: the UNet at ``t = generator.timestep`` (999) on unit-noise latents, eps → x0 in float32. Real score:
+the frozen teacher UNet with classifier-free guidance ``eps_u + g (eps_c - eps_u)`` (``g = guidance_scale``,
+the empty prompt's embedding as the unconditional input, in the frozen parameters); fake score: the trainable
+copy, never guided. Conditions: CLIP text embeddings of the training prompts (``data/prompts.py``). Teacher
+sampler: guided PNDM (or DDIM). Regression: LPIPS between VAE-decoded images; outputs are VAE-decoded.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from dmd_jax import pretrained, schedules
+from dmd_jax.guidance import classifier_free_guidance
+from dmd_jax.teachers import base
+
+
+def real_denoiser(unet, schedule, guidance_scale: float) -> Callable:
+  """The real score of an SD teacher as an x0-predictor: ``(p, x_t, t, cond) -> x0`` with
+  ``p = {'unet': params, 'uncond': [1, L, D] empty-prompt embedding}`` and guidance ``g`` (eps → x0 in
+  float32)."""
+  def real_denoise(p, x_t, t, cond):
+    eps = classifier_free_guidance(lambda x, tt, c: unet.apply({"params": p["unet"]}, x, tt, c), x_t, t, cond,
+                                   p["uncond"], guidance_scale)
+    return schedule.eps_to_x0(x_t, eps, t)
+  return real_denoise
+
+
+def vp_schedule(config) -> schedules.VPSchedule:
+  schedule = schedules.from_config(config.schedule)
+  if not isinstance(schedule, schedules.VPSchedule):
+    raise ValueError(f"a Stable Diffusion teacher needs schedule.kind='vp', got {type(schedule).__name__}")
+  return schedule
+
+
+def check_schedule(schedule, scheduler_config, path):
+  """The converted pipeline's scheduler must be the epsilon-prediction scaled-linear schedule configured."""
+  if scheduler_config is None:
+    return
+  want = {"beta_schedule": "scaled_linear", "prediction_type": "epsilon", "beta_start": schedule.beta_start,
+          "beta_end": schedule.beta_end, "num_train_timesteps": schedule.num_timesteps}
+  for k, v in want.items():
+    got = scheduler_config.get(k, "epsilon" if k == "prediction_type" else None)
+    if got != v and not (isinstance(v, float) and isinstance(got, (int, float)) and abs(got - v) < 1e-12):
+      raise ValueError(f"{path}/scheduler/scheduler_config.json has {k}={got!r}; this config expects {v!r} "
+                       f"(schedule.* must describe the teacher's training schedule)")
+
+
+def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, conditions) -> base.Teacher:
+  """The ``Teacher`` of an SD pipeline, built from modules only (no I/O): what ``build`` returns once the
+  converted pipeline and the prompts are at hand (``bench/sd_memory.py`` calls it on abstract values).
+
+  ``unet_config`` / ``vae_config``: the converted pipeline's ``config.json`` dicts (e.g. ``convert.sd.SD15_UNET``);
+  the teacher UNet and the VAE that writes images run in float32, the trainable UNet (generator and fake score,
+  rematerialised when ``model.remat``) and the VAE inside the regression loss in ``model.dtype``.
+  ``teacher_params``: the UNet's parameters, copied into both trainable networks by ``init`` (abstract values
+  are fine under ``jax.eval_shape``). ``conditions``: a ``base.PromptConditions``. The frozen parameters these
+  functions take are :func:`sd_frozen`'s.
+  """
+  from dmd_jax.convert.sd import build_unet, build_vae
+  from dmd_jax.samplers import ddim_sample, pndm_sample
+  schedule = vp_schedule(config)
+  dtype, attention = base.model_dtype(config), config.model.attention
+  teacher = build_unet(unet_config, attention=attention)[0]
+  student = build_unet(unet_config, dtype=dtype, remat=bool(config.model.remat), attention=attention)[0]
+  vae_out = build_vae(vae_config, attention=attention)[0]                 # float32: the images written out
+  vae_train = build_vae(vae_config, dtype=dtype, attention=attention)[0]  # model dtype: in the regression loss
+  scaling = float(vae_config.get("scaling_factor", 0.18215))
+  res = int(config.model.get("latent_resolution", 0) or unet_config.get("sample_size", 64))
+  ch = int(teacher.config.in_channels)
+  g = float(config.guidance_scale)
+  t_gen = int(config.generator.timestep)
+  if not 0 <= t_gen < schedule.num_timesteps:
+    raise ValueError(f"generator.timestep must be in [0, {schedule.num_timesteps}), got {t_gen}")
+
+  def eps_of(module, params):
+    return lambda x, t, c: module.apply({"params": params}, x, t, c)
+
+  def generate(params, z, cond):
+    t = jnp.full((z.shape[0],), t_gen, jnp.int32)
+    return schedule.eps_to_x0(z, eps_of(student, params)(z, t, cond), t)
+
+  def fake_denoise(p, x_t, t, cond):
+    return schedule.eps_to_x0(x_t, eps_of(student, p)(x_t, t, cond), t)
+
+  sampler = config.regression.get("sampler", "pndm")
+  if sampler not in ("pndm", "ddim"):
+    raise ValueError(f"regression.sampler must be 'pndm' or 'ddim' for a Stable Diffusion teacher, got "
+                     f"{sampler!r}")
+  steps = int(config.regression.sampler_steps)
+  sample_fn = pndm_sample if sampler == "pndm" else ddim_sample
+
+  def teacher_sample(p, z, cond):
+    return sample_fn(eps_of(teacher, p["unet"]), z, cond, p["uncond"], num_steps=steps, guidance_scale=g,
+                     alphas_cumprod=schedule.alphas_cumprod)
+
+  def decode_with(module):
+    return lambda vae_p, x: module.apply({"params": vae_p}, x / scaling, method="decode")
+
+  decode_train, decode_out = decode_with(vae_train), decode_with(vae_out)
+  distance = base.distance(config)
+  if config.regression.distance == "lpips":
+    def regression_distance(frozen, x, y):   # LPIPS between decoded images (docs/method.md §5)
+      return distance(frozen["lpips"], decode_train(frozen["vae"], x),
+                      decode_train(frozen["vae"], jax.lax.stop_gradient(y)))
+  else:                                      # 'l2' / 'mse' on the latents
+    regression_distance = lambda frozen, x, y: distance(None, x, y)
+
+  nfe = (steps + 1 if sampler == "pndm" else steps) * (1 if g == 1.0 else 2)
+  return base.Teacher(
+      name="sd",
+      schedule=schedule,
+      generate=generate,
+      real_denoise=real_denoiser(teacher, schedule, g),
+      fake_denoise=fake_denoise,
+      sample_noise=lambda rng, n: jax.random.normal(rng, (n, res, res, ch), jnp.float32),
+      init=base.teacher_copies(teacher_params),
+      conditions=conditions,
+      sampler=base.TeacherSampler(sample=teacher_sample, nfe=nfe,
+                                  spec={"sampler": sampler, "sampler_steps": steps, "guidance_scale": g}),
+      regression_distance=regression_distance,
+      decode=lambda frozen, x: decode_out(frozen["vae"], x),
+      images=True,
+      sample_shape=(res, res, ch),
+  )
+
+
+def sd_frozen(unet_params, uncond, vae_params, lpips_params) -> dict:
+  """The frozen parameters of an SD teacher: the teacher UNet and the empty prompt's embedding ``uncond``
+  [1, L, D] (the real score's guidance), the VAE (regression distance and outputs) and LPIPS (``{}`` for
+  'l2' / 'mse')."""
+  return {"teacher": {"unet": unet_params, "uncond": uncond}, "vae": vae_params, "lpips": lpips_params}
+
+
+def teacher_dir(config, workdir: str | None) -> str:
+  """The folder written by ``python -m dmd_jax.convert sd``; ``teacher.path='random'`` writes a tiny
+  random-weight pipeline under the workdir and converts it."""
+  from dmd_jax.convert import sd as sd_convert
+  return pretrained.network_dir(config.teacher.path, "teacher.path", "sd", workdir,
+                                lambda dst: sd_convert.write_random_converted(dst, seed=config.seed),
+                                marker="text_encoder/config.json")
+
+
+def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
+  """Reads the converted pipeline (``teacher.path``), the LPIPS weights and the prompts, then
+  :func:`sd_teacher`."""
+  from dmd_jax.convert.sd import load_converted_sd
+  from dmd_jax.data.prompts import PromptSet, TextEncoder, prompts_from_config
+  path = teacher_dir(config, workdir)
+  teacher_sd = load_converted_sd(path, attention=config.model.attention)
+  check_schedule(vp_schedule(config), teacher_sd["scheduler_config"], path)
+  unet, unet_params = teacher_sd["unet"]
+  text_module, text_params = teacher_sd["text_encoder"]
+  if text_module.config.hidden_size != unet.config.cross_attention_dim[0]:
+    raise ValueError(f"{path}: the text encoder's width {text_module.config.hidden_size} is not the UNet's "
+                     f"cross_attention_dim {unet.config.cross_attention_dim[0]}")
+  encoder = TextEncoder(text_module, text_params, teacher_sd["tokenizer"], config.data.embedding_batch_size)
+  encoder_id = path if "://" in path else os.path.abspath(path)
+  prompts = PromptSet(prompts_from_config(config.data), encoder, workdir, encoder_id, config.data.embedding_dtype)
+  conditions = base.PromptConditions(prompts, config.seed, encode_text=encoder)
+  teacher = sd_teacher(config, teacher_sd["configs"]["unet"], teacher_sd["configs"]["vae"], unet_params,
+                       conditions)
+  uncond = encoder([""])                                  # [1, L, D]: the empty prompt (guidance)
+  return teacher, sd_frozen(unet_params, uncond, teacher_sd["vae"][1], base.distance_params(config, workdir))

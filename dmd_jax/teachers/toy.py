@@ -1,0 +1,92 @@
+"""The toy teacher (``configs/toy2d.py``): the exact denoiser of a 2-D Gaussian mixture; generator and fake
+score are MLPs from random weights (docs/method.md §2)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmd_jax import schedules
+from dmd_jax.data.toy import GaussianMixture
+from dmd_jax.models import mlp
+from dmd_jax.samplers import edm_heun_sample
+from dmd_jax.schedules import bcast, edm_precond_coefficients
+from dmd_jax.teachers import base
+
+
+def edm_precond(raw_apply: Callable, sigma_data: float) -> Callable:
+  """EDM's preconditioning around a raw network: ``D(params, x, sigma, cond) = c_skip x + c_out
+  F(c_in x, c_noise, cond)`` with ``raw_apply(params, x_in, c_noise, cond)`` and sigma [N] (the coefficients:
+  ``schedules.edm_precond_coefficients``, shared with ``models/edm.py``)."""
+  def denoise(params, x, sigma, cond=None):
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+    c_skip, c_out, c_in, c_noise = edm_precond_coefficients(sigma, sigma_data)
+    f = raw_apply(params, (bcast(c_in, x) * x).astype(x.dtype), c_noise, cond)
+    return bcast(c_skip, x) * x + bcast(c_out, x) * f.astype(jnp.float32)
+  return denoise
+
+
+def gaussian_mixture_denoiser(weights, means, std) -> Callable:
+  """Exact ``E[x0 | x0 + sigma eps = x]`` for x0 ~ sum_k w_k N(m_k, std^2 I).
+
+  Returns ``D(x, sigma)`` (sigma [N] or scalar). With variance v = std^2 + sigma^2, the posterior over
+  components is r_k ∝ w_k exp(-|x - m_k|^2 / 2v) and ``E[x0 | x, k] = m_k + (std^2 / v)(x - m_k)``.
+  """
+  w = jnp.asarray(np.asarray(weights, np.float64) / np.sum(weights), jnp.float32)
+  m = jnp.asarray(means, jnp.float32)
+  s2 = float(std) ** 2
+
+  def denoise(x, sigma):
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, jnp.float32), x.shape[:1])
+    v = s2 + sigma ** 2                                              # [N]
+    d2 = jnp.sum((x[:, None, :] - m[None]) ** 2, axis=-1)            # [N, K]
+    r = jax.nn.softmax(jnp.log(w)[None] - d2 / (2.0 * v[:, None]), axis=-1)
+    post_mean = m[None] + (s2 / v)[:, None, None] * (x[:, None, :] - m[None])
+    return jnp.sum(r[..., None] * post_mean, axis=1)
+
+  return denoise
+
+
+def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
+  del workdir   # nothing to read or write
+  schedule = schedules.from_config(config.schedule)
+  mixture = GaussianMixture.from_config(config.toy)
+  dim = mixture.means.shape[1]
+  mog = gaussian_mixture_denoiser(mixture.weights, mixture.means, mixture.std)
+
+  generator = mlp.ToyGenerator(hidden=tuple(config.generator.hidden), dim=dim)
+  fake_net = mlp.ToyDenoiserNet(hidden=tuple(config.fake_score.hidden), dim=dim,
+                                num_fourier=config.fake_score.num_fourier,
+                                fourier_scale=config.fake_score.fourier_scale)
+  fake_D = edm_precond(lambda p, x, c_noise, cond: fake_net.apply({"params": p}, x, c_noise),
+                       schedule.sigma_data)
+
+  def init(rng):
+    r_g, r_f = jax.random.split(rng)
+    x = jnp.zeros((1, dim), jnp.float32)
+    return (generator.init(r_g, x)["params"],
+            fake_net.init(r_f, x, jnp.zeros((1,), jnp.float32))["params"])
+
+  steps = config.regression.sampler_steps
+  distance = base.distance(config)
+  teacher = base.Teacher(
+      name="toy",
+      schedule=schedule,
+      generate=lambda p, z, cond: generator.apply({"params": p}, z),
+      real_denoise=lambda p, x_t, t, cond: mog(x_t, schedule.sigma(t)),
+      fake_denoise=lambda p, x_t, t, cond: fake_D(p, x_t, schedule.sigma(t), cond),
+      sample_noise=lambda rng, n: jax.random.normal(rng, (n, dim), jnp.float32),
+      init=init,
+      conditions=base.Unconditional(),
+      sampler=base.TeacherSampler(
+          sample=lambda p, z, cond: edm_heun_sample(mog, z, steps, schedule.sigma_min, schedule.sigma_max,
+                                                    schedule.rho),
+          nfe=2 * steps - 1, spec={"sampler": "edm_heun", "sampler_steps": steps}),
+      regression_distance=lambda frozen, x, y: distance(None, x, y),
+      decode=lambda frozen, x: x,
+      images=False,
+      sample_shape=(dim,),
+  )
+  return teacher, {"teacher": {}}
