@@ -45,7 +45,12 @@ def main(argv):
   if mode in ("sample", "teacher_sample") and not _OUTPUT.value:
     raise app.UsageError(f"--mode={mode} needs --output=FILE.npz (FILE.png with --prompt)")
   if mode == "train":
-    train.train(config, workdir)
+    try:
+      train.train(config, workdir)
+    except train.Preempted as e:   # SIGTERM: checkpoint saved; launchers restart on this exit code
+      from dmd_jax.sharding import PREEMPTED_EXIT_CODE
+      print(str(e), file=sys.stderr)
+      sys.exit(PREEMPTED_EXIT_CODE)
   elif mode == "sample":
     modes.sample(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value, prompt=_PROMPT.value)
   elif mode == "teacher_sample":

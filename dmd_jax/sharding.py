@@ -18,20 +18,43 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 BATCH_AXES = ("data", "fsdp")
 
 
-def maybe_initialize_distributed(enabled: bool | None = None) -> None:
-  """Calls ``jax.distributed.initialize()`` on a multi-host job.
+# The exit code of a run stopped by SIGTERM after saving its checkpoint (a preemption): launchers restart on it.
+PREEMPTED_EXIT_CODE = 42
 
-  ``enabled=True`` forces it (config ``distributed = True``); ``None`` initialises when the environment
-  describes a cluster (``JAX_COORDINATOR_ADDRESS``, SLURM, or a Cloud TPU pod worker list).
+
+def maybe_initialize_distributed(enabled: bool | None = None, heartbeat_timeout_s: int = 100) -> None:
+  """Calls ``jax.distributed.initialize`` on a multi-process job (docs/multihost.md).
+
+  The process learns its place from the environment: ``JAX_COORDINATOR_ADDRESS=host:port`` with
+  ``DMD_JAX_NUM_PROCESSES`` and ``DMD_JAX_PROCESS_ID`` (set by ``launch/local.py`` and any launcher that
+  knows them), else JAX's own cluster detection (Cloud TPU pods, SLURM, GKE). ``enabled=True`` forces the
+  call (config ``distributed='yes'``), ``False`` never makes it, ``None`` makes it when the environment
+  describes a cluster. A peer that stops sending heartbeats for ``heartbeat_timeout_s`` ends the others with
+  an error instead of a hang.
   """
   if enabled is False or jax.distributed.is_initialized():
     return
   env = os.environ
+  explicit = {}
+  for name, key in (("num_processes", "DMD_JAX_NUM_PROCESSES"), ("process_id", "DMD_JAX_PROCESS_ID")):
+    if env.get(key, "") != "":
+      try:
+        explicit[name] = int(env[key])
+      except ValueError:
+        raise ValueError(f"{key}={env[key]!r} is not an integer") from None
+  if len(explicit) == 1:
+    raise ValueError("set both DMD_JAX_NUM_PROCESSES and DMD_JAX_PROCESS_ID, or neither")
+  if explicit and not env.get("JAX_COORDINATOR_ADDRESS"):
+    raise ValueError("DMD_JAX_NUM_PROCESSES / DMD_JAX_PROCESS_ID need JAX_COORDINATOR_ADDRESS=host:port")
+  if explicit and not 0 <= explicit["process_id"] < explicit["num_processes"]:
+    raise ValueError(f"DMD_JAX_PROCESS_ID={explicit['process_id']} is not in [0, "
+                     f"DMD_JAX_NUM_PROCESSES={explicit['num_processes']})")
   cluster = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
              or "," in env.get("TPU_WORKER_HOSTNAMES", "")
              or int(env.get("SLURM_NTASKS", "1")) > 1)
   if enabled or cluster:
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s, **explicit)
     logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                  jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
@@ -88,6 +111,17 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray], global_batch_size: in
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v, (global_batch_size,) + v.shape[1:])
           for k, v in local.items()}
+
+
+def gather(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-host) global array on every process, as NumPy. ``jax.device_get`` only
+  works for arrays whose shards this process holds."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def process_slice(global_batch_size: int) -> slice:

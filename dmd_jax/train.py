@@ -4,9 +4,11 @@ compile once, step, periodic actions (logging, evaluators, checkpoints), SIGTERM
 ``modes.py`` (docs/architecture.md)."""
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import json
+import os
 import signal
 import time
 from typing import Any
@@ -135,14 +137,59 @@ def ensure_pairs(run: Run) -> dict[str, np.ndarray]:
 # The loop.
 # ---------------------------------------------------------------------------------------------------------
 
-class _SigtermFlag:
+# Steps dispatched ahead of the one the host last waited for. Enough to hide the host's work behind the
+# device's; unbounded, two processes on XLA:CPU hung in a gloo all-reduce once ~100 steps were queued
+# (docs/multihost.md).
+MAX_STEPS_IN_FLIGHT = 4
+
+
+class Preempted(Exception):
+  """Raised after a SIGTERM's checkpoint is saved: ``main`` exits with ``sharding.PREEMPTED_EXIT_CODE``."""
+
+
+class _Preemption:
+  """SIGTERM (a preemption notice) → finish the current step, save a checkpoint, exit with
+  ``sharding.PREEMPTED_EXIT_CODE``; a second SIGTERM exits at once. With several processes every one must
+  save at the same step: the first process to see a SIGTERM publishes ``stop_at = its step + STOP_MARGIN``
+  in the coordination service's key-value store (first writer wins), and every process polls it each step.
+  Hosts stay within ``MAX_STEPS_IN_FLIGHT`` + 1 steps of each other (the steps' collectives pace them), so
+  no process has passed ``stop_at`` when it reads it."""
+
+  KEY = "dmd_jax/preemption/stop_at"
+  STOP_MARGIN = 2 * MAX_STEPS_IN_FLIGHT + 4
+
   def __init__(self):
-    self.raised = False
+    self.signalled = False
+    self.stop_at = None
     self._old = signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
-    logging.warning("SIGTERM received: saving a checkpoint after this step, then exiting")
-    self.raised = True
+    if self.signalled:
+      logging.error("second SIGTERM: exiting now, without a checkpoint")
+      os._exit(128 + signal.SIGTERM)
+    logging.warning("SIGTERM received: saving a checkpoint, then exiting (a second SIGTERM exits at once)")
+    self.signalled = True
+
+  def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after ``step`` (called by every process at every step)."""
+    if jax.process_count() == 1:
+      return self.signalled
+    if self.stop_at is None:
+      from jax._src import distributed
+      client = distributed.global_state.client
+      if self.signalled:
+        try:
+          client.key_value_set(self.KEY, str(step + self.STOP_MARGIN))
+        except Exception:   # another process published first: its value holds
+          pass
+      try:
+        value = client.key_value_try_get(self.KEY)
+      except Exception:   # not published: no process has been signalled
+        value = None
+      if value:
+        self.stop_at = int(value)
+        logging.warning("preemption: every process saves and stops after step %d", self.stop_at)
+    return self.stop_at is not None and step >= self.stop_at
 
   def restore(self):
     signal.signal(signal.SIGTERM, self._old)
@@ -211,15 +258,19 @@ def train(config, workdir: str) -> dict | None:
 
   # ---- loop ----
   eval_every = config.eval.get("every_steps", 0)
-  sigterm = _SigtermFlag()
+  preemption = _Preemption()
   meta = {"config": config.to_json_best_effort()}
   t_loop, last_log, last_step = time.time(), time.time(), start
   step = start
   try:
+    in_flight = collections.deque()
     while step < total:
       batch = example if step == start else batch_for(step)
       state, metrics = step_fn(state, run.frozen, batch, step_key)
       step += 1
+      in_flight.append(metrics["fake_score_loss"])
+      if len(in_flight) > MAX_STEPS_IN_FLIGHT:   # bound the dispatch queue (see MAX_STEPS_IN_FLIGHT)
+        in_flight.popleft().block_until_ready()
       if step % config.log_every == 0 or step == total:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
@@ -230,14 +281,15 @@ def train(config, workdir: str) -> dict | None:
         last_log, last_step = now, step
       if eval_every and step % eval_every == 0 and step < total:
         evaluators_lib.run_all(run, evaluators, generator_params(state["generator"]), step, final=False)
-      if step % config.checkpoint_every == 0 or step == total or sigterm.raised:
+      stop = preemption.should_stop(step)
+      if step % config.checkpoint_every == 0 or step == total or stop:
         ckpt.save(step, state, {**meta, "step": step})
-      if sigterm.raised:
+      if stop and step < total:
         ckpt.wait()
         logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume", step)
-        return None
+        raise Preempted(f"preempted: checkpoint of step {step} saved in {ckpt.directory}; rerun to resume")
   finally:
-    sigterm.restore()
+    preemption.restore()
     ckpt.wait()
   train_seconds = time.time() - t_loop
   writer.flush()

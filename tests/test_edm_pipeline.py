@@ -97,8 +97,11 @@ def test_pair_generation_killed_and_resumed_on_8_devices_matches(tmp_path):
   np.testing.assert_array_equal(b["z"], a["z"])          # the noise of pair i depends on (seed, i) only
   kept = done * 500                                       # shards written before the kill, on 1 device: exact
   np.testing.assert_array_equal(b["x"][:kept], a["x"][:kept])
-  # shards written on 8 devices: the same per-sample ODE solve, vectorised differently -> float rounding
-  np.testing.assert_allclose(b["x"], a["x"], rtol=0, atol=2e-4)
+  # shards written on 8 devices: the same per-sample ODE solve, vectorised differently -> float rounding, which
+  # the Heun ODE amplifies for the rare noise that lands between two modes (std 0.05): with the named random
+  # streams 2 of 100k pairs (one sample) differ by 1.1e-3, every other by < 2e-4
+  err = np.abs(b["x"] - a["x"]).max(axis=1)
+  assert np.mean(err < 2e-4) >= 0.9999 and err.max() < 5e-3, (np.sum(err >= 2e-4), err.max())
 
 
 def test_pairs_with_another_spec_are_refused(tmp_path):

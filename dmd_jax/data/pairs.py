@@ -80,14 +80,21 @@ def pair_noise(key, indices, shape) -> jax.Array:
 
 
 def build_pairs(store: PairStore, sample_fn: Callable, mesh, key, sample_shape: tuple, conditions) -> None:
-  """Builds every missing shard: each process takes shards i with ``i % process_count == process_index``,
-  each shard's batch sharded over all of that process's devices.
+  """Builds every missing shard. Every process runs the same programs in the same order: shard i's pairs are
+  one global batch over the whole mesh (padded to the device count), each process feeding its own rows of
+  the noise and conditions; the outputs are gathered and process 0 writes the shard (docs/multihost.md).
 
   ``sample_fn(z, cond) -> x`` is the teacher's ODE sampler (jitted here); ``key`` the noise stream;
   ``conditions`` the teacher's (``teachers.base.Conditions``): ``for_pairs(indices)`` gives each pair's
   stored condition id, ``lookup(ids)`` what ``sample_fn`` takes (a label, a prompt embedding).
   """
-  todo = [i for i in store.missing_shards() if i % jax.process_count() == jax.process_index()]
+  multi = jax.process_count() > 1
+  if multi:   # every process lists the folder between two barriers: the same list, before any shard is written
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("pairs: list the missing shards")
+  todo = store.missing_shards()
+  if multi:
+    multihost_utils.sync_global_devices("pairs: missing shards listed")
   if not todo:
     return
   n_dev = mesh.devices.size
@@ -99,10 +106,14 @@ def build_pairs(store: PairStore, sample_fn: Callable, mesh, key, sample_shape: 
   for done, i in enumerate(todo, 1):
     idx = store.shard_indices(i)
     padded = np.concatenate([idx, np.full((-len(idx)) % n_dev, idx[-1])])   # pad to the device count
-    z = jax.device_put(pair_noise(key, padded, sample_shape), batch)
-    cond = np.asarray(conditions.for_pairs(padded))
-    x = np.asarray(jax.device_get(sample(z, jax.device_put(conditions.lookup(cond), batch))))[:len(idx)]
-    store.write_shard(i, {"index": idx, "z": np.asarray(z)[:len(idx)], "x": x, "cond": cond[:len(idx)]})
+    rows = padded[sharding.process_slice(len(padded))]                        # this process's rows
+    local = {"z": np.asarray(pair_noise(key, rows, sample_shape)),
+             "cond": np.asarray(conditions.lookup(conditions.for_pairs(rows)))}
+    g = sharding.global_batch(mesh, local, len(padded))
+    x = sharding.gather(sample(g["z"], g["cond"]))[:len(idx)]
+    if jax.process_index() == 0:
+      store.write_shard(i, {"index": idx, "z": np.asarray(pair_noise(key, idx, sample_shape)), "x": x,
+                            "cond": np.asarray(conditions.for_pairs(idx))})
     el = time.time() - t0
     logging.info("pairs: shard %d/%d written (%.1f pairs/s, ETA %.0f s)", done, len(todo),
                  done * store.shard_size / el, el / done * (len(todo) - done))

@@ -28,9 +28,9 @@ def sample_chunks(run, fn: Callable, params, num: int, key, chunk: int) -> Itera
     return fn(params, z, cond), cond
 
   for i in range(-(-num // chunk)):
-    x, c = jax.device_get(one(params, jax.random.fold_in(key, i)))
+    x, c = one(params, jax.random.fold_in(key, i))
     keep = min(chunk, num - i * chunk)
-    yield np.asarray(x)[:keep], np.asarray(c)[:keep]
+    yield sharding.gather(x)[:keep], sharding.gather(c)[:keep]
 
 
 def collect(chunks) -> tuple[np.ndarray, np.ndarray]:
@@ -56,5 +56,4 @@ def to_outputs(run, x: np.ndarray, chunk: int = 64) -> np.ndarray:
   if "decode" not in run.cache:
     run.cache["decode"] = jax.jit(run.teacher.decode)
   decode = run.cache["decode"]
-  return np.concatenate([np.asarray(jax.device_get(decode(run.frozen, x[i:i + chunk])))
-                         for i in range(0, len(x), chunk)])
+  return np.concatenate([sharding.gather(decode(run.frozen, x[i:i + chunk])) for i in range(0, len(x), chunk)])

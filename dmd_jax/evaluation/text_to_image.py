@@ -85,7 +85,7 @@ def caption_images(teacher, frozen, mesh, fn: Callable, params, captions: Sequen
     cond = np.asarray(teacher.conditions.encode_text(caps + [caps[-1]] * (chunk - m)), np.float32)
     idx = np.arange(start, start + chunk, dtype=np.int32)
     x = one(params, frozen, jax.device_put(idx, batch), jax.device_put(cond, batch))
-    yield image_io.to_uint8(np.asarray(jax.device_get(x))[:m]), caps
+    yield image_io.to_uint8(sharding.gather(x)[:m]), caps
 
 
 class CocoEvaluator:
