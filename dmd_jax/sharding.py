@@ -124,6 +124,15 @@ def gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def process_share(n: int) -> slice:
+  """This process's contiguous share of ``n`` host-side items that every process holds (``np.array_split``
+  sizes: they differ by at most one), for work that each process does on its own part and then gathers
+  (FID features)."""
+  p, i = jax.process_count(), jax.process_index()
+  bounds = np.cumsum([0] + [n // p + (k < n % p) for k in range(p)])
+  return slice(int(bounds[i]), int(bounds[i + 1]))
+
+
 def process_slice(global_batch_size: int) -> slice:
   """Rows of the global batch that this process loads."""
   n = jax.process_count()

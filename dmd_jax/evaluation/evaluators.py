@@ -117,10 +117,10 @@ class FidEvaluator:
     e = self.ctx.config.eval
     stats = fid.FeatureStats()
     t0 = time.time()
-    for x, _ in chunks:
-      stats.update(fid.inception_features(module, params, image_io.to_uint8(sampling.to_outputs(self.ctx, x)),
-                                          protocol=e.protocol, batch_size=e.batch_size, mesh=self.ctx.mesh,
-                                          log_every=0))
+    for x, _ in chunks:   # every process holds the chunk; each feeds its share, the features are gathered
+      images = image_io.to_uint8(sampling.to_outputs(self.ctx, x))[sharding.process_share(len(x))]
+      stats.update(fid.inception_features(module, params, images, protocol=e.protocol, batch_size=e.batch_size,
+                                          mesh=self.ctx.mesh, log_every=0))
       logging.info("FID: %d images (%.1f images/s)", stats.count, stats.count / (time.time() - t0))
     return stats.mu_sigma()
 

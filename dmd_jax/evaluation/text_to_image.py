@@ -98,9 +98,10 @@ class CocoEvaluator:
     self.scores: list[np.ndarray] = []
 
   def update(self, images: np.ndarray, captions: Sequence[str]) -> None:
-    if self.inception is not None:
+    if self.inception is not None:   # every process holds the images; each feeds its share (gathered)
       module, params = self.inception
-      self.stats.update(coco_fid.clean_fid_features(module, params, images, batch_size=self.batch_size,
+      share = images[sharding.process_share(len(images))]
+      self.stats.update(coco_fid.clean_fid_features(module, params, share, batch_size=self.batch_size,
                                                     mesh=self.mesh, log_every=0))
     if self.clip is not None:
       module, params, tokenizer = self.clip
