@@ -17,7 +17,7 @@ import pytest
 from helpers import FAST, ROOT, run_main
 
 LOCAL = os.path.join(ROOT, "launch", "local.py")
-TRAIN = FAST + ["--config.num_train_steps=200", "--config.checkpoint_every=50", "--config.log_every=50"]
+TRAIN = FAST + ["--config.num_train_steps=60", "--config.checkpoint_every=20", "--config.log_every=20"]
 
 
 def _local_cmd(n, k, *args):
@@ -82,10 +82,10 @@ def test_eval_across_two_processes_equals_one(tmp_path, two_process_run):
   d2, _, _ = two_process_run
   _launch(2, 4, f"--workdir={d2}", "--mode=eval", *TRAIN)
   import json
-  two = json.load(open(d2 / "eval_step200.json"))
-  os.remove(d2 / "eval_step200.json")
+  two = json.load(open(d2 / "eval_step60.json"))
+  os.remove(d2 / "eval_step60.json")
   run_main(f"--workdir={d2}", "--mode=eval", *TRAIN, devices=8)
-  one = json.load(open(d2 / "eval_step200.json"))
+  one = json.load(open(d2 / "eval_step60.json"))
   for who in ("generator", "teacher"):
     for k in ("tv", "precision", "min_mode_share"):
       assert abs(two[who][k] - one[who][k]) <= 2e-3, (who, k, two[who][k], one[who][k])
@@ -97,7 +97,7 @@ def test_sigterm_to_every_process_saves_one_checkpoint_and_resumes_exactly(tmp_p
   proc = subprocess.Popen(_local_cmd(2, 4, f"--workdir={d}", *TRAIN), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   t0 = time.time()
-  while not os.path.isdir(d / "checkpoints" / "50"):
+  while not os.path.isdir(d / "checkpoints" / "20"):
     assert proc.poll() is None, proc.stderr.read()[-4000:]
     assert time.time() - t0 < 300
     time.sleep(0.05)
@@ -106,7 +106,7 @@ def test_sigterm_to_every_process_saves_one_checkpoint_and_resumes_exactly(tmp_p
   assert proc.returncode == 42, err[-4000:]             # sharding.PREEMPTED_EXIT_CODE
   assert err.count("saves and stops after step") == 2 or err.count("stopped by SIGTERM") == 2, err[-4000:]
   steps = sorted(int(s) for s in os.listdir(d / "checkpoints") if s.isdigit())
-  assert 50 <= steps[-1] < 200, steps
+  assert 20 <= steps[-1] < 60, steps
   p = _launch(2, 4, f"--workdir={d}", *TRAIN)            # the rerun resumes and finishes
   assert f"at step {steps[-1]}" in p.stderr
   x = _sample(d, tmp_path / "s.npz", lambda *a: _launch(2, 4, *a))
