@@ -9,13 +9,22 @@ Writes are atomic (:func:`atomic_write`): the data goes to a temporary name in t
 complete, so a reader (or a rerun after a kill) sees the old file or the new one, never half of one.
 
 * Local paths: ``os.replace`` in the same folder, an atomic rename (the file is fsynced first).
-* ``gs://``: an object only appears once its upload has finished (object writes are all-or-nothing), and a
-  rename is a server-side copy then a delete of the temporary. The destination object switches from old to
-  new in one step; a run killed between the copy and the delete leaves the temporary object behind. The data
-  is staged in a local temporary file first, so the file object handed out is always a seekable local file.
+* ``gs://``: an object only appears once its upload has finished (object writes are all-or-nothing), and the
+  rename is gcsfs' ``moveTo`` (Cloud Storage's atomic object move; gcsfs falls back to a server-side copy then
+  a delete where a bucket lacks it). The destination object switches from old to new in one step; a run
+  killed between the upload and the move leaves the temporary object behind. The data is staged in a local
+  temporary file first, so the file object handed out is always a seekable local file, and a temporary
+  object is only ever renamed once it is complete.
 
 Temporaries of a killed run stay behind; :func:`remove_stale_temporaries` deletes those of this process
 index whose writer is gone (see there for the exact rule).
+
+Remote metadata is never served from a cache: gcsfs, by default, keeps every folder listing it fetched and
+answers ``exists`` / ``isdir`` / ``listdir`` — and the size of a file it opens — from it, and only its own
+writes update it. A workdir has several writers (the hosts of a pod, a rerun, ``--mode=eval`` next to a
+run), so this module turns that cache off for ``gs://`` (:func:`_no_listings_cache`); otherwise a shard
+another host wrote would be missed, and a file another process rewrote would be read cut to its old size.
+docs/gcs.md has the whole story (and how the tests point every client at a local emulator).
 """
 from __future__ import annotations
 
@@ -28,6 +37,7 @@ import re
 import secrets
 import shutil
 import tempfile
+import time
 from io import BytesIO, TextIOWrapper
 from typing import IO, Any, Iterator
 
@@ -35,9 +45,26 @@ import numpy as np
 from etils import epath
 
 _SCHEMES = ("gs", "s3", "az", "hf")   # what etils.epath serves
+_LISTING_CACHED = ("gs", "gcs")       # fsspec protocols whose filesystem (gcsfs) caches listings
 _CHUNK = 16 << 20
+_REMOTE_STALE_SECONDS = 600.0   # a remote temporary younger than this may be another machine's (see below)
 # .tmp-p<index>-<pid>-...  (atomic_write), and <name>.tmp-p<index>-<pid> (pair shards of earlier versions)
 _TEMPORARY = re.compile(r"^\.tmp-p(\d+)-(\d+)-|\.tmp-p(\d+)-(\d+)$")
+
+
+def _no_listings_cache() -> None:
+  """Makes gcsfs filesystems created from now on (etils.epath creates its one on first use) ask the server
+  for every listing and file size instead of a per-process cache that other writers never invalidate.
+  Through fsspec's configuration, so an explicit ``use_listings_cache`` setting there wins."""
+  try:
+    import fsspec.config
+  except ImportError:   # no fsspec: no remote paths either
+    return
+  for protocol in _LISTING_CACHED:
+    fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+
+
+_no_listings_cache()
 
 
 def is_remote(p) -> bool:
@@ -123,6 +150,34 @@ def load_npz(p) -> dict[str, np.ndarray]:
   src = _str(p)
   with np.load(BytesIO(read_bytes(src)) if is_remote(src) else src, allow_pickle=False) as z:
     return {k: z[k] for k in z.files}
+
+
+def npz_memmap(p) -> dict[str, np.memmap]:
+  """Every array of an uncompressed ``.npz`` (what ``np.savez`` / :func:`write_npz` write) memory-mapped
+  read-only, so reading rows touches only those rows. A remote file is first copied to the local cache
+  (:func:`local_copy`). Compressed members are a clear error."""
+  import struct
+  import zipfile
+  local = local_copy(p)
+  out = {}
+  with zipfile.ZipFile(local) as zf, open(local, "rb") as f:
+    for info in zf.infolist():
+      if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(f"{p}: member {info.filename!r} is compressed; only np.savez files can be memory-mapped")
+      f.seek(info.header_offset)
+      local_header = f.read(30)            # the zip local file header: name and extra-field lengths at 26..30
+      name_len, extra_len = struct.unpack("<HH", local_header[26:30])
+      f.seek(info.header_offset + 30 + name_len + extra_len)
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read_header(f)
+      if dtype.hasobject:
+        raise ValueError(f"{p}: member {info.filename!r} holds Python objects")
+      name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+      out[name] = np.memmap(local, dtype=dtype, mode="r", shape=shape, offset=f.tell(),
+                            order="F" if fortran else "C")
+  return out
 
 
 def load_npy(p, mmap: bool = False) -> np.ndarray:
@@ -245,6 +300,14 @@ def _pid_alive(pid: int) -> bool:
   return True
 
 
+def _older_than(p, seconds: float) -> bool:
+  """Whether file ``p`` was last modified more than ``seconds`` ago (False when it is gone)."""
+  try:
+    return time.time() - path(p).stat().mtime > seconds
+  except FileNotFoundError:
+    return False
+
+
 def remove_stale_temporaries(folder, keep_pid: int | None = None) -> list[str]:
   """Deletes the temporaries that killed writers of this process index left in ``folder``; returns their
   names.
@@ -254,9 +317,15 @@ def remove_stale_temporaries(folder, keep_pid: int | None = None) -> list[str]:
   ``pid`` is not ``keep_pid`` (default: this process), and no process ``pid`` is alive on this machine
   (another live writer here keeps its file; a recycled pid only means a stale file is kept, never that a
   live one is deleted). A missing folder has nothing to remove.
+
+  In a remote folder the pid rule alone is not enough: machines that share a bucket do not share pids (a
+  run on a pod and ``--mode=eval`` on another VM are both process index 0). A remote temporary must also be
+  older than ``_REMOTE_STALE_SECONDS``: it only appears once its upload is complete and its writer renames
+  it right then, so an older one has no writer left.
   """
   keep = os.getpid() if keep_pid is None else int(keep_pid)
   me = _process_index()
+  remote = is_remote(_str(folder))
   if not exists(folder):
     return []
   removed = []
@@ -266,6 +335,8 @@ def remove_stale_temporaries(folder, keep_pid: int | None = None) -> list[str]:
       continue
     index, pid = (int(m[1]), int(m[2])) if m[1] is not None else (int(m[3]), int(m[4]))
     if index != me or pid == keep or _pid_alive(pid):
+      continue
+    if remote and not _older_than(join(folder, name), _REMOTE_STALE_SECONDS):
       continue
     remove(join(folder, name))
     removed.append(name)
@@ -290,7 +361,10 @@ def prepare_workdir(workdir) -> str:
       raise ValueError(f"--workdir={workdir} needs a Google Cloud Storage backend for etils.epath: "
                        f"pip install 'etils[epath-gcs]' (gcsfs) or tensorflow ({e})") from e
     except Exception as e:  # auth, missing bucket, permissions: the backends raise various types
-      raise ValueError(f"--workdir={workdir} is not a writable folder: {type(e).__name__}: {e}") from e
+      bucket = workdir.split("://", 1)[1].split("/", 1)[0]
+      hint = (f" (bucket {bucket!r} does not exist, or these credentials cannot see it)"
+              if isinstance(e, FileNotFoundError) else "")   # gcsfs: the upload's 404
+      raise ValueError(f"--workdir={workdir} is not a writable folder{hint}: {type(e).__name__}: {e}") from e
   else:
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):

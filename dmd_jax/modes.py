@@ -110,5 +110,5 @@ def evaluate(config, workdir: str) -> dict:
 def pairs(config, workdir: str) -> None:
   """Builds the regression set (docs/method.md §5) without training."""
   run = train.setup(config, workdir)
-  n = len(train.ensure_pairs(run)["index"])
+  n = len(train.ensure_pairs(run))
   print(f"regression set complete: {n} pairs in {io.join(run.workdir, 'pairs')}")

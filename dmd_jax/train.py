@@ -14,11 +14,10 @@ import time
 from typing import Any
 
 import jax
-import numpy as np
 from absl import logging
 
 from dmd_jax import checkpoint, dmd, io, sharding, streams, teachers, writers
-from dmd_jax.data.pairs import EpochSampler, PairStore, build_pairs
+from dmd_jax.data.pairs import EpochSampler, PairRows, PairStore, build_pairs
 from dmd_jax.teachers.base import Teacher
 
 
@@ -118,8 +117,9 @@ def pair_store(run: Run) -> PairStore:
   return PairStore(io.join(run.workdir, "pairs"), spec).open()
 
 
-def ensure_pairs(run: Run) -> dict[str, np.ndarray]:
-  """Builds the missing regression-pair shards (all processes), then loads the whole set (docs/method.md §5)."""
+def ensure_pairs(run: Run) -> PairRows:
+  """Builds the missing regression-pair shards (all processes), then opens the set for reading by rows
+  (docs/method.md §5)."""
   teacher, frozen = run.teacher, run.frozen
   store = pair_store(run)
   build_pairs(store, lambda z, cond: teacher.sampler.sample(frozen["teacher"], z, cond), run.mesh,
@@ -127,10 +127,7 @@ def ensure_pairs(run: Run) -> dict[str, np.ndarray]:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("regression pairs built")
-  pairs = store.load()
-  if "cond" not in pairs:   # sets of unconditional teachers built before every pair stored its condition
-    pairs["cond"] = teacher.conditions.for_pairs(pairs["index"])
-  return pairs
+  return store.rows()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -195,21 +192,24 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._old)
 
 
-def batches(run: Run, pairs: dict | None):
+def batches(run: Run, pairs: PairRows | None):
   """``step -> global batch``: this process's rows of the DM batch's host-side conditions and of the
   regression pairs (epoch order from the ``'regression_order'`` stream), assembled over the mesh."""
   config, conditions, mesh = run.config, run.teacher.conditions, run.mesh
   b, b_reg = config.batch_size, config.regression.batch_size
   dm_rows, reg_rows = sharding.process_slice(b), sharding.process_slice(b_reg)
-  order = None if pairs is None else EpochSampler(len(pairs["index"]), b_reg,
+  order = None if pairs is None else EpochSampler(len(pairs), b_reg,
                                                   streams.numpy_seed(config.seed, "regression_order"))
 
   def batch_for(step: int) -> dict:
     out = sharding.global_batch(mesh, conditions.for_step(step, b, dm_rows), b)
     if order is not None:
       idx = order.indices(step)[reg_rows]
-      out.update(sharding.global_batch(mesh, {"reg_z": pairs["z"][idx], "reg_x": pairs["x"][idx],
-                                              "reg_cond": conditions.lookup(pairs["cond"][idx])}, b_reg))
+      rows = pairs.take(idx)    # only this process's rows are read
+      # sets of unconditional teachers built before every pair stored its condition have no 'cond'
+      cond = rows["cond"] if "cond" in rows else conditions.for_pairs(idx)
+      out.update(sharding.global_batch(mesh, {"reg_z": rows["z"], "reg_x": rows["x"],
+                                              "reg_cond": conditions.lookup(cond)}, b_reg))
     return out
   return batch_for
 
@@ -240,7 +240,7 @@ def train(config, workdir: str) -> dict | None:
   pairs = None
   if config.regression.weight > 0:
     pairs = ensure_pairs(run)
-    logging.info("regression set: %d pairs", len(pairs["index"]))
+    logging.info("regression set: %d pairs", len(pairs))
   batch_for = batches(run, pairs)
   evaluators = evaluators_lib.build(run, writer)
 

@@ -59,7 +59,20 @@ class PairStore:
   def write_shard(self, i: int, arrays: dict[str, np.ndarray]) -> None:
     io.write_npz(self.shard_path(i), **arrays)
 
+  def _check_complete(self) -> None:
+    missing = self.missing_shards()
+    if missing:
+      raise FileNotFoundError(
+          f"{len(missing)} of {self.num_shards} regression-pair shards are missing in {self.directory} "
+          f"(first: {self.shard_path(missing[0])}); run --mode=pairs")
+
+  def rows(self) -> "PairRows":
+    """The complete set, read row by row (:class:`PairRows`)."""
+    self._check_complete()
+    return PairRows(self)
+
   def load(self) -> dict[str, np.ndarray]:
+    """The complete set in memory (small sets and tests; training reads rows through :meth:`rows`)."""
     missing = self.missing_shards()
     if missing:
       raise FileNotFoundError(
@@ -69,6 +82,37 @@ class PairStore:
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if not np.array_equal(out["index"], np.arange(self.num_pairs)):
       raise ValueError(f"the regression pairs in {self.directory} are not the indices 0..{self.num_pairs - 1}")
+    return out
+
+
+class PairRows:
+  """The regression set read row by row (docs/multihost.md): every shard memory-mapped
+  (``io.npz_memmap``), so ``take(indices)`` reads only those rows — each process reads the rows of the
+  global batches it feeds, never the whole set (SD's 500k pairs are ~65 GB of float32 latents)."""
+
+  def __init__(self, store: "PairStore"):
+    self.store = store
+    self._maps = [io.npz_memmap(store.shard_path(i)) for i in range(store.num_shards)]
+    self.fields = tuple(k for k in self._maps[0] if k != "index")
+    index = np.concatenate([np.asarray(m["index"]) for m in self._maps])
+    if not np.array_equal(index, np.arange(store.num_pairs)):
+      raise ValueError(f"the regression pairs in {store.directory} are not the indices 0..{store.num_pairs - 1}")
+
+  def __len__(self) -> int:
+    return self.store.num_pairs
+
+  def take(self, indices) -> dict[str, np.ndarray]:
+    """``{field: rows}`` of the pairs ``indices`` (any order, repeats allowed)."""
+    idx = np.asarray(indices, np.int64)
+    shard, offset = np.divmod(idx, self.store.shard_size)
+    out = {}
+    for k in self.fields:
+      first = self._maps[0][k]
+      arr = np.empty((len(idx),) + first.shape[1:], first.dtype)
+      for s in np.unique(shard):
+        m = shard == s
+        arr[m] = self._maps[int(s)][k][offset[m]]
+      out[k] = arr
     return out
 
 
