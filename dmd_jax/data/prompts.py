@@ -114,23 +114,57 @@ def cache_key(prompts: Sequence[str], encoder_id: str, dtype: str) -> str:
   return h.hexdigest()[:16]
 
 
+def _embed(path: str, prompts: Sequence[str], encode: Callable, np_dtype, chunk: int) -> None:
+  """Writes the embeddings of ``prompts`` to the .npy ``path`` (memory-mapped, atomic), ``chunk`` at a time."""
+  t0 = time.time()
+  first = encode(prompts[:chunk], np_dtype)
+  with io.open_memmap_for_write(path, first.dtype, (len(prompts),) + first.shape[1:]) as arr:
+    arr[:len(first)] = first
+    for i in range(chunk, len(prompts), chunk):
+      arr[i:i + chunk] = encode(prompts[i:i + chunk], np_dtype)
+      done = min(i + chunk, len(prompts))
+      logging.info("prompt embeddings: %d/%d (%.0f prompts/s)", done, len(prompts), done / (time.time() - t0))
+
+
 def cached_embeddings(workdir: str, prompts: Sequence[str], encode: Callable, encoder_id: str,
                       dtype: str = "float32", chunk: int = 4096) -> np.ndarray:
   """The embeddings of ``prompts`` from ``<workdir>/prompt_embeddings_<key>.npy`` (memory-mapped), computed
-  with ``encode(list_of_prompts, np_dtype)`` and written atomically when absent."""
+  with ``encode(list_of_prompts, np_dtype)`` and written atomically when absent. With several processes the
+  set is computed once: each process embeds its share into a part file, process 0 joins the parts, and every
+  process reads the joined file (docs/multihost.md)."""
   if dtype not in _DTYPES:
     raise ValueError(f"data.embedding_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
   path = io.join(workdir, f"prompt_embeddings_{cache_key(prompts, encoder_id, dtype)}.npy")
-  if not io.exists(path):
+  n_proc, me = jax.process_count(), jax.process_index()
+  barrier = lambda name: None
+  if n_proc > 1:   # every process decides between two barriers: the same decision, before anything is written
+    from jax.experimental import multihost_utils
+    barrier = multihost_utils.sync_global_devices
+    barrier(f"prompt embeddings {path}: check")
+  missing = not io.exists(path)
+  barrier(f"prompt embeddings {path}: checked")
+  if missing:
     logging.info("embedding %d prompts with the text encoder (cached in %s)", len(prompts), path)
-    t0 = time.time()
-    first = encode(prompts[:chunk], _DTYPES[dtype])
-    with io.open_memmap_for_write(path, first.dtype, (len(prompts),) + first.shape[1:]) as arr:
-      arr[:len(first)] = first
-      for i in range(chunk, len(prompts), chunk):
-        arr[i:i + chunk] = encode(prompts[i:i + chunk], _DTYPES[dtype])
-        logging.info("prompt embeddings: %d/%d (%.0f prompts/s)", min(i + chunk, len(prompts)), len(prompts),
-                     min(i + chunk, len(prompts)) / (time.time() - t0))
+    np_dtype = _DTYPES[dtype]
+    if n_proc == 1:
+      _embed(path, prompts, encode, np_dtype, chunk)
+    else:
+      from dmd_jax import sharding
+      share = sharding.process_share(len(prompts))
+      part = lambda p: f"{path}.part{p}of{n_proc}.npy"
+      if share.stop > share.start:
+        _embed(part(me), prompts[share], encode, np_dtype, chunk)
+      barrier(f"prompt embeddings {path}: parts written")
+      if me == 0:
+        pieces = [io.load_npy(io.local_copy(part(p)), mmap=True) for p in range(n_proc) if io.exists(part(p))]
+        with io.open_memmap_for_write(path, pieces[0].dtype, (len(prompts),) + pieces[0].shape[1:]) as arr:
+          start = 0
+          for piece in pieces:
+            arr[start:start + len(piece)] = piece
+            start += len(piece)
+        for p in range(n_proc):
+          io.remove(part(p))
+      barrier(f"prompt embeddings {path}: joined")
   table = io.load_npy(io.local_copy(path), mmap=True)   # a remote cache is memory-mapped from a local copy
   if table.shape[0] != len(prompts):
     raise ValueError(f"{path} holds {table.shape[0]} embeddings for {len(prompts)} prompts: delete it")
