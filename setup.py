@@ -34,11 +34,17 @@ setup(
             "torch==2.13.0",
             "diffusers>=0.40",
             "transformers>=5",
+            # gs:// workdirs against a local Cloud Storage emulator (tests/test_gcs_workdir.py); the test
+            # helper extends the emulator's request handling, hence the exact version.
+            "etils[epath-gcs]",
+            "google-cloud-storage>=2",
+            "gcp-storage-emulator==2026.7.19",
         ],
         # Stable Diffusion teachers (configs/coco.py): the CLIP tokenizer (no torch needed).
         "sd": ["transformers>=5"],
-        # gs:// workdirs, converted networks and datasets (etils.epath's Cloud Storage backend).
-        "gcs": ["etils[epath-gcs]"],
+        # gs:// workdirs, converted networks and datasets: etils.epath's Cloud Storage backend (gcsfs), and
+        # google-cloud-storage, which Orbax imports itself for gs:// checkpoint folders (docs/gcs.md).
+        "gcs": ["etils[epath-gcs]", "google-cloud-storage>=2"],
         "tpu": ["jax[tpu]>=0.10,<0.13"],
         "cuda": ["jax[cuda12]>=0.10,<0.13"],
     },

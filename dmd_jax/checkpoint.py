@@ -2,9 +2,12 @@
 their optimizer states, the step) plus a JSON item with the config and metadata. The frozen teacher is not
 saved: the config names its converted weights.
 
-Orbax writes each step to a temporary folder and renames it when complete, so a run killed mid-save keeps
-the previous good checkpoint, and ``latest_step`` never returns a half-written one. Orbax does its own I/O
-through ``etils.epath``, so ``workdir`` may be local or ``gs://`` (as everywhere, ``dmd_jax.io``).
+A run killed mid-save keeps the previous good checkpoint, and ``latest_step`` never returns a half-written
+one: on a local disk Orbax writes each step to a temporary folder and renames it when complete; on ``gs://``
+(no folder renames) it writes ``<step>/`` in place and marks it complete with a ``commit_success.txt``
+written last, and a step without one is ignored, then overwritten by the next save of that step. Orbax
+does its own I/O — array data through TensorStore's gcs driver, the rest through ``etils.epath`` — so
+``workdir`` may be local or ``gs://`` (docs/gcs.md; as everywhere, ``dmd_jax.io``).
 """
 from __future__ import annotations
 

@@ -393,21 +393,34 @@ def _mirror_path(remote: str) -> str:
   return os.path.join(local_cache_dir(), key, posixpath.basename(remote))
 
 
+def _same_copy(local: str, remote_stat) -> bool:
+  """Whether ``local`` is the copy of a remote file with ``remote_stat``: same size, and the remote object's
+  modification time (whole seconds), which :func:`_stamp` gives every copy."""
+  return (os.path.exists(local) and os.path.getsize(local) == remote_stat.length
+          and int(os.path.getmtime(local)) == int(remote_stat.mtime or 0))
+
+
+def _stamp(local: str, remote_stat) -> None:
+  mtime = int(remote_stat.mtime or 0)
+  os.utime(local, (mtime, mtime))
+
+
 def local_copy(p) -> str:
   """A local path holding the contents of ``p``: ``p`` itself when local; for a remote file a copy under
-  :func:`local_cache_dir`, downloaded (atomically) unless a copy of the same size is there. Meant for
-  large files that are never rewritten under the same name (e.g. content-keyed caches), to memory-map
-  them."""
+  :func:`local_cache_dir`, downloaded (atomically) unless the copy there has the remote file's size and
+  modification time (so a file rewritten under the same name, e.g. in a workdir deleted and made again, is
+  downloaded again). Meant for large files read many times, to memory-map them."""
   src = _str(p)
   if not is_remote(src):
     return src
   local = _mirror_path(src)
-  size = path(src).stat().length
-  if os.path.exists(local) and os.path.getsize(local) == size:
+  st = path(src).stat()
+  if _same_copy(local, st):
     return local
   remove_stale_temporaries(os.path.dirname(local))
   with atomic_write(local) as out, path(src).open("rb") as f:
     shutil.copyfileobj(f, out, _CHUNK)
+  _stamp(local, st)
   return local
 
 
@@ -437,6 +450,8 @@ def open_memmap_for_write(p, dtype, shape) -> Iterator[np.memmap]:
       if is_remote(dst):
         _upload(f, dst)
     os.replace(tmp, local)
+    if is_remote(dst):
+      _stamp(local, path(dst).stat())   # the local array is dst's local_copy
   except BaseException:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)

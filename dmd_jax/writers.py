@@ -3,19 +3,25 @@
 clu's own TensorBoard writer needs TensorFlow or torch; ``TensorboardXWriter`` implements clu's
 ``MetricWriter`` interface on the pure-Python ``tensorboardX`` event-file writer instead.
 
-Remote logdirs (``gs://``): tensorboardX's own ``gs://`` support needs ``google-cloud-storage`` (not a
-dependency) and its own credentials; here the event files of a remote logdir go through ``dmd_jax.io``
-instead (the same ``etils.epath`` backend as every other workdir file), see :class:`RemoteEventFile`.
+Remote logdirs (``gs://``): tensorboardX's own ``gs://`` support needs ``google-cloud-storage`` and its own
+credentials; here the event files of a remote logdir go through ``dmd_jax.io`` instead (the same
+``etils.epath`` backend as every other workdir file), see :class:`RemoteEventFile`.
+
+tensorboardX writes events from a worker thread (it flushes every 120 s by itself) and its ``flush`` does not
+wait for that thread; :meth:`TensorboardXWriter.flush` does, so that what was written before a flush is in
+the file (on ``gs://``: uploaded) when it returns.
 """
 from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 import types
 from io import BytesIO
 from typing import Any, Mapping
 
 import numpy as np
+from absl import logging
 
 from dmd_jax import io
 
@@ -55,22 +61,25 @@ class RemoteEventFile:
   def __init__(self, path: str, roll_bytes: int = 16 << 20):
     self.path, self.roll_bytes = path, int(roll_bytes)
     self._part, self._buffer, self._dirty = 0, BytesIO(), False
+    self._lock = threading.Lock()   # tensorboardX's worker writes while the main thread may flush
 
   @property
   def current_path(self) -> str:
     return self.path if self._part == 0 else f"{self.path}.{self._part:05d}"
 
   def write(self, data: bytes) -> None:
-    self._buffer.write(data)
-    self._dirty = True
+    with self._lock:
+      self._buffer.write(data)
+      self._dirty = True
 
   def flush(self) -> None:
-    if not self._dirty:
-      return
-    io.write_bytes(self.current_path, self._buffer.getvalue())
-    self._dirty = False
-    if self._buffer.tell() >= self.roll_bytes:
-      self._part, self._buffer = self._part + 1, BytesIO()
+    with self._lock:
+      if not self._dirty:
+        return
+      io.write_bytes(self.current_path, self._buffer.getvalue())
+      self._dirty = False
+      if self._buffer.tell() >= self.roll_bytes:
+        self._part, self._buffer = self._part + 1, BytesIO()
 
   def close(self) -> None:
     self.flush()
@@ -86,6 +95,40 @@ class _RemoteEventFiles:
     pass   # object stores have no folders to create
 
 
+class _Drain:
+  """Counts the events queued to one tensorboardX ``EventFileWriter`` and those its worker thread has
+  written, so that :meth:`wait` can return once the queue is drained (tensorboardX's own ``flush`` flushes
+  only what the worker has written so far). Does nothing for writers without the expected attributes."""
+
+  def __init__(self, event_file_writer):
+    self._cv = threading.Condition()
+    self._queued = self._written = 0
+    sink = getattr(event_file_writer, "_ev_writer", None)
+    if sink is None or not hasattr(event_file_writer, "add_event"):
+      return
+    add, write = event_file_writer.add_event, sink.write_event
+
+    def add_event(event):
+      if not getattr(event_file_writer, "_closed", False):
+        with self._cv:
+          self._queued += 1
+      add(event)
+
+    def write_event(event):
+      try:
+        return write(event)
+      finally:
+        with self._cv:
+          self._written += 1
+          self._cv.notify_all()
+
+    event_file_writer.add_event, sink.write_event = add_event, write_event
+
+  def wait(self, timeout: float = 60.0) -> bool:
+    with self._cv:
+      return self._cv.wait_for(lambda: self._written >= self._queued, timeout)
+
+
 class TensorboardXWriter(metric_writers.MetricWriter):
   def __init__(self, logdir: str):
     from tensorboardX import SummaryWriter, record_writer
@@ -94,6 +137,8 @@ class TensorboardXWriter(metric_writers.MetricWriter):
       io.path(logdir)   # a scheme etils.epath serves, or a ValueError naming the path
       record_writer.register_writer_factory(logdir.split("://", 1)[0], _RemoteEventFiles())
     self._writer = SummaryWriter(logdir=logdir)
+    file_writer = getattr(self._writer, "file_writer", None)
+    self._drain = _Drain(getattr(file_writer, "event_writer", None))
 
   def write_summaries(self, step: int, values: Mapping[str, Any], metadata=None):
     for key, value in values.items():
@@ -128,6 +173,8 @@ class TensorboardXWriter(metric_writers.MetricWriter):
     self._writer.add_text("hparams", "\n".join(f"{k}: {v}" for k, v in sorted(hparams.items())), 0)
 
   def flush(self):
+    if not self._drain.wait():
+      logging.warning("tensorboardX's writer thread has not written every event after 60 s; flushing anyway")
     self._writer.flush()
 
   def close(self):
