@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmd_jax import io as dio
 from dmd_jax.convert import check_network, common
 from dmd_jax.convert.common import (ConversionError, check_state_dict, load_converted, load_state_dict,
                                     save_converted)
@@ -369,9 +370,7 @@ def random_state_dict(init_kwargs: Mapping[str, Any], seed: int = 0) -> dict[str
 def write_random_teacher(dst, init_kwargs: Mapping[str, Any], seed: int = 0):
   """Writes a random state dict as ``.npz`` + ``init_kwargs.json`` next to ``dst`` and converts it into ``dst``."""
   dst = os.fspath(dst)
-  src_dir = dst + "-source"
-  os.makedirs(src_dir, exist_ok=True)
-  np.savez(os.path.join(src_dir, "state_dict.npz"), **random_state_dict(init_kwargs, seed))
-  with open(os.path.join(src_dir, "init_kwargs.json"), "w") as f:
-    json.dump(dict(init_kwargs), f)
-  return convert_file(os.path.join(src_dir, "state_dict.npz"), dst, os.path.join(src_dir, "init_kwargs.json"))
+  src_dir = dst + "-source"                    # through dmd_jax.io: a gs:// workdir works too
+  dio.write_npz(dio.join(src_dir, "state_dict.npz"), **random_state_dict(init_kwargs, seed))
+  dio.write_json(dio.join(src_dir, "init_kwargs.json"), dict(init_kwargs))
+  return convert_file(dio.join(src_dir, "state_dict.npz"), dst, dict(init_kwargs))
