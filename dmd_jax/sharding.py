@@ -22,15 +22,15 @@ BATCH_AXES = ("data", "fsdp")
 PREEMPTED_EXIT_CODE = 42
 
 
-def maybe_initialize_distributed(enabled: bool | None = None, heartbeat_timeout_s: int = 100) -> None:
+def maybe_initialize_distributed(enabled: bool | None = None, heartbeat_timeout_s: int | None = None) -> None:
   """Calls ``jax.distributed.initialize`` on a multi-process job (docs/multihost.md).
 
   The process learns its place from the environment: ``JAX_COORDINATOR_ADDRESS=host:port`` with
   ``DMD_JAX_NUM_PROCESSES`` and ``DMD_JAX_PROCESS_ID`` (set by ``launch/local.py`` and any launcher that
   knows them), else JAX's own cluster detection (Cloud TPU pods, SLURM, GKE). ``enabled=True`` forces the
   call (config ``distributed='yes'``), ``False`` never makes it, ``None`` makes it when the environment
-  describes a cluster. A peer that stops sending heartbeats for ``heartbeat_timeout_s`` ends the others with
-  an error instead of a hang.
+  describes a cluster. A peer that stops sending heartbeats for ``heartbeat_timeout_s`` (default
+  ``DMD_JAX_HEARTBEAT_TIMEOUT_S`` or 100) ends the others with an error instead of a hang.
   """
   if enabled is False or jax.distributed.is_initialized():
     return
@@ -52,6 +52,8 @@ def maybe_initialize_distributed(enabled: bool | None = None, heartbeat_timeout_
   cluster = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
              or "," in env.get("TPU_WORKER_HOSTNAMES", "")
              or int(env.get("SLURM_NTASKS", "1")) > 1)
+  if heartbeat_timeout_s is None:
+    heartbeat_timeout_s = int(env.get("DMD_JAX_HEARTBEAT_TIMEOUT_S", "100"))
   if enabled or cluster:
     jax.distributed.initialize(coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
                                heartbeat_timeout_seconds=heartbeat_timeout_s, **explicit)

@@ -111,3 +111,36 @@ def test_sigterm_to_every_process_saves_one_checkpoint_and_resumes_exactly(tmp_p
   assert f"at step {steps[-1]}" in p.stderr
   x = _sample(d, tmp_path / "s.npz", lambda *a: _launch(2, 4, *a))
   np.testing.assert_array_equal(x, x_ref)
+
+
+def test_a_dead_process_ends_the_others_within_bounded_time(tmp_path):
+  """SIGKILL of one process (a lost host): the survivor must not hang in its next collective. Started without
+  local.py (which would stop the survivor itself) to see what the trainer does on its own."""
+  sys.path.insert(0, os.path.join(ROOT, "launch"))
+  import local
+  port = local.free_port()
+  procs = []
+  for i in range(2):
+    env = local.child_env(dict(os.environ), i, 2, 4, port)
+    env["DMD_JAX_HEARTBEAT_TIMEOUT_S"] = "10"
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "dmd_jax.main", "--config=" + os.path.join(ROOT, "configs", "toy2d.py"),
+         f"--workdir={tmp_path / 'run'}", *FAST, "--config.num_train_steps=100000", "--config.log_every=20"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+  try:
+    t0 = time.time()
+    while "step 20/" not in (line := procs[0].stderr.readline()):
+      assert line or procs[0].poll() is None, "process 0 ended before training"
+      assert time.time() - t0 < 300
+    procs[1].kill()
+    t_kill = time.time()
+    rest = procs[0].stderr.read()                       # drained until the survivor exits
+    procs[0].wait(timeout=200)
+    elapsed = time.time() - t_kill
+    print(f"survivor exited with {procs[0].returncode} {elapsed:.1f} s after its peer was killed")
+    assert procs[0].returncode != 0 and elapsed < 60, rest[-3000:]
+    assert "unhealthy" in rest or "Gloo" in rest or "heartbeat" in rest.lower(), rest[-3000:]   # says why
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
