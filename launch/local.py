@@ -29,6 +29,9 @@ import threading
 import time
 from typing import Mapping, Sequence, TextIO
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import launchlib  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 TIMEOUT_EXIT_CODE = 124
@@ -305,16 +308,7 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
   parser.add_argument("--allow_cloud", action="store_true",
                       help="Keep cloud credentials and metadata variables (for gs:// paths from this machine).")
   parser.add_argument("--module", default="dmd_jax.main", help=argparse.SUPPRESS)   # tests: a stand-in child
-  argv = list(argv)
-  if "--" not in argv and {"-h", "--help"} & set(argv):
-    parser.parse_args(argv)   # prints the help and exits
-  if "--" not in argv:
-    parser.error("put the arguments of dmd_jax.main after '--', e.g. -- --config=configs/toy2d.py --workdir=DIR")
-  split = argv.index("--")
-  opts = parser.parse_args(argv[:split])
-  rest = argv[split + 1:]
-  if not rest:
-    parser.error("no arguments of dmd_jax.main after '--'")
+  opts, rest = launchlib.split_args(parser, argv)
   for name in ("num_processes", "devices_per_process"):
     if getattr(opts, name) < 1:
       parser.error(f"--{name} must be >= 1, got {getattr(opts, name)}")
