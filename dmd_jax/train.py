@@ -8,8 +8,6 @@ import collections
 import dataclasses
 import functools
 import json
-import os
-import signal
 import time
 from typing import Any
 
@@ -18,6 +16,7 @@ from absl import logging
 
 from dmd_jax import checkpoint, dmd, io, sharding, streams, teachers, writers
 from dmd_jax.data.pairs import EpochSampler, PairRows, PairStore, build_pairs
+from dmd_jax.preemption import Preempted, Preemption
 from dmd_jax.teachers.base import Teacher
 
 
@@ -140,58 +139,6 @@ def ensure_pairs(run: Run) -> PairRows:
 MAX_STEPS_IN_FLIGHT = 4
 
 
-class Preempted(Exception):
-  """Raised after a SIGTERM's checkpoint is saved: ``main`` exits with ``sharding.PREEMPTED_EXIT_CODE``."""
-
-
-class _Preemption:
-  """SIGTERM (a preemption notice) → finish the current step, save a checkpoint, exit with
-  ``sharding.PREEMPTED_EXIT_CODE``; a second SIGTERM exits at once. With several processes every one must
-  save at the same step: the first process to see a SIGTERM publishes ``stop_at = its step + STOP_MARGIN``
-  in the coordination service's key-value store (first writer wins), and every process polls it each step.
-  Hosts stay within ``MAX_STEPS_IN_FLIGHT`` + 1 steps of each other (the steps' collectives pace them), so
-  no process has passed ``stop_at`` when it reads it."""
-
-  KEY = "dmd_jax/preemption/stop_at"
-  STOP_MARGIN = 2 * MAX_STEPS_IN_FLIGHT + 4
-
-  def __init__(self):
-    self.signalled = False
-    self.stop_at = None
-    self._old = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    if self.signalled:
-      logging.error("second SIGTERM: exiting now, without a checkpoint")
-      os._exit(128 + signal.SIGTERM)
-    logging.warning("SIGTERM received: saving a checkpoint, then exiting (a second SIGTERM exits at once)")
-    self.signalled = True
-
-  def should_stop(self, step: int) -> bool:
-    """Whether to save and stop after ``step`` (called by every process at every step)."""
-    if jax.process_count() == 1:
-      return self.signalled
-    if self.stop_at is None:
-      from jax._src import distributed
-      client = distributed.global_state.client
-      if self.signalled:
-        try:
-          client.key_value_set(self.KEY, str(step + self.STOP_MARGIN))
-        except Exception:   # another process published first: its value holds
-          pass
-      try:
-        value = client.key_value_try_get(self.KEY)
-      except Exception:   # not published: no process has been signalled
-        value = None
-      if value:
-        self.stop_at = int(value)
-        logging.warning("preemption: every process saves and stops after step %d", self.stop_at)
-    return self.stop_at is not None and step >= self.stop_at
-
-  def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
-
-
 def batches(run: Run, pairs: PairRows | None):
   """``step -> global batch``: this process's rows of the DM batch's host-side conditions and of the
   regression pairs (epoch order from the ``'regression_order'`` stream), assembled over the mesh."""
@@ -258,7 +205,7 @@ def train(config, workdir: str) -> dict | None:
 
   # ---- loop ----
   eval_every = config.eval.get("every_steps", 0)
-  preemption = _Preemption()
+  preemption = Preemption(MAX_STEPS_IN_FLIGHT)
   meta = {"config": config.to_json_best_effort()}
   t_loop, last_log, last_step = time.time(), time.time(), start
   step = start
