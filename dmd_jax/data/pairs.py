@@ -73,16 +73,8 @@ class PairStore:
 
   def load(self) -> dict[str, np.ndarray]:
     """The complete set in memory (small sets and tests; training reads rows through :meth:`rows`)."""
-    missing = self.missing_shards()
-    if missing:
-      raise FileNotFoundError(
-          f"{len(missing)} of {self.num_shards} regression-pair shards are missing in {self.directory} "
-          f"(first: {self.shard_path(missing[0])}); run --mode=pairs")
-    parts = [io.load_npz(self.shard_path(i)) for i in range(self.num_shards)]
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    if not np.array_equal(out["index"], np.arange(self.num_pairs)):
-      raise ValueError(f"the regression pairs in {self.directory} are not the indices 0..{self.num_pairs - 1}")
-    return out
+    index = np.arange(self.num_pairs)
+    return {"index": index, **self.rows().take(index)}
 
 
 class PairRows:

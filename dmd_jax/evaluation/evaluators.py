@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -25,7 +26,6 @@ from dmd_jax.evaluation import sampling
 
 
 def _replicated(run, params):
-  import jax
   return jax.device_put(params, sharding.replicated(run.mesh))
 
 
