@@ -167,7 +167,9 @@ class Teacher:
   (classifier-free guidance inside, where the family has it); ``fake_denoise(fake_params, x_t, t, cond)``;
   ``sample_noise(rng, n) -> z``; ``init(rng) -> (generator_params, fake_params)``;
   ``regression_distance(frozen, x, y) -> [N]`` (docs/method.md §5); ``decode(frozen, x)`` → outputs: images
-  in [-1, 1] when ``images`` (latent teachers decode with their VAE), the samples themselves otherwise.
+  in [-1, 1] when ``images`` (latent teachers decode with their VAE), the samples themselves otherwise;
+  ``encode(frozen, images)`` its inverse for real data (DMD2's critic, docs/method.md §7): images in [-1, 1] →
+  samples in the teacher's space (pixel teachers: the images; SD: the VAE posterior mean × scaling factor).
   """
   name: str
   schedule: Any
@@ -180,6 +182,7 @@ class Teacher:
   sampler: TeacherSampler
   regression_distance: Callable
   decode: Callable
+  encode: Callable
   images: bool
   sample_shape: tuple
 

@@ -67,6 +67,7 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
                                   spec={"sampler": "edm_heun", "sampler_steps": steps}),
       regression_distance=lambda frozen, x, y: distance(frozen["lpips"], x, y),
       decode=lambda frozen, x: x,
+      encode=lambda frozen, images: images,
       images=True,
       sample_shape=(res, res, ch),
   )

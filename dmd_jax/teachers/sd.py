@@ -103,6 +103,7 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, cond
     return lambda vae_p, x: module.apply({"params": vae_p}, x / scaling, method="decode")
 
   decode_train, decode_out = decode_with(vae_train), decode_with(vae_out)
+  encode_out = lambda vae_p, images: vae_out.apply({"params": vae_p}, images.astype(jnp.float32), method="encode")
   distance = base.distance(config)
   if config.regression.distance == "lpips":
     def regression_distance(frozen, x, y):   # LPIPS between decoded images (docs/method.md §5)
@@ -125,6 +126,7 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, cond
                                   spec={"sampler": sampler, "sampler_steps": steps, "guidance_scale": g}),
       regression_distance=regression_distance,
       decode=lambda frozen, x: decode_out(frozen["vae"], x),
+      encode=lambda frozen, images: scaling * encode_out(frozen["vae"], images),
       images=True,
       sample_shape=(res, res, ch),
   )

@@ -86,6 +86,7 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
           nfe=2 * steps - 1, spec={"sampler": "edm_heun", "sampler_steps": steps}),
       regression_distance=lambda frozen, x, y: distance(None, x, y),
       decode=lambda frozen, x: x,
+      encode=lambda frozen, x: x,
       images=False,
       sample_shape=(dim,),
   )
