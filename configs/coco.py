@@ -5,6 +5,11 @@ Variants (``--config=configs/coco.py:VARIANTS``):
              on the real score, lambda_reg 0.25 (LPIPS on VAE-decoded images), bf16 activations, rematerialised
              UNet blocks, batch 2304 DM + 1152 regression, 20k iterations, 500k prompts, regression pairs from
              PNDM 50 steps with guidance 3
+  dmd2       DMD2 SD 1.5 stage 1 (docs/method.md §7): guidance 1.75, no regression pairs, two time-scale rule 10,
+             lr 1e-5, global batch 2048, no GAN, 40k iterations; then stage 2 in the same workdir
+  dmd2,stage2  stage 2: resume stage 1 with the GAN (1e-3 generator / 1e-2 critic, head on the 1280 × 8 × 8
+             mid-block output; real COCO train images VAE-encoded once with their captions) at lr 5e-7 for
+             another 5k iterations. Paper: COCO-30k FID 8.35
   tiny       the same pipeline with a random-weight tiny SD pipeline (written under the workdir through the
              real converter), 8 built-in prompts, CPU-sized batches (the test suite)
 
@@ -39,9 +44,24 @@ Captions: the first caption of each of the first 30k val2014 images (``eval.capt
 (once, cached in the workdir) the statistics of every image of ``eval.reference_split``; an ``.npz`` with
 ``mu`` / ``sigma`` or ``'teacher'`` (FID to the teacher's guided samples for the same captions) also work.
 """
-from dmd_jax.config_lib import parse_variants, sd_config
+from dmd_jax.config_lib import dmd2, parse_variants, sd_config
 
 
 def get_config(arg: str = ""):
-  v = parse_variants(arg, {"tiny"})
-  return sd_config(tiny="tiny" in v)
+  v = parse_variants(arg, {"tiny", "dmd2", "stage2"})
+  tiny = "tiny" in v
+  c = sd_config(tiny=tiny)
+  if "stage2" in v and "dmd2" not in v:
+    raise ValueError("configs/coco.py: 'stage2' is a stage of 'dmd2' (use :dmd2,stage2)")
+  if "dmd2" in v:
+    stage2 = "stage2" in v
+    c.guidance_scale = 1.75
+    dmd2(c, ttur=10, lr=5e-7 if stage2 else 1e-5, batch_size=2048, num_train_steps=45_000 if stage2 else 40_000,
+         gan_generator=1e-3 if stage2 else 0.0, gan_critic=1e-2, source="coco_latents", dataset="coco_captions",
+         num_images=82_783)   # every image of coco_captions/2014 train
+    if tiny:
+      c.batch_size = c.regression.batch_size = 4
+      c.num_train_steps = 4
+      c.gan.real_data.num_images = 8
+      c.gan.real_data.shard_size = 4
+  return c

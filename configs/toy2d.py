@@ -11,11 +11,17 @@ Variants (``--config=configs/toy2d.py:VARIANT``):
 """
 import ml_collections
 
+from dmd_jax.config_lib import gan_config
 from dmd_jax.data.toy import circle_means, grid_means
 
 
 def get_config(arg: str = ""):
-  variant = arg or "default"
+  names = [a for a in (arg or "").split(",") if a]
+  dmd2 = "dmd2" in names
+  names = [a for a in names if a != "dmd2"]
+  if len(names) > 1:
+    raise ValueError(f"toy2d takes one mixture variant (default, unequal, grid25) plus optionally dmd2, got {arg!r}")
+  variant = names[0] if names else "default"
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_train_steps = 30_000
@@ -52,7 +58,9 @@ def get_config(arg: str = ""):
       kind="edm", sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5,
       num_timesteps=1000, dm_t_min=20, dm_t_max=980))
 
-  c.generator = ml_collections.ConfigDict(dict(hidden=(128, 128, 128)))
+  c.generator = ml_collections.ConfigDict(dict(
+      hidden=(128, 128, 128),
+      steps=()))            # DMD2 multi-step: Karras-table timesteps t_0 = 999 > t_1 > ...; () = one step
   c.fake_score = ml_collections.ConfigDict(dict(hidden=(128, 128, 128), num_fourier=64, fourier_scale=2.0))
 
   c.dmd = ml_collections.ConfigDict(dict(
@@ -69,11 +77,19 @@ def get_config(arg: str = ""):
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3, warmup_steps=500, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0,
-      decay="cosine"))      # 'constant' (the papers' image recipes) or 'cosine' to zero
+      decay="cosine",       # 'constant' (the papers' image recipes) or 'cosine' to zero
+      max_consecutive_skips=10))   # steps with non-finite gradients are skipped; this many in a row stop the run
+  c.gan = gan_config(source="mixture")   # DMD2's GAN terms, off unless :dmd2 (weights 0)
 
   c.ema = ml_collections.ConfigDict(dict(decay=0.0))   # EMA of the generator; 0 = off
 
   c.eval = ml_collections.ConfigDict(dict(
       evaluators=("toy",),  # evaluation/evaluators.py: TV, precision, mode shares, MMD² and a scatter PNG
       num_samples=20_000))
+  if dmd2:
+    # DMD2 (docs/method.md §7): no regression pairs, two time-scale updates, GAN on real mixture draws.
+    c.regression.weight = 0.0
+    c.dmd.fake_updates_per_generator_update = 5
+    c.gan.generator_weight = 0.1
+    c.gan.critic_weight = 1e-2
   return c

@@ -29,7 +29,45 @@ def base_config(seed: int = 0) -> ml_collections.ConfigDict:
   # docs/method.md §6: AdamW (0.9, 0.999), wd 0.01, eps 1e-8, 500 warm-up steps then constant, clipping at 10
   c.optim = ml_collections.ConfigDict(dict(
       lr=5e-5, warmup_steps=500, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0,
-      decay="constant"))
+      decay="constant",
+      max_consecutive_skips=10))   # steps with non-finite gradients are skipped; this many in a row stop the run
+  c.gan = gan_config()
+  return c
+
+
+def gan_config(**real_data) -> ml_collections.ConfigDict:
+  """DMD2's GAN terms (docs/method.md §7), off (weights 0) until a ``:dmd2`` variant sets them. ``real_data``
+  says where the critic's real samples come from (``dmd_jax/data/real.py``)."""
+  rd = dict(
+      source="",            # 'mixture' (toy), 'tfds' (pixel teachers: images + labels), 'coco_latents' (SD)
+      dataset="",           # tfds name: 'cifar10', 'imagenet_resized/64x64', 'coco_captions'
+      split="train",
+      data_dir="",          # tfds data_dir of the prepared dataset ('' = tfds's default)
+      image_size=0,         # SD: pixel size of the centre-cropped real images (0 = the teacher's decoded size,
+                            #     8 × the latent size for SD 1.5: 512)
+      num_images=0,         # SD: how many real images are VAE-encoded once (the first N of the split)
+      shard_size=1_000,     # SD: rows per stored latent shard
+      encode_batch_size=0)  # SD: images per VAE call while building the store (global; 0 = 8 per device)
+  rd.update(real_data)
+  return ml_collections.ConfigDict(dict(
+      generator_weight=0.0,   # softplus(-D(F(G(z), t))) in the generator loss
+      critic_weight=0.0,      # softplus(D(fake)) + softplus(-D(real)) added to the fake-score loss
+      real_data=ml_collections.ConfigDict(rd)))
+
+
+def dmd2(c, *, ttur: int, lr: float, batch_size: int, num_train_steps: int, gan_generator: float,
+         gan_critic: float = 1e-2, **real_data) -> ml_collections.ConfigDict:
+  """Turns a DMD config into a DMD2 recipe (docs/method.md §7): no regression pairs, ``ttur`` fake-score updates
+  per generator update, the same ``lr`` for both networks, and the GAN terms (0 = none)."""
+  c.regression.weight = 0.0
+  c.dmd.fake_updates_per_generator_update = ttur
+  c.optim.lr = lr
+  c.batch_size = batch_size
+  c.regression.batch_size = batch_size
+  c.num_train_steps = num_train_steps
+  c.gan.generator_weight = gan_generator
+  c.gan.critic_weight = gan_critic if gan_generator else 0.0
+  c.gan.real_data.update(real_data)
   return c
 
 
@@ -46,7 +84,9 @@ def edm_config(*, lr: float, batch_size: int, num_train_steps: int, regression_w
   c.teacher = ml_collections.ConfigDict(dict(
       path="",              # a folder written by `python -m dmd_jax.convert edm`; 'random' for the :tiny variants
       random_init_kwargs=""))   # JSON init_kwargs of the random-weight teacher (teacher.path='random')
-  c.generator = ml_collections.ConfigDict(dict(sigma=80.0))   # G(z, c) = D(80 z; sigma = 80, c)
+  c.generator = ml_collections.ConfigDict(dict(
+      sigma=80.0,           # G(z, c) = D(80 z; sigma = 80, c)
+      steps=()))            # DMD2 multi-step: Karras-table timesteps t_0 = 999 > t_1 > ... (sigma = table[t])
   c.optim.lr = lr
   c.batch_size = batch_size
   c.num_train_steps = num_train_steps
@@ -113,7 +153,9 @@ def sd_config(*, tiny: bool) -> ml_collections.ConfigDict:
   c.teacher = ml_collections.ConfigDict(dict(
       path=""))             # a folder written by `python -m dmd_jax.convert sd`; 'random' for :tiny
   c.guidance_scale = 3.0    # classifier-free guidance of the real score only (DMD COCO/FID model)
-  c.generator = ml_collections.ConfigDict(dict(timestep=999))   # G(z, c) = x0(UNet(z; t=999, c))
+  c.generator = ml_collections.ConfigDict(dict(
+      timestep=999,         # G(z, c) = x0(UNet(z; t=999, c))
+      steps=()))            # DMD2 multi-step: DDPM timesteps, e.g. (999, 749, 499, 249); () = one step
   c.schedule = ml_collections.ConfigDict(dict(
       kind="vp", beta_start=0.00085, beta_end=0.012, num_timesteps=1000, dm_t_min=20, dm_t_max=980))
   c.data = ml_collections.ConfigDict(dict(

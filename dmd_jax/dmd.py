@@ -72,6 +72,37 @@ def fake_score_loss(nets, fake_params, x, cond, rng):
   return jnp.mean(weight * _per_sample_mean((pred - x) ** 2))
 
 
+def gan_noise(nets, x, rng):
+  """Diffusion-GAN noising (docs/method.md §7): each sample at its own t uniform over the schedule's whole
+  range [0, num_timesteps) (EDM: the Karras table). Returns ``(x_t, t)``."""
+  r_t, r_eps = jax.random.split(rng)
+  t = jax.random.randint(r_t, (x.shape[0],), 0, nets.schedule.num_timesteps)
+  eps = jax.random.normal(r_eps, x.shape, jnp.float32)
+  return nets.schedule.add_noise(x.astype(jnp.float32), eps, t), t
+
+
+def critic_logits(nets, critic_params, x, cond, rng):
+  """``D(F(x_t, t, cond))``: the GAN head on the fake network's bottleneck at a diffusion-GAN noising of ``x``."""
+  x_t, t = gan_noise(nets, x, rng)
+  return nets.critic.logits(critic_params["head"], nets.critic.features(critic_params["score"], x_t, t, cond))
+
+
+def gan_generator_loss(nets, critic_params, x, cond, rng):
+  """Non-saturating generator term ``mean softplus(-D(F(G(z), t)))`` (docs/method.md §7). The gradient flows
+  through the fake network into ``x``; the critic's parameters are not updated by the generator step."""
+  return jnp.mean(jax.nn.softplus(-critic_logits(nets, critic_params, x, cond, rng)))
+
+
+def gan_critic_loss(nets, critic_params, fake_x, fake_cond, real_x, real_cond, rng):
+  """Critic term ``mean softplus(D(fake)) + mean softplus(-D(real))`` on detached inputs, each noised at its
+  own t (docs/method.md §7). Returns ``(loss, metrics)``."""
+  r_fake, r_real = jax.random.split(rng)
+  fake = critic_logits(nets, critic_params, jax.lax.stop_gradient(fake_x), fake_cond, r_fake)
+  real = critic_logits(nets, critic_params, jax.lax.stop_gradient(real_x), real_cond, r_real)
+  loss = jnp.mean(jax.nn.softplus(fake)) + jnp.mean(jax.nn.softplus(-real))
+  return loss, {"gan_critic_loss": loss, "critic_logit_fake": jnp.mean(fake), "critic_logit_real": jnp.mean(real)}
+
+
 def l2_distance(params, x, y):
   """Per-sample Euclidean distance ``||x - y||_2`` (``params`` unused: the distances share one signature)."""
   d2 = jnp.sum(((x - y).astype(jnp.float32) ** 2).reshape(x.shape[0], -1), axis=-1)
@@ -90,6 +121,59 @@ def regression_loss(distance: Callable, frozen, x_pred, y):
   """``E[d(G(z), y)]`` over precomputed teacher ODE pairs (docs/method.md §5, DMD Eq. 9); ``distance(frozen, x, y)``
   is per-sample (L2, or LPIPS with its frozen VGG weights in ``frozen``)."""
   return jnp.mean(distance(frozen, x_pred, y))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The generator: one step, or several with backward simulation (DMD2, docs/method.md §7).
+# ---------------------------------------------------------------------------------------------------
+
+def _renoise_steps(nets, steps, params, x0, cond, noise: Callable, start, stop):
+  """Steps ``start .. stop-1`` of a multi-step generator: re-noise the last x0 to ``t_j`` with **fresh** noise
+  ``noise(j)`` and predict x0 again. ``stop`` may be traced (backward simulation)."""
+  ts = jnp.asarray(steps, jnp.int32)
+
+  def body(j, x):
+    t = jnp.full((x.shape[0],), ts[j], jnp.int32)
+    return nets.generate_at(params, nets.schedule.add_noise(x, noise(j), t), t, cond).astype(jnp.float32)
+
+  return jax.lax.fori_loop(start, stop, body, x0.astype(jnp.float32))
+
+
+def sample_generator(nets, steps, params, z, cond, keys):
+  """Samples of the generator: ``generate(z)``, then for each further timestep of ``steps`` re-noise to it with
+  fresh noise and predict x0 (``max(1, len(steps))`` network evaluations; ``steps=()``: the one-step
+  generator). ``keys`` [N]: sample i's fresh noise at step j is ``normal(fold_in(keys[i], j))``, so a sample
+  does not depend on the others in its batch."""
+  x = nets.generate(params, z, cond)
+  if len(steps) <= 1:
+    return x
+  noise = lambda j: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, j), z.shape[1:], jnp.float32))(keys)
+  return _renoise_steps(nets, steps, params, x, cond, noise, 1, len(steps))
+
+
+def generator_forward(nets, steps, params, z, cond, rng):
+  """The generator output that is trained this iteration. One step: ``generate(z)``. Several steps (backward
+  simulation, docs/method.md §7): draw one step index k (the same on every device and host: ``rng`` is
+  replicated); without gradient, run the generator from fresh pure noise through steps 0..k−1; re-noise its
+  last x0 to ``t_k`` with the training noise ``z`` (k = 0: ``z`` itself is the pure noise) and predict x0 at
+  ``t_k``, with gradient. Returns ``(x, k)``."""
+  if len(steps) <= 1:
+    return nets.generate(params, z, cond), jnp.zeros((), jnp.int32)
+  r_k, r_z, r_sim = jax.random.split(rng, 3)
+  k = jax.random.randint(r_k, (), 0, len(steps))
+  frozen = jax.lax.stop_gradient(params)
+
+  def from_noise():
+    return nets.generate(params, z, cond).astype(jnp.float32)
+
+  def simulated():
+    x0 = nets.generate(frozen, jax.random.normal(r_z, z.shape, jnp.float32), cond)
+    noise = lambda j: jax.random.normal(jax.random.fold_in(r_sim, j), z.shape, jnp.float32)
+    x0 = jax.lax.stop_gradient(_renoise_steps(nets, steps, frozen, x0, cond, noise, 1, k))
+    t = jnp.full((z.shape[0],), jnp.asarray(steps, jnp.int32)[k], jnp.int32)
+    return nets.generate_at(params, nets.schedule.add_noise(x0, z, t), t, cond).astype(jnp.float32)
+
+  return jax.lax.cond(k == 0, from_noise, simulated), k
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,24 +228,58 @@ class DMDHyper:
   fake_updates_per_generator_update: int = 1   # 1 = DMD; 5 or 10 = DMD2's two time-scale rule
   ema_decay: float = 0.0                       # 0 = no EMA of the generator
   constrain_batch: Callable = lambda x: x      # sharding constraint for per-sample arrays
+  generator_steps: tuple = ()                  # DMD2 multi-step generator: t_0 > t_1 > ...; () = one step
+  gan_generator_weight: float = 0.0            # DMD2 GAN terms (docs/method.md §7); both 0 = no critic head
+  gan_critic_weight: float = 0.0
+
+  @property
+  def gan(self) -> bool:
+    """Whether the fake score carries the GAN head (its parameters are then ``{'score', 'head'}``)."""
+    return self.gan_generator_weight > 0 or self.gan_critic_weight > 0
 
 
-def init_state(nets, hyper: DMDHyper, generator_params, fake_params) -> dict:
+def score_params(hyper: DMDHyper, fake_params):
+  """The fake score network's own parameters within the fake-score state's ``params``."""
+  return fake_params["score"] if hyper.gan else fake_params
+
+
+def init_state(nets, hyper: DMDHyper, generator_params, fake_params, rng) -> dict:
+  """The train state: step, skip counters, generator (params, AdamW state, EMA) and fake score (params — with
+  the GAN head under ``{'score', 'head'}`` when ``hyper.gan`` — and AdamW state). ``rng`` initialises the head."""
   gen = {"params": generator_params,
          "opt_state": hyper.generator_optimizer.init(generator_params)}
   if hyper.ema_decay > 0:
     gen["ema_params"] = jax.tree.map(jnp.copy, generator_params)
-  return {"step": jnp.zeros((), jnp.int32),
+  if hyper.gan:
+    fake_params = {"score": fake_params, "head": nets.critic.init(rng)}
+  zero = jnp.zeros((), jnp.int32)
+  return {"step": zero, "skipped_steps": zero, "consecutive_skips": zero,
           "generator": gen,
           "fake_score": {"params": fake_params,
                          "opt_state": hyper.fake_score_optimizer.init(fake_params)}}
 
 
+def _generator_keys(rng):
+  """The keys of the generator's forward (multi-step) and its GAN term, beside the DM loss's ``rng`` (which
+  the one-step DMD iteration has always used as it is)."""
+  return jax.random.fold_in(rng, 1), jax.random.fold_in(rng, 2)
+
+
 def generator_loss(gen_params, nets, hyper: DMDHyper, frozen, fake_params, z, cond, batch, rng):
-  """``L_G = dm_weight L_DM + regression_weight L_reg`` (DMD Eq. 10). Returns ``(loss, (x, metrics))``."""
-  x = nets.generate(gen_params, z, cond)
-  loss, metrics = distribution_matching_loss(nets, frozen["teacher"], fake_params, x, cond, rng)
+  """``L_G = dm_weight L_DM + regression_weight L_reg + gan_generator_weight L_GAN`` (DMD Eq. 10, DMD2).
+  Returns ``(loss, (x, metrics))``."""
+  r_dm, r_gen, r_gan = rng, *_generator_keys(rng)
+  x, k = generator_forward(nets, hyper.generator_steps, gen_params, z, cond, r_gen)
+  x = hyper.constrain_batch(x)
+  loss, metrics = distribution_matching_loss(nets, frozen["teacher"], score_params(hyper, fake_params), x,
+                                             cond, r_dm)
   loss = hyper.dm_weight * loss
+  if len(hyper.generator_steps) > 1:
+    metrics["generator_step_index"] = k
+  if hyper.gan_generator_weight > 0:
+    gan = gan_generator_loss(nets, fake_params, x, cond, r_gan)
+    metrics["gan_generator_loss"] = gan
+    loss = loss + hyper.gan_generator_weight * gan
   if hyper.regression_weight > 0:
     x_reg = nets.generate(gen_params, batch["reg_z"], batch["reg_cond"])
     reg = regression_loss(nets.regression_distance, frozen, x_reg, batch["reg_x"])
@@ -180,7 +298,7 @@ def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch
   """One optimiser step of the generator. Returns ``(gen_state, x, metrics)`` (x before the update)."""
   (_, (x, metrics)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
       gen_state["params"], nets, hyper, frozen, fake_params, z, cond, batch, rng)
-  metrics["generator_grad_norm"] = optax.global_norm(grads)
+  metrics["generator_grad_norm"] = optax.tree.norm(grads)
   params, opt_state = _adam_update(hyper.generator_optimizer, gen_state["params"],
                                    gen_state["opt_state"], grads)
   new = {"params": params, "opt_state": opt_state}
@@ -190,21 +308,42 @@ def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch
   return new, x, metrics
 
 
-def fake_score_update(fake_state, nets, hyper, x, cond, rng):
-  """One optimiser step of the fake score on detached generator samples."""
-  loss, grads = jax.value_and_grad(fake_score_loss, argnums=1)(nets, fake_state["params"], x, cond, rng)
+def critic_loss(fake_params, nets, hyper: DMDHyper, x, cond, batch, rng):
+  """The fake score's loss: the denoising loss on detached generator samples, plus ``gan_critic_weight`` times
+  the GAN critic term against the real batch (``batch['real_x']``, ``batch['real_cond']``) when the head
+  exists. Returns ``(loss, metrics)``."""
+  loss = fake_score_loss(nets, score_params(hyper, fake_params), x, cond, rng)
+  metrics = {"fake_score_loss": loss}
+  if hyper.gan:
+    gan, gan_metrics = gan_critic_loss(nets, fake_params, x, cond, batch["real_x"], batch["real_cond"],
+                                       jax.random.fold_in(rng, 1))
+    metrics.update(gan_metrics)
+    loss = loss + hyper.gan_critic_weight * gan
+  return loss, metrics
+
+
+def fake_score_update(fake_state, nets, hyper, x, cond, batch, rng):
+  """One optimiser step of the fake score (and its GAN head) on detached generator samples."""
+  (_, metrics), grads = jax.value_and_grad(critic_loss, has_aux=True)(
+      fake_state["params"], nets, hyper, x, cond, batch, rng)
   params, opt_state = _adam_update(hyper.fake_score_optimizer, fake_state["params"],
                                    fake_state["opt_state"], grads)
-  return ({"params": params, "opt_state": opt_state},
-          {"fake_score_loss": loss, "fake_score_grad_norm": optax.global_norm(grads)})
+  return {"params": params, "opt_state": opt_state}, {**metrics, "fake_score_grad_norm": optax.tree.norm(grads)}
+
+
+# The metrics of the generator update: zeros on the steps without one (two time-scale rule); the trainer logs
+# them from the last step that had one.
+GENERATOR_METRICS = ("dm_loss", "dm_grad_norm", "regression_loss", "gan_generator_loss", "generator_loss",
+                     "generator_grad_norm", "generator_step_index")
 
 
 def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
-  """One DMD iteration: a generator update every N-th step, a fake-score update every step.
+  """One DMD / DMD2 iteration: a generator update every N-th step (N = ``fake_updates_per_generator_update``),
+  a fake-score (critic) update every step; a step with non-finite gradients changes nothing but the counters.
 
   ``state`` is ``init_state``'s pytree, ``frozen`` holds the frozen networks' parameters
   (``'teacher'``, ...), ``batch`` the per-step data (regression pairs; the conditions when they come from a
-  host-side table), ``key`` the ``'train'`` stream's key: the step's randomness is ``fold_in(key, step)``, so a
+  host-side table; the real samples of the GAN critic), ``key`` the ``'train'`` stream's key: the step's randomness is ``fold_in(key, step)``, so a
   resumed run repeats it exactly.
   """
   step = state["step"]
@@ -218,7 +357,8 @@ def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
                             batch, r_dm)
 
   def without_update(gen_state):
-    x = nets.generate(gen_state["params"], z, cond)
+    x, _ = generator_forward(nets, hyper.generator_steps, gen_state["params"], z, cond,
+                             _generator_keys(r_dm)[0])
     metrics = jax.eval_shape(with_update, gen_state)[2]
     return gen_state, x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics)
 
@@ -229,6 +369,16 @@ def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
     gen_state, x, gen_metrics = jax.lax.cond(step % n == 0, with_update, without_update,
                                              state["generator"])
   fake_state, fake_metrics = fake_score_update(state["fake_score"], nets, hyper,
-                                               jax.lax.stop_gradient(x), cond, r_fake)
-  new_state = {"step": step + 1, "generator": gen_state, "fake_score": fake_state}
-  return new_state, {**gen_metrics, **fake_metrics}
+                                               jax.lax.stop_gradient(x), cond, batch, r_fake)
+  # A step whose gradients are not finite is skipped: the networks and optimiser states stay as they were
+  # (docs/method.md §7); the trainer stops after too many in a row.
+  finite = jnp.isfinite(gen_metrics["generator_grad_norm"]) & jnp.isfinite(fake_metrics["fake_score_grad_norm"])
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  skipped = (~finite).astype(jnp.int32)
+  new_state = {"step": step + 1,
+               "skipped_steps": state["skipped_steps"] + skipped,
+               "consecutive_skips": jnp.where(finite, 0, state["consecutive_skips"] + 1),
+               "generator": keep(gen_state, state["generator"]),
+               "fake_score": keep(fake_state, state["fake_score"])}
+  return new_state, {**gen_metrics, **fake_metrics, "skipped_steps": new_state["skipped_steps"],
+                     "consecutive_skips": new_state["consecutive_skips"]}

@@ -42,7 +42,7 @@ def _write_samples(run: train.Run, output: str, x: np.ndarray, cond: np.ndarray,
 
 
 def sample(config, workdir: str, num_samples: int, output: str, seed: int, prompt: str | None = None) -> str:
-  """Writes ``num_samples`` one-step samples of the latest checkpoint to ``output`` (.npz), deterministic for
+  """Writes ``num_samples`` samples (``generator.steps``; one step by default) of the latest checkpoint to ``output`` (.npz), deterministic for
   ``seed``; with ``prompt`` (text-to-image teachers) a PNG grid instead (:func:`sample_prompt`)."""
   if prompt is not None:
     return sample_prompt(config, workdir, prompt, num_samples, output, seed)
@@ -53,7 +53,7 @@ def sample(config, workdir: str, num_samples: int, output: str, seed: int, promp
   _check_npz(output)
   gen_state, step = latest_generator(run)
   x, cond = sampling.generate(run, train.generator_params(gen_state), num_samples, jax.random.PRNGKey(seed))
-  _write_samples(run, output, x, cond, step=step, seed=seed)
+  _write_samples(run, output, x, cond, step=step, seed=seed, nfe=run.generator_nfe)
   print(f"wrote {num_samples} samples of step {step} to {output}")
   return output
 
@@ -72,14 +72,15 @@ def sample_prompt(config, workdir: str, prompt: str, num_samples: int, output: s
   gen_state, step = latest_generator(run)
   key = jax.random.PRNGKey(seed)
   z = jax.vmap(lambda i: teacher.sample_noise(jax.random.fold_in(key, i), 1)[0])(jnp.arange(num_samples))
-  gen = jax.jit(lambda p, z, c: teacher.generate(p, z, jnp.broadcast_to(c, (z.shape[0],) + c.shape[1:])))
+  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), 1))(jnp.arange(num_samples))
+  gen = jax.jit(lambda p, z, c, k: run.sample(p, z, jnp.broadcast_to(c, (z.shape[0],) + c.shape[1:]), k))
   params = train.generator_params(gen_state)
-  x = np.concatenate([np.asarray(jax.device_get(gen(params, z[i:i + 16], cond)))
+  x = np.concatenate([np.asarray(jax.device_get(gen(params, z[i:i + 16], cond, keys[i:i + 16])))
                       for i in range(0, num_samples, 16)])
   images = image_io.to_uint8(sampling.to_outputs(run, x))
   if run.is_main:
     image_io.save_png(output, image_io.grid(images, int(np.ceil(np.sqrt(num_samples)))))
-  print(f"wrote {num_samples} one-step images of step {step} for {prompt!r} to {output}")
+  print(f"wrote {num_samples} images ({run.generator_nfe} NFE) of step {step} for {prompt!r} to {output}")
   return output
 
 

@@ -22,6 +22,7 @@ STREAMS = {
     "teacher_reference": 9,   # FID reference statistics computed from the teacher's own samples
     "toy_generator": 10,      # toy metrics: generator samples
     "toy_teacher": 11,        # toy metrics: teacher samples
+    "real_data": 12,          # host: DMD2's real samples (real-record order; the toy's mixture draws)
 }
 
 

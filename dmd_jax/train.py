@@ -43,11 +43,20 @@ class Run:
     return jax.process_index() == 0
 
   def _init(self, key):
-    return dmd.init_state(self.teacher, self.hyper, *self.teacher.init(key))
+    return init_state(self.teacher, self.hyper, key)
 
   def init_state(self):
     key = streams.key(self.config.seed, "init")
     return jax.jit(self._init, out_shardings=self.state_sharding)(key)
+
+  def sample(self, params, z, cond, keys):
+    """The generator's samples with the configured ``generator.steps`` (``dmd.sample_generator``; ``keys`` [N]
+    seed each sample's fresh noise between steps)."""
+    return dmd.sample_generator(self.teacher, self.hyper.generator_steps, params, z, cond, keys)
+
+  @property
+  def generator_nfe(self) -> int:
+    return max(1, len(self.hyper.generator_steps))
 
   def restore(self, ckpt: checkpoint.Checkpointer, step: int):
     abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_sharding)
@@ -60,6 +69,11 @@ def make_hyper(config, mesh) -> dmd.DMDHyper:
   n = config.dmd.fake_updates_per_generator_update
   if n < 1:
     raise ValueError(f"dmd.fake_updates_per_generator_update must be >= 1, got {n}")
+  steps = generator_steps(config)
+  g = config.gan
+  if g.generator_weight < 0 or g.critic_weight < 0:
+    raise ValueError(f"gan.generator_weight and gan.critic_weight must be >= 0, got {g.generator_weight} and "
+                     f"{g.critic_weight}")
   make = functools.partial(dmd.make_optimizer, warmup_steps=o.warmup_steps, b1=o.b1, b2=o.b2, eps=o.eps,
                            weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay=o.decay)
   batch = sharding.batch_sharding(mesh)
@@ -76,7 +90,28 @@ def make_hyper(config, mesh) -> dmd.DMDHyper:
       fake_updates_per_generator_update=n,
       ema_decay=config.ema.decay,
       constrain_batch=lambda x: jax.lax.with_sharding_constraint(x, batch),
+      generator_steps=steps,
+      gan_generator_weight=float(g.generator_weight),
+      gan_critic_weight=float(g.critic_weight),
   )
+
+
+def generator_steps(config) -> tuple[int, ...]:
+  """``generator.steps`` checked: () (one step), or strictly decreasing timesteps that start at the schedule's
+  last one (the generator's own pure-noise level; docs/method.md §7)."""
+  steps = tuple(int(t) for t in config.generator.get("steps", ()))
+  if not steps:
+    return ()
+  last = config.schedule.num_timesteps - 1
+  if steps[0] != last or any(b >= a for a, b in zip(steps, steps[1:])) or steps[-1] < 0:
+    raise ValueError(f"generator.steps must be strictly decreasing timesteps in [0, {last}] starting at {last} "
+                     f"(the generator's pure-noise level), got {steps}")
+  return steps
+
+
+def init_state(teacher: Teacher, hyper: dmd.DMDHyper, key):
+  """The initial train state from the ``'init'`` stream's key (the GAN head from ``fold_in(key, 1)``)."""
+  return dmd.init_state(teacher, hyper, *teacher.init(key), jax.random.fold_in(key, 1))
 
 
 def build(config, teacher: Teacher, frozen: dict, mesh, workdir: str | None = None) -> Run:
@@ -85,8 +120,7 @@ def build(config, teacher: Teacher, frozen: dict, mesh, workdir: str | None = No
   ``jax.ShapeDtypeStruct``s (bench scripts that only compile)."""
   hyper = make_hyper(config, mesh)
   frozen_sh = sharding.frozen_sharding(mesh, frozen, config.mesh.min_shard_size)
-  abstract = jax.eval_shape(lambda k: dmd.init_state(teacher, hyper, *teacher.init(k)),
-                            streams.key(config.seed, "init"))
+  abstract = jax.eval_shape(lambda k: init_state(teacher, hyper, k), streams.key(config.seed, "init"))
   state_sh = sharding.tree_sharding(mesh, abstract, config.mesh.min_shard_size)
   if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)):
     frozen = jax.device_put(frozen, frozen_sh)
@@ -139,9 +173,10 @@ def ensure_pairs(run: Run) -> PairRows:
 MAX_STEPS_IN_FLIGHT = 4
 
 
-def batches(run: Run, pairs: PairRows | None):
-  """``step -> global batch``: this process's rows of the DM batch's host-side conditions and of the
-  regression pairs (epoch order from the ``'regression_order'`` stream), assembled over the mesh."""
+def batches(run: Run, pairs: PairRows | None, real=None):
+  """``step -> global batch``: this process's rows of the DM batch's host-side conditions, of the
+  regression pairs (epoch order from the ``'regression_order'`` stream) and of the GAN critic's real samples
+  (``real``: a ``data.real.RealData``; called for consecutive steps), assembled over the mesh."""
   config, conditions, mesh = run.config, run.teacher.conditions, run.mesh
   b, b_reg = config.batch_size, config.regression.batch_size
   dm_rows, reg_rows = sharding.process_slice(b), sharding.process_slice(b_reg)
@@ -157,6 +192,8 @@ def batches(run: Run, pairs: PairRows | None):
       cond = rows["cond"] if "cond" in rows else conditions.for_pairs(idx)
       out.update(sharding.global_batch(mesh, {"reg_z": rows["z"], "reg_x": rows["x"],
                                               "reg_cond": conditions.lookup(cond)}, b_reg))
+    if real is not None:
+      out.update(sharding.global_batch(mesh, real.batch(step, b, dm_rows), b))
     return out
   return batch_for
 
@@ -171,8 +208,10 @@ def train(config, workdir: str) -> dict | None:
 
   # ---- state: resume from the latest checkpoint, or start fresh ----
   latest = ckpt.latest_step()
+  meta_restored, new_stage = {}, False
   if latest is not None:
-    state, _ = run.restore(ckpt, latest)
+    new_stage = run.hyper.gan and not checkpoint_has_gan(ckpt, latest)
+    state, meta_restored = restore_adding_critic(run, ckpt, latest) if new_stage else run.restore(ckpt, latest)
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
   else:
     state = run.init_state()
@@ -188,7 +227,13 @@ def train(config, workdir: str) -> dict | None:
   if config.regression.weight > 0:
     pairs = ensure_pairs(run)
     logging.info("regression set: %d pairs", len(pairs))
-  batch_for = batches(run, pairs)
+  real = None
+  if run.hyper.gan:
+    from dmd_jax.data.real import make_real_data
+    real = make_real_data(run, config.gan.real_data)
+    if latest is not None and not new_stage:
+      real.restore(meta_restored["real_data"])
+  batch_for = batches(run, pairs, real)
   evaluators = evaluators_lib.build(run, writer)
 
   # ---- compile once ----
@@ -208,17 +253,23 @@ def train(config, workdir: str) -> dict | None:
   preemption = Preemption(MAX_STEPS_IN_FLIGHT)
   meta = {"config": config.to_json_best_effort()}
   t_loop, last_log, last_step = time.time(), time.time(), start
+  n_fake = run.hyper.fake_updates_per_generator_update
+  gen_metrics = None     # the metrics of the last step that updated the generator (two time-scale rule)
   step = start
   try:
     in_flight = collections.deque()
     while step < total:
       batch = example if step == start else batch_for(step)
       state, metrics = step_fn(state, run.frozen, batch, step_key)
+      if step % n_fake == 0:
+        gen_metrics = metrics
       step += 1
-      in_flight.append(metrics["fake_score_loss"])
+      in_flight.append(metrics["consecutive_skips"])
       if len(in_flight) > MAX_STEPS_IN_FLIGHT:   # bound the dispatch queue (see MAX_STEPS_IN_FLIGHT)
-        in_flight.popleft().block_until_ready()
+        check_skips(int(in_flight.popleft()), config, ckpt)
       if step % config.log_every == 0 or step == total:
+        if gen_metrics is not None:
+          metrics = {**metrics, **{k: v for k, v in gen_metrics.items() if k in dmd.GENERATOR_METRICS}}
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.time()
         rate = (step - last_step) / max(now - last_log, 1e-9)
@@ -230,7 +281,7 @@ def train(config, workdir: str) -> dict | None:
         evaluators_lib.run_all(run, evaluators, generator_params(state["generator"]), step, final=False)
       stop = preemption.should_stop(step)
       if step % config.checkpoint_every == 0 or step == total or stop:
-        ckpt.save(step, state, {**meta, "step": step})
+        ckpt.save(step, state, {**meta, "step": step, **({"real_data": real.state()} if real else {})})
       if stop and step < total:
         ckpt.wait()
         logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume", step)
@@ -250,6 +301,43 @@ def train(config, workdir: str) -> dict | None:
   ckpt.close()
   print(json.dumps(evaluators_lib.summary(results), indent=1))
   return results
+
+
+def checkpoint_has_gan(ckpt: checkpoint.Checkpointer, step: int) -> bool:
+  """Whether the checkpoint of ``step`` was written by a run with DMD2's GAN critic (its config says)."""
+  config = json.loads(ckpt.restore_meta(step).get("config", "{}"))
+  gan = config.get("gan", {})
+  return gan.get("generator_weight", 0) > 0 or gan.get("critic_weight", 0) > 0
+
+
+def restore_adding_critic(run: Run, ckpt: checkpoint.Checkpointer, step: int):
+  """A GAN stage started on a checkpoint without the critic head (``configs/coco.py:dmd2`` stage 1 →
+  ``:dmd2,stage2`` in the same workdir, docs/method.md §7): the generator (parameters and optimiser state), the
+  fake score's parameters and the counters come from the checkpoint; the head is initialised and the fake
+  score's optimiser starts afresh (it now also trains the head), as the official stage 2 starts new optimisers."""
+  hyper0 = dataclasses.replace(run.hyper, gan_generator_weight=0.0, gan_critic_weight=0.0)
+  key = streams.key(run.config.seed, "init")
+  abstract0 = jax.eval_shape(lambda k: init_state(run.teacher, hyper0, k), key)
+  sharding0 = sharding.tree_sharding(run.mesh, abstract0, run.config.mesh.min_shard_size)
+  old, meta = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract0, sharding0))
+  fresh = run.init_state()
+  fake_params = {"score": old["fake_score"]["params"], "head": fresh["fake_score"]["params"]["head"]}
+  fake = {"params": fake_params, "opt_state": run.hyper.fake_score_optimizer.init(fake_params)}
+  state = {**old, "fake_score": fake}
+  logging.warning("step %d in %s was written without the GAN critic: added a new head and restarted the fake "
+                  "score's optimiser for this stage", step, ckpt.directory)
+  return jax.device_put(state, run.state_sharding), meta
+
+
+def check_skips(consecutive: int, config, ckpt) -> None:
+  """Stops the run once ``optim.max_consecutive_skips`` steps in a row had non-finite gradients (the skipped
+  steps changed no parameters, so every checkpoint on disk holds good ones)."""
+  limit = config.optim.get("max_consecutive_skips", 10)
+  if consecutive >= limit:
+    raise FloatingPointError(
+        f"{consecutive} consecutive train steps had non-finite gradients (optim.max_consecutive_skips={limit}); "
+        f"stopping. The checkpoints in {ckpt.directory} hold the last good parameters: lower optim.lr or the "
+        f"GAN weights, or raise optim.max_consecutive_skips, and rerun to resume")
 
 
 def generator_params(gen_state) -> dict:

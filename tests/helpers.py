@@ -33,13 +33,16 @@ def env_with_devices(n: int | None, fast_compile: bool = False) -> dict:
   return env
 
 
-def main_cmd(*args, config=TOY) -> list[str]:
-  return [sys.executable, "-m", "dmd_jax.main", f"--config={config}", *args]
+def main_cmd(*args, config=TOY, script=None) -> list[str]:
+  """The entry point's command line; ``script`` (Python source ending in ``app.run(main.main)``) runs instead of
+  ``-m dmd_jax.main`` when a test must patch something inside the process first."""
+  entry = ["-c", script] if script else ["-m", "dmd_jax.main"]
+  return [sys.executable, *entry, f"--config={config}", *args]
 
 
-def run_main(*args, devices=None, timeout=600, check=True, config=TOY, fast_compile=False
+def run_main(*args, devices=None, timeout=600, check=True, config=TOY, fast_compile=False, script=None
              ) -> subprocess.CompletedProcess:
-  p = subprocess.run(main_cmd(*args, config=config), cwd=ROOT, env=env_with_devices(devices, fast_compile),
+  p = subprocess.run(main_cmd(*args, config=config, script=script), cwd=ROOT, env=env_with_devices(devices, fast_compile),
                      capture_output=True, text=True, timeout=timeout)
   if check and p.returncode != 0:
     raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}")

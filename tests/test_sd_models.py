@@ -42,7 +42,10 @@ def test_unet_parity(name, config, hw, remat):
   model = st.torch_unet(config)
   module, params = _convert(sdc.build_unet, model, remat=remat)
   x, t, ctx = _unet_inputs(config, *hw)
+  captured = {}
+  hook = model.mid_block.register_forward_hook(lambda m, args, out: captured.update(mid=out))
   ref = _torch_eps(model, x, t, ctx)
+  hook.remove()
   eps, mid = jax.jit(lambda p, *a: module.apply({"params": p}, *a, return_mid_features=True))(
       params, x.transpose(0, 2, 3, 1), t, ctx)
   err = st.rel_err(eps, ref)
@@ -54,6 +57,10 @@ def test_unet_parity(name, config, hw, remat):
   for _ in range(n_down):
     h, w = (h + 1) // 2, (w + 1) // 2
   assert mid.shape == (2, h, w, config["block_out_channels"][-1])
+  # the mid-block output is DMD2's GAN-head input (docs/method.md §7): diffusers' mid_block output
+  mid_err = st.rel_err(mid, captured["mid"].numpy().transpose(0, 2, 3, 1))
+  print(f"unet {name}: mid-block rel err {mid_err:.2e}")
+  assert mid_err <= 1e-5
 
 
 def test_unet_bf16_and_scalar_timestep():

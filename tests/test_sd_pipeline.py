@@ -174,17 +174,18 @@ def test_caption_images_and_clip_score(tmp_path):
   params = frozen["teacher"]["unet"]
   caps = ["a red bus", "two birds", "a dog", "red apples", "a bus"]
   key = lambda s: jax.random.PRNGKey(s)
-  chunks = list(t2i.caption_images(nets, frozen, mesh, nets.generate, params, caps, key(7), chunk=2))
+  one_step = lambda p, z, c, keys: nets.generate(p, z, c)
+  chunks = list(t2i.caption_images(nets, frozen, mesh, one_step, params, caps, key(7), chunk=2))
   assert [c for _, c in chunks] == [caps[:2], caps[2:4], caps[4:]]
   images = np.concatenate([x for x, _ in chunks])
-  whole = np.concatenate([x for x, _ in t2i.caption_images(nets, frozen, mesh, nets.generate, params, caps, key(7), 8)])
+  whole = np.concatenate([x for x, _ in t2i.caption_images(nets, frozen, mesh, one_step, params, caps, key(7), 8)])
   assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
   assert np.abs(images.astype(int) - whole).max() <= 1          # chunking does not change the images
   z3 = nets.sample_noise(jax.random.fold_in(jax.random.PRNGKey(7), 3), 1)
   direct = jax.jit(lambda p, f, z, c: nets.decode(f, nets.generate(p, z, c)))(
       params, frozen, z3, nets.conditions.encode_text(["red apples"]))
   assert np.abs(image_io.to_uint8(direct)[0].astype(int) - images[3]).max() <= 1
-  other = np.concatenate([x for x, _ in t2i.caption_images(nets, frozen, mesh, nets.generate, params, caps, key(8), 8)])
+  other = np.concatenate([x for x, _ in t2i.caption_images(nets, frozen, mesh, one_step, params, caps, key(8), 8)])
   assert np.abs(other.astype(int) - images).max() > 10          # another seed, other images
 
   clip_dir = clip_convert.write_random_converted_clip(str(tmp_path / "clip"), seed=3)

@@ -74,7 +74,7 @@ class ToyEvaluator:
     if run.is_main:
       path = io.join(run.workdir, "samples", f"toy_step{step}.png")
       toy_eval.scatter_png(path, [(f"teacher ({run.teacher.sampler.nfe} NFE)", teach),
-                                  (f"one-step generator, step {step}", gen)], self.mixture)
+                                  (f"generator ({run.generator_nfe} NFE), step {step}", gen)], self.mixture)
       results["samples_png"] = path
     return results
 
@@ -135,14 +135,14 @@ class FidEvaluator:
       return ref["mu"], ref["sigma"]
     cache = io.join(run.workdir, f"fid_reference_teacher_{e.num_samples}.npz")
     return _cached_reference(run, cache, lambda: self._stats(sampling.sample_chunks(
-        run, run.teacher.sampler.sample, run.frozen["teacher"], e.num_samples,
+        run, sampling.teacher_fn(run), run.frozen["teacher"], e.num_samples,
         streams.key(run.config.seed, "teacher_reference"), e.batch_size)))
 
   def fid(self, params, num: int) -> float:
     from dmd_jax.evaluation import fid
     run = self.ctx
     ref = self._reference()
-    mu, sigma = self._stats(sampling.sample_chunks(run, run.teacher.generate, params, num,
+    mu, sigma = self._stats(sampling.sample_chunks(run, run.sample, params, num,
                                                    streams.key(run.config.seed, "fid"),
                                                    run.config.eval.batch_size))
     return fid.frechet_distance(mu, sigma, *ref)
@@ -212,7 +212,7 @@ class CocoEvaluator:
                       f"fid_reference_teacher_{len(captions)}_{t2i.captions_digest(captions)}.npz")
 
       def compute():
-        chunks = t2i.caption_images(run.teacher, run.frozen, run.mesh, run.teacher.sampler.sample,
+        chunks = t2i.caption_images(run.teacher, run.frozen, run.mesh, sampling.teacher_fn(run),
                                     run.frozen["teacher"], captions,
                                     streams.key(run.config.seed, "teacher_reference"), e.batch_size)
         return t2i.run(chunks, self._evaluator(with_clip=False), len(captions),
@@ -233,7 +233,7 @@ class CocoEvaluator:
       return {}
     captions = self._captions()
     reference = self._reference(captions) if e.inception_path else None
-    chunks = t2i.caption_images(run.teacher, run.frozen, run.mesh, run.teacher.generate, params, captions,
+    chunks = t2i.caption_images(run.teacher, run.frozen, run.mesh, run.sample, params, captions,
                                 streams.key(run.config.seed, "fid"), e.batch_size)
     ev = t2i.run(chunks, self._evaluator(with_clip=True), len(captions), f"COCO eval, step {step}")
     metrics = ev.result(reference)
@@ -259,7 +259,8 @@ def build(run, writer) -> list:
 
 def run_all(run, evaluators, params, step: int, final: bool) -> dict:
   """Runs every evaluator; the merged results (with the step and both samplers' NFE when final)."""
-  results = {"step": step, "generator_nfe": 1, "teacher_nfe": run.teacher.sampler.nfe} if final else {}
+  results = ({"step": step, "generator_nfe": run.generator_nfe, "teacher_nfe": run.teacher.sampler.nfe}
+             if final else {})
   for ev in evaluators:
     results.update(ev.run(params, step, final))
   return results

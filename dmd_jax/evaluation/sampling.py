@@ -12,9 +12,15 @@ import numpy as np
 from dmd_jax import sharding
 
 
+def teacher_fn(run) -> Callable:
+  """The teacher's sampler in the signature :func:`sample_chunks` takes (it needs no further noise)."""
+  return lambda params, z, cond, keys: run.teacher.sampler.sample(params, z, cond)
+
+
 def sample_chunks(run, fn: Callable, params, num: int, key, chunk: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-  """Yields host ``(x, cond)`` chunks of ``fn(params, z, cond)`` (``teacher.generate`` with generator
-  parameters, or ``teacher.sampler.sample`` with ``frozen['teacher']``) over fresh noise and conditions."""
+  """Yields host ``(x, cond)`` chunks of ``fn(params, z, cond, keys)`` (``run.sample`` with generator
+  parameters, or :func:`teacher_fn` with ``frozen['teacher']``) over fresh noise and conditions; ``keys`` [chunk]
+  seed a multi-step generator's noise between steps."""
   teacher = run.teacher
   batch = sharding.batch_sharding(run.mesh)
   n_dev = run.mesh.devices.size
@@ -25,7 +31,7 @@ def sample_chunks(run, fn: Callable, params, num: int, key, chunk: int) -> Itera
     r_z, r_c = jax.random.split(key)
     z = jax.lax.with_sharding_constraint(teacher.sample_noise(r_z, chunk), batch)
     cond = teacher.conditions.draw(r_c, chunk)
-    return fn(params, z, cond), cond
+    return fn(params, z, cond, jax.random.split(jax.random.fold_in(key, 1), chunk)), cond
 
   for i in range(-(-num // chunk)):
     x, c = one(params, jax.random.fold_in(key, i))
@@ -39,13 +45,13 @@ def collect(chunks) -> tuple[np.ndarray, np.ndarray]:
 
 
 def generate(run, params, num: int, key, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-  """``num`` one-step samples and their conditions, deterministic for ``key``."""
-  return collect(sample_chunks(run, run.teacher.generate, params, num, key, chunk))
+  """``num`` samples of the generator (``generator.steps``) and their conditions, deterministic for ``key``."""
+  return collect(sample_chunks(run, run.sample, params, num, key, chunk))
 
 
 def teacher_samples(run, num: int, key, chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
   """``num`` samples of the teacher's sampler (the same noise / condition recipe as :func:`generate`)."""
-  return collect(sample_chunks(run, run.teacher.sampler.sample, run.frozen["teacher"], num, key, chunk))
+  return collect(sample_chunks(run, teacher_fn(run), run.frozen["teacher"], num, key, chunk))
 
 
 def to_outputs(run, x: np.ndarray, chunk: int = 64) -> np.ndarray:

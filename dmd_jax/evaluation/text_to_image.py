@@ -66,9 +66,9 @@ def captions_digest(captions: Sequence[str]) -> str:
 def caption_images(teacher, frozen, mesh, fn: Callable, params, captions: Sequence[str], key,
                    chunk: int) -> Iterator[tuple[np.ndarray, list[str]]]:
   """Yields ``(uint8 images [c, H, W, 3], their captions)`` for ``captions`` in order: image ``i`` is
-  ``decode(fn(params, z_i, embed(caption_i)))`` with ``z_i`` drawn from ``fold_in(key, i)``.
-  ``fn`` is ``teacher.generate`` (with the generator's params) or ``teacher.sampler.sample`` (with
-  ``frozen['teacher']``). Chunks are padded to a multiple of the device count; padding rows are dropped."""
+  ``decode(fn(params, z_i, embed(caption_i), k_i))`` with ``z_i`` drawn from ``fold_in(key, i)`` and ``k_i``
+  (a multi-step generator's further noise) ``fold_in(fold_in(key, i), 1)``. ``fn`` is ``run.sample`` (with the
+  generator's params) or ``sampling.teacher_fn(run)`` (with ``frozen['teacher']``). Chunks are padded to a multiple of the device count; padding rows are dropped."""
   batch = sharding.batch_sharding(mesh)
   n_dev = mesh.devices.size
   chunk = -(-max(1, min(chunk, len(captions))) // n_dev) * n_dev
@@ -77,7 +77,8 @@ def caption_images(teacher, frozen, mesh, fn: Callable, params, captions: Sequen
   def one(params, frozen, idx, cond):
     z = jax.vmap(lambda i: teacher.sample_noise(jax.random.fold_in(key, i), 1)[0])(idx)
     z = jax.lax.with_sharding_constraint(z, batch)
-    return jax.lax.with_sharding_constraint(teacher.decode(frozen, fn(params, z, cond)), batch)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), 1))(idx)
+    return jax.lax.with_sharding_constraint(teacher.decode(frozen, fn(params, z, cond, keys)), batch)
 
   for start in range(0, len(captions), chunk):
     caps = list(captions[start:start + chunk])

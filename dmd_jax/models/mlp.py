@@ -1,6 +1,6 @@
 """MLP networks of the 2-D toy problem: the one-step generator and the fake-score network F.
 
-The fake score is used inside EDM preconditioning (``denoisers.edm_precond``): F sees ``c_in x`` and
+The fake score is used inside EDM preconditioning (``teachers.toy.edm_precond``): F sees ``c_in x`` and
 ``c_noise = ln(sigma) / 4``. Random Fourier features of the input help it resolve sharp, narrow modes.
 """
 from __future__ import annotations
@@ -17,10 +17,12 @@ class MLP(nn.Module):
   out_dim: int
 
   @nn.compact
-  def __call__(self, h):
+  def __call__(self, h, return_features: bool = False):
+    """``out``, or ``(out, last hidden layer)`` with ``return_features``."""
     for i, width in enumerate(self.hidden):
       h = nn.silu(nn.Dense(width, name=f"dense{i}")(h))
-    return nn.Dense(self.out_dim, name="out")(h)
+    out = nn.Dense(self.out_dim, name="out")(h)
+    return (out, h) if return_features else out
 
 
 def fourier_features(x, num: int, scale: float, seed: int = 0):
@@ -41,7 +43,9 @@ class ToyGenerator(nn.Module):
 
 
 class ToyDenoiserNet(nn.Module):
-  """The raw network ``F(c_in x, c_noise)`` of an EDM-preconditioned toy denoiser."""
+  """The raw network ``F(c_in x, c_noise)`` of an EDM-preconditioned toy denoiser (the fake score; the
+  generator too when it takes several steps). ``return_features`` also returns the last hidden layer (DMD2's
+  GAN head input)."""
   hidden: Sequence[int] = (256, 256, 256)
   dim: int = 2
   num_fourier: int = 64        # random Fourier features of the input (0 = plain input)
@@ -49,7 +53,7 @@ class ToyDenoiserNet(nn.Module):
   noise_embed_dim: int = 32
 
   @nn.compact
-  def __call__(self, x, c_noise):
+  def __call__(self, x, c_noise, return_features: bool = False):
     feats = [x]
     if self.num_fourier:
       feats.append(fourier_features(x, self.num_fourier, self.fourier_scale, seed=1))
@@ -57,4 +61,4 @@ class ToyDenoiserNet(nn.Module):
     freqs = jnp.exp(jnp.linspace(0.0, jnp.log(100.0), half))
     arg = c_noise[:, None] * freqs[None]
     feats += [jnp.cos(arg), jnp.sin(arg)]
-    return MLP(self.hidden, self.dim, name="mlp")(jnp.concatenate(feats, axis=-1))
+    return MLP(self.hidden, self.dim, name="mlp")(jnp.concatenate(feats, axis=-1), return_features)

@@ -160,20 +160,47 @@ class TeacherSampler:
 
 
 @dataclasses.dataclass(frozen=True)
+class Critic:
+  """DMD2's GAN discriminator (docs/method.md §7): a head on the fake score network's bottleneck.
+
+  ``features(fake_params, x_t, t, cond)`` → the fake network's bottleneck at (x_t, t) (under ``jit`` only the
+  layers up to it are computed); ``init(rng)`` → head parameters; ``logits(head_params, features)`` → [N]
+  float32. The real score never gets a head."""
+  features: Callable
+  init: Callable
+  logits: Callable
+
+
+def conv_critic(features: Callable, feature_shape: Callable) -> Critic:
+  """The image families' critic: :class:`~dmd_jax.models.gan_head.ConvGANHead` on ``features``;
+  ``feature_shape()`` gives the bottleneck's ``[H, W, C]`` (to initialise the head)."""
+  from dmd_jax.models.gan_head import ConvGANHead
+  head = ConvGANHead()
+
+  def init(rng):
+    return head.init(rng, jnp.zeros((1, *feature_shape()), jnp.float32))["params"]
+  return Critic(features=features, init=init, logits=lambda p, f: head.apply({"params": p}, f))
+
+
+@dataclasses.dataclass(frozen=True)
 class Teacher:
   """One teacher family's networks and data, as functions of parameters (docs/architecture.md).
 
-  ``generate(generator_params, z, cond) -> x``; ``real_denoise(frozen['teacher'], x_t, t, cond) -> x0``
+  ``generate(generator_params, z, cond) -> x`` (from pure noise); ``generate_at(generator_params, x_t, t, cond)
+  -> x0``: the generator at timestep ``t`` (the later steps of a multi-step generator, docs/method.md §7);
+  ``real_denoise(frozen['teacher'], x_t, t, cond) -> x0``
   (classifier-free guidance inside, where the family has it); ``fake_denoise(fake_params, x_t, t, cond)``;
   ``sample_noise(rng, n) -> z``; ``init(rng) -> (generator_params, fake_params)``;
   ``regression_distance(frozen, x, y) -> [N]`` (docs/method.md §5); ``decode(frozen, x)`` → outputs: images
   in [-1, 1] when ``images`` (latent teachers decode with their VAE), the samples themselves otherwise;
-  ``encode(frozen, images)`` its inverse for real data (DMD2's critic, docs/method.md §7): images in [-1, 1] →
+  ``critic``: DMD2's GAN head on the fake network (:class:`Critic`);
+  ``encode(frozen, images)`` the inverse of ``decode`` for real data (DMD2's critic, docs/method.md §7): images in [-1, 1] →
   samples in the teacher's space (pixel teachers: the images; SD: the VAE posterior mean × scaling factor).
   """
   name: str
   schedule: Any
   generate: Callable
+  generate_at: Callable
   real_denoise: Callable
   fake_denoise: Callable
   sample_noise: Callable
@@ -183,6 +210,7 @@ class Teacher:
   regression_distance: Callable
   decode: Callable
   encode: Callable
+  critic: Critic
   images: bool
   sample_shape: tuple
 

@@ -40,9 +40,16 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
   sigma_gen = float(config.generator.sigma)
   distance = base.distance(config)
 
-  def apply(module, params, x, sigma, cond):
+  def apply(module, params, x, sigma, cond, **kwargs):
     labels = jax.nn.one_hot(cond, label_dim, dtype=jnp.float32) if label_dim else None
-    return module.apply({"params": params}, x, sigma, labels)
+    return module.apply({"params": params}, x, sigma, labels, **kwargs)
+
+  def features(p, x_t, t, cond):   # the encoder output (DMD2's GAN head input, docs/method.md §7)
+    return apply(student, p, x_t, schedule.sigma(t), cond, return_features=True)[1].astype(jnp.float32)
+
+  def feature_shape():
+    return jax.eval_shape(features, teacher_params, jnp.zeros((1, res, res, ch), jnp.float32),
+                          jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)).shape[1:]
 
   def generate(params, z, cond):
     return apply(student, params, sigma_gen * z, jnp.full((z.shape[0],), sigma_gen, jnp.float32), cond)
@@ -58,6 +65,7 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
       name="edm",
       schedule=schedule,
       generate=generate,
+      generate_at=lambda p, x_t, t, cond: apply(student, p, x_t, schedule.sigma(t), cond),
       real_denoise=lambda p, x_t, t, cond: apply(teacher, p, x_t, schedule.sigma(t), cond),
       fake_denoise=lambda p, x_t, t, cond: apply(student, p, x_t, schedule.sigma(t), cond),
       sample_noise=lambda rng, n: jax.random.normal(rng, (n, res, res, ch), jnp.float32),
@@ -68,6 +76,7 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
       regression_distance=lambda frozen, x, y: distance(frozen["lpips"], x, y),
       decode=lambda frozen, x: x,
       encode=lambda frozen, images: images,
+      critic=base.conv_critic(features, feature_shape),
       images=True,
       sample_shape=(res, res, ch),
   )

@@ -88,6 +88,14 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, cond
   def fake_denoise(p, x_t, t, cond):
     return schedule.eps_to_x0(x_t, eps_of(student, p)(x_t, t, cond), t)
 
+  def features(p, x_t, t, cond):   # the mid-block output (DMD2's GAN head input, docs/method.md §7)
+    return student.apply({"params": p}, x_t, t, cond, return_mid_features=True)[1].astype(jnp.float32)
+
+  def feature_shape():
+    cond = jax.ShapeDtypeStruct((1, 1, int(teacher.config.cross_attention_dim[0])), jnp.float32)
+    return jax.eval_shape(features, teacher_params, jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32),
+                          jax.ShapeDtypeStruct((1,), jnp.int32), cond).shape[1:]
+
   sampler = config.regression.get("sampler", "pndm")
   if sampler not in ("pndm", "ddim"):
     raise ValueError(f"regression.sampler must be 'pndm' or 'ddim' for a Stable Diffusion teacher, got "
@@ -117,6 +125,7 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, cond
       name="sd",
       schedule=schedule,
       generate=generate,
+      generate_at=fake_denoise,     # the same UNet as a denoiser at t, with the generator's parameters
       real_denoise=real_denoiser(teacher, schedule, g),
       fake_denoise=fake_denoise,
       sample_noise=lambda rng, n: jax.random.normal(rng, (n, res, res, ch), jnp.float32),
@@ -127,6 +136,7 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, cond
       regression_distance=regression_distance,
       decode=lambda frozen, x: decode_out(frozen["vae"], x),
       encode=lambda frozen, images: scaling * encode_out(frozen["vae"], images),
+      critic=base.conv_critic(features, feature_shape),
       images=True,
       sample_shape=(res, res, ch),
   )

@@ -10,7 +10,7 @@ import numpy as np
 
 from dmd_jax import schedules
 from dmd_jax.data.toy import GaussianMixture
-from dmd_jax.models import mlp
+from dmd_jax.models import gan_head, mlp
 from dmd_jax.samplers import edm_heun_sample
 from dmd_jax.schedules import bcast, edm_precond_coefficients
 from dmd_jax.teachers import base
@@ -49,6 +49,28 @@ def gaussian_mixture_denoiser(weights, means, std) -> Callable:
   return denoise
 
 
+def _generator(config, schedule, dim: int):
+  """``(generate, generate_at, init)`` of the toy generator. One step (``generator.steps`` empty): an MLP
+  ``G(z)``. Several steps: an EDM-preconditioned denoiser MLP (the fake score's architecture, without Fourier
+  features of the input) — ``G(z) = D(sigma_max z; sigma_max)`` and ``generate_at = D(x_t; sigma(t))``."""
+  hidden = tuple(config.generator.hidden)
+  x1 = jnp.zeros((1, dim), jnp.float32)
+  if len(config.generator.steps) <= 1:
+    net = mlp.ToyGenerator(hidden=hidden, dim=dim)
+
+    def not_multistep(p, x_t, t, cond):
+      raise ValueError("the one-step toy generator (an MLP of z) has no timestep input: set generator.steps "
+                       "to several timesteps for a multi-step generator")
+    return (lambda p, z, cond: net.apply({"params": p}, z), not_multistep,
+            lambda rng: net.init(rng, x1)["params"])
+  net = mlp.ToyDenoiserNet(hidden=hidden, dim=dim, num_fourier=0)
+  D = edm_precond(lambda p, x, c_noise, cond: net.apply({"params": p}, x, c_noise), schedule.sigma_data)
+  s_max = schedule.sigma_max
+  return (lambda p, z, cond: D(p, s_max * z, jnp.full(z.shape[:1], s_max, jnp.float32)),
+          lambda p, x_t, t, cond: D(p, x_t, schedule.sigma(t)),
+          lambda rng: net.init(rng, x1, jnp.zeros((1,), jnp.float32))["params"])
+
+
 def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
   del workdir   # nothing to read or write
   schedule = schedules.from_config(config.schedule)
@@ -56,25 +78,36 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
   dim = mixture.means.shape[1]
   mog = gaussian_mixture_denoiser(mixture.weights, mixture.means, mixture.std)
 
-  generator = mlp.ToyGenerator(hidden=tuple(config.generator.hidden), dim=dim)
   fake_net = mlp.ToyDenoiserNet(hidden=tuple(config.fake_score.hidden), dim=dim,
                                 num_fourier=config.fake_score.num_fourier,
                                 fourier_scale=config.fake_score.fourier_scale)
   fake_D = edm_precond(lambda p, x, c_noise, cond: fake_net.apply({"params": p}, x, c_noise),
                        schedule.sigma_data)
+  generate, generate_at, init_generator = _generator(config, schedule, dim)
 
   def init(rng):
     r_g, r_f = jax.random.split(rng)
     x = jnp.zeros((1, dim), jnp.float32)
-    return (generator.init(r_g, x)["params"],
-            fake_net.init(r_f, x, jnp.zeros((1,), jnp.float32))["params"])
+    return init_generator(r_g), fake_net.init(r_f, x, jnp.zeros((1,), jnp.float32))["params"]
+
+  def features(p, x_t, t, cond):   # the fake MLP's last hidden layer (DMD2's GAN head input)
+    sigma = schedule.sigma(t)
+    _, _, c_in, c_noise = edm_precond_coefficients(sigma, schedule.sigma_data)
+    return fake_net.apply({"params": p}, bcast(c_in, x_t) * x_t, c_noise, return_features=True)[1]
+
+  head = gan_head.MLPGANHead(hidden=int(config.fake_score.hidden[-1]))
+  critic = base.Critic(
+      features=features,
+      init=lambda rng: head.init(rng, jnp.zeros((1, int(config.fake_score.hidden[-1])), jnp.float32))["params"],
+      logits=lambda p, f: head.apply({"params": p}, f))
 
   steps = config.regression.sampler_steps
   distance = base.distance(config)
   teacher = base.Teacher(
       name="toy",
       schedule=schedule,
-      generate=lambda p, z, cond: generator.apply({"params": p}, z),
+      generate=generate,
+      generate_at=generate_at,
       real_denoise=lambda p, x_t, t, cond: mog(x_t, schedule.sigma(t)),
       fake_denoise=lambda p, x_t, t, cond: fake_D(p, x_t, schedule.sigma(t), cond),
       sample_noise=lambda rng, n: jax.random.normal(rng, (n, dim), jnp.float32),
@@ -87,6 +120,7 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
       regression_distance=lambda frozen, x, y: distance(None, x, y),
       decode=lambda frozen, x: x,
       encode=lambda frozen, x: x,
+      critic=critic,
       images=False,
       sample_shape=(dim,),
   )

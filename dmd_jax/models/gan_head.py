@@ -1,0 +1,72 @@
+"""DMD2's GAN classifier heads on the fake score's bottleneck features (docs/method.md §7).
+
+:class:`ConvGANHead` is the official head of the EDM and Stable Diffusion runs, on NHWC features
+(ImageNet-64 ADM: the encoder output 768 × 8 × 8; SD 1.5: the UNet mid-block output 1280 × 8 × 8)::
+
+    conv 4×4 stride 2 pad 1 → GroupNorm(32, eps 1e-5) → SiLU → conv 4×4 stride 4 → GroupNorm(32) → SiLU
+    → conv 1×1 → one logit
+
+Features are cast to float32 first; every conv keeps the feature width (the last maps it to one channel) and
+is initialised like PyTorch's ``nn.Conv2d`` (weights and biases uniform in ``±1/sqrt(fan_in)``, which is what
+its kaiming-uniform with ``a = sqrt(5)`` amounts to). Bottlenecks other than 8 × 8 (the ``:tiny`` configs, other
+resolutions): the second conv's kernel and stride are ``min(4, side)`` of its input, and a map larger than 1 × 1
+at the end is averaged into one logit — at 8 × 8 this is exactly the official head.
+
+:class:`MLPGANHead` is the toy's head on the fake-score MLP's last hidden layer.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dmd_jax.models.layers import GroupNorm
+
+
+def torch_default_init():
+  """``(kernel_init, bias_init)`` of PyTorch's ``nn.Conv2d`` / ``nn.Linear``: uniform in ``±1/sqrt(fan_in)``."""
+  kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+  def bias_init(fan_in):
+    bound = 1.0 / jnp.sqrt(jnp.float32(fan_in))
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+  return kernel_init, bias_init
+
+
+def _conv(features: int, kernel: int, stride: int, padding: int, fan_in: int, name: str) -> nn.Conv:
+  kernel_init, bias_init = torch_default_init()
+  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((padding, padding),) * 2,
+                 kernel_init=kernel_init, bias_init=bias_init(fan_in), dtype=jnp.float32,
+                 param_dtype=jnp.float32, name=name)
+
+
+class ConvGANHead(nn.Module):
+  """NHWC features ``[N, H, W, C]`` (H = W ≥ 4) → logits ``[N]`` float32. Parameter names follow the
+  official ``nn.Sequential`` indices (``conv0``, ``norm1``, ``conv3``, ``norm4``, ``conv6``)."""
+  num_groups: int = 32
+
+  @nn.compact
+  def __call__(self, features):
+    x = jnp.asarray(features, jnp.float32)
+    if x.ndim != 4 or x.shape[1] < 4 or x.shape[2] < 4:
+      raise ValueError(f"ConvGANHead needs NHWC features of at least 4 × 4, got shape {x.shape}")
+    c = x.shape[-1]
+    x = _conv(c, 4, 2, 1, c * 16, "conv0")(x)
+    x = nn.silu(GroupNorm(self.num_groups, 1e-5, name="norm1")(x))
+    k = min(4, x.shape[1], x.shape[2])
+    x = _conv(c, k, k, 0, c * k * k, "conv3")(x)
+    x = nn.silu(GroupNorm(self.num_groups, 1e-5, name="norm4")(x))
+    x = _conv(1, 1, 1, 0, c, "conv6")(x)
+    return jnp.mean(x, axis=(1, 2, 3))
+
+
+class MLPGANHead(nn.Module):
+  """Toy head: features ``[N, D]`` → ``Dense(hidden) → SiLU → Dense(1)`` → logits ``[N]`` (PyTorch init)."""
+  hidden: int = 128
+
+  @nn.compact
+  def __call__(self, features):
+    x = jnp.asarray(features, jnp.float32)
+    kernel_init, bias_init = torch_default_init()
+    x = nn.silu(nn.Dense(self.hidden, kernel_init=kernel_init, bias_init=bias_init(x.shape[-1]), name="dense0")(x))
+    return nn.Dense(1, kernel_init=kernel_init, bias_init=bias_init(self.hidden), name="dense1")(x)[:, 0]
