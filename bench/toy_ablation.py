@@ -1,4 +1,5 @@
-"""The toy2d report: variants and ablations of the embedded default, each a full training run.
+"""The toy2d report: variants and ablations of the embedded default and of DMD2 (``:dmd2``), each a full
+training run.
 
     python bench/toy_ablation.py --out=runs/ablation [--only=default,no_regression] [--steps=N]
 
@@ -22,6 +23,12 @@ RUNS = {
                                                   "--config.regression.weight=0"]),
     "regression_only": ("configs/toy2d.py", ["--config.dmd.dm_weight=0"]),
     "unequal": ("configs/toy2d.py:unequal", []),
+    # DMD2 (docs/method.md §7): no regression pairs; the ablation of the paper's table (DM only, + TTUR, + GAN)
+    "dmd2": ("configs/toy2d.py:dmd2", []),
+    "dmd2_no_gan": ("configs/toy2d.py:dmd2", ["--config.gan.generator_weight=0", "--config.gan.critic_weight=0"]),
+    "dmd2_no_ttur": ("configs/toy2d.py:dmd2", ["--config.dmd.fake_updates_per_generator_update=1"]),
+    "dmd2_gan_only": ("configs/toy2d.py:dmd2", ["--config.dmd.dm_weight=0"]),
+    "dmd2_4step": ("configs/toy2d.py:dmd2", ["--config.generator.steps=(999,749,499,249)"]),
     "grid25": ("configs/toy2d.py:grid25", []),
 }
 
@@ -61,7 +68,7 @@ def main():
   print("|---|---|---|---|---|---|---|---|")
   for name, m, wall in rows:
     g, t = m["generator"], m["teacher"]
-    print(f"| {name} | generator, 1 NFE | {g['tv']:.4f} | {g['precision']:.4f} | {g['min_mode_share']:.3f} | "
+    print(f"| {name} | generator, {m.get('generator_nfe', 1)} NFE | {g['tv']:.4f} | {g['precision']:.4f} | {g['min_mode_share']:.3f} | "
           f"{g['mmd2_ratio']:.2f} | {m['train_seconds']:.0f} | {wall:.0f} |")
     print(f"| | teacher Heun-18, 35 NFE | {t['tv']:.4f} | {t['precision']:.4f} | {t['min_mode_share']:.3f} | "
           f"{t['mmd2_ratio']:.2f} | | |")

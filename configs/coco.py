@@ -61,7 +61,7 @@ def get_config(arg: str = ""):
          num_images=82_783)   # every image of coco_captions/2014 train
     if tiny:
       c.batch_size = c.regression.batch_size = 4
-      c.num_train_steps = 4
-      c.gan.real_data.num_images = 8
-      c.gan.real_data.shard_size = 4
+      c.num_train_steps = 6 if stage2 else 4
+      c.gan.real_data.num_images = 6     # the test suite's prepared coco_captions train split has 7
+      c.gan.real_data.shard_size = 3
   return c

@@ -36,5 +36,5 @@ def get_config(arg: str = ""):
          gan_generator=3e-3, gan_critic=1e-2, source="tfds", dataset="imagenet_resized/64x64")
     if "tiny" in v:
       c.batch_size = c.regression.batch_size = 8
-      c.num_train_steps = 6
+      c.num_train_steps = 8 if stage2 else 6
   return c

@@ -94,11 +94,14 @@ def gan_generator_loss(nets, critic_params, x, cond, rng):
 
 
 def gan_critic_loss(nets, critic_params, fake_x, fake_cond, real_x, real_cond, rng):
-  """Critic term ``mean softplus(D(fake)) + mean softplus(-D(real))`` on detached inputs, each noised at its
-  own t (docs/method.md §7). Returns ``(loss, metrics)``."""
-  r_fake, r_real = jax.random.split(rng)
-  fake = critic_logits(nets, critic_params, jax.lax.stop_gradient(fake_x), fake_cond, r_fake)
-  real = critic_logits(nets, critic_params, jax.lax.stop_gradient(real_x), real_cond, r_real)
+  """Critic term ``mean softplus(D(fake)) + mean softplus(-D(real))`` on detached inputs, each sample noised at
+  its own t (docs/method.md §7; both halves go through the network as one batch). Returns ``(loss, metrics)``."""
+  n = fake_x.shape[0]
+  x = jnp.concatenate([jax.lax.stop_gradient(fake_x).astype(jnp.float32),
+                       jax.lax.stop_gradient(real_x).astype(jnp.float32)])
+  logits = critic_logits(nets, critic_params, x, jnp.concatenate([fake_cond, real_cond.astype(fake_cond.dtype)]),
+                         rng)
+  fake, real = logits[:n], logits[n:]
   loss = jnp.mean(jax.nn.softplus(fake)) + jnp.mean(jax.nn.softplus(-real))
   return loss, {"gan_critic_loss": loss, "critic_logit_fake": jnp.mean(fake), "critic_logit_real": jnp.mean(real)}
 

@@ -19,7 +19,10 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 CACHE_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dmd_jax_test_cache_{os.getuid()}")
 
 
-def env_with_devices(n: int | None, fast_compile: bool = False) -> dict:
+def env_with_devices(n: int | None, fast_compile: bool = False, compile_cache: bool = False) -> dict:
+  """The environment of a subprocess: ``n`` emulated CPU devices; ``fast_compile``: LLVM's optimisation off
+  (compiles ~25% faster, runs up to 10× slower: for programs that run a step or two) and the persistent
+  compilation cache; ``compile_cache``: the cache alone."""
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
   flags = []
@@ -27,6 +30,7 @@ def env_with_devices(n: int | None, fast_compile: bool = False) -> dict:
     flags.append(f"--xla_force_host_platform_device_count={n}")
   if fast_compile:
     flags.append(FAST_COMPILE)
+  if fast_compile or compile_cache:
     env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "2"
   env["XLA_FLAGS"] = " ".join(flags)
@@ -40,9 +44,10 @@ def main_cmd(*args, config=TOY, script=None) -> list[str]:
   return [sys.executable, *entry, f"--config={config}", *args]
 
 
-def run_main(*args, devices=None, timeout=600, check=True, config=TOY, fast_compile=False, script=None
-             ) -> subprocess.CompletedProcess:
-  p = subprocess.run(main_cmd(*args, config=config, script=script), cwd=ROOT, env=env_with_devices(devices, fast_compile),
+def run_main(*args, devices=None, timeout=600, check=True, config=TOY, fast_compile=False, script=None,
+             compile_cache=False) -> subprocess.CompletedProcess:
+  p = subprocess.run(main_cmd(*args, config=config, script=script), cwd=ROOT,
+                     env=env_with_devices(devices, fast_compile, compile_cache),
                      capture_output=True, text=True, timeout=timeout)
   if check and p.returncode != 0:
     raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}")

@@ -25,10 +25,12 @@ TOY = os.path.join(ROOT, "configs", "toy2d.py")
 
 def _torch_head(c: int, k2: int = 4):
   """The official head (``nn.Sequential`` of DMD2's EDM / SD guidance models); ``k2`` the second conv's
-  kernel and stride (4 in the official head; our rule for smaller bottlenecks: min(4, side))."""
+  kernel and stride (4 in the official head; our rule for smaller bottlenecks: min(4, side)); fewer than 64
+  channels: C / 2 groups (our rule for the :tiny networks)."""
   nn = torch.nn
-  return nn.Sequential(nn.Conv2d(c, c, 4, 2, 1), nn.GroupNorm(32, c), nn.SiLU(),
-                       nn.Conv2d(c, c, k2, k2, 0), nn.GroupNorm(32, c), nn.SiLU(),
+  g = min(32, c // 2)
+  return nn.Sequential(nn.Conv2d(c, c, 4, 2, 1), nn.GroupNorm(g, c), nn.SiLU(),
+                       nn.Conv2d(c, c, k2, k2, 0), nn.GroupNorm(g, c), nn.SiLU(),
                        nn.Conv2d(c, 1, 1, 1, 0))
 
 
@@ -55,7 +57,9 @@ def test_conv_head_matches_torch(c, side, k2):
   err = rel_err(ours, ref)
   print(f"\nGAN head {c}x{side}x{side}: rel err {err:.2e}")
   assert ours.shape == (3,) and ours.dtype == jnp.float32
-  assert err <= 1e-5
+  # the tiny head's last GroupNorm sees two values per group on a 1x1 map ((a - b) / sqrt((a - b)^2 + 4 eps):
+  # ill-conditioned in float32), hence its looser bound
+  assert err <= (1e-5 if c >= 64 else 1e-4)
 
 
 def test_head_init_is_pytorch_default():
@@ -78,7 +82,7 @@ def test_head_init_is_pytorch_default():
 # The method on the toy teacher.
 # ---------------------------------------------------------------------------------------------------------
 
-def _toy(variant="dmd2", **overrides):
+def _toy(variant="dmd2", mesh_devices=1, **overrides):
   from configs import toy2d
   c = toy2d.get_config(variant)
   c.generator.hidden = (32, 32)
@@ -92,7 +96,7 @@ def _toy(variant="dmd2", **overrides):
       node = node[part]
     node[last] = v
   teacher, frozen = teachers.build(c, None)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:mesh_devices]).reshape(mesh_devices, 1), ("data", "fsdp"))
   run = train.build(c, teacher, frozen, mesh)
   return c, run
 
@@ -145,9 +149,8 @@ def test_gan_critic_loss_is_the_non_saturating_loss():
   cond = jnp.zeros((16,), jnp.int32)
   rng = jax.random.PRNGKey(5)
   loss, m = dmd.gan_critic_loss(nets, critic, fake_x, cond, real["real_x"], cond, rng)
-  r_fake, r_real = jax.random.split(rng)
-  d_fake = dmd.critic_logits(nets, critic, fake_x, cond, r_fake)
-  d_real = dmd.critic_logits(nets, critic, real["real_x"], cond, r_real)
+  d = dmd.critic_logits(nets, critic, jnp.concatenate([fake_x, real["real_x"]]), jnp.concatenate([cond, cond]), rng)
+  d_fake, d_real = d[:16], d[16:]
   want = np.mean(np.log1p(np.exp(np.asarray(d_fake, np.float64)))) + np.mean(
       np.log1p(np.exp(-np.asarray(d_real, np.float64))))
   np.testing.assert_allclose(float(loss), want, rtol=1e-6)
@@ -300,3 +303,39 @@ def test_toy_dmd2_train_resume_sample_eval(tmp_path):
   assert m["generator_nfe"] == 2 and m["steps"] == 40
   p = run_main(f"--workdir={part}", "--mode=eval", *args, config=TOY + ":dmd2")
   assert '"precision"' in p.stdout
+
+
+def test_backward_simulation_on_8_devices_matches_one(tmp_path):
+  """The multi-step toy :dmd2 step sharded over 8 emulated devices (batch split 8 ways) draws the same k as on
+  one device and computes the same update (to float rounding), step after step."""
+  script = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+sys.path.insert(0, 'tests')
+from test_dmd2 import _toy, _real_batch
+from dmd_jax import dmd, sharding, streams
+assert len(jax.devices()) == 8
+out = {}
+for n_dev in (1, 8):
+  config, run = _toy(**{"generator.steps": (999, 600, 300), "batch_size": 16,
+                        "dmd.fake_updates_per_generator_update": 1}, mesh_devices=n_dev)
+  step = jax.jit(lambda s, b, k: dmd.train_step(s, run.frozen, b, k, nets=run.teacher, hyper=run.hyper),
+                 in_shardings=(run.state_sharding, sharding.batch_sharding(run.mesh), None))
+  state = run.init_state()
+  ks = []
+  for i in range(6):
+    state, m = step(state, _real_batch(16, seed=i), streams.key(0, "train"))
+    ks.append(int(m["generator_step_index"]))
+  out[n_dev] = (ks, [np.asarray(a) for a in jax.tree.leaves(state["generator"]["params"])])
+assert out[1][0] == out[8][0], out
+assert len(set(out[1][0])) > 1, out[1][0]
+err = max(float(np.max(np.abs(a - b))) for a, b in zip(out[1][1], out[8][1]))
+print(json.dumps({"ks": out[1][0], "max_abs_diff": err}))
+assert err < 1e-5, err
+"""
+  import subprocess
+  from helpers import env_with_devices
+  p = subprocess.run([os.sys.executable, "-c", script], cwd=ROOT, env=env_with_devices(8), capture_output=True,
+                     text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  print(p.stdout)

@@ -10,7 +10,9 @@ Features are cast to float32 first; every conv keeps the feature width (the last
 is initialised like PyTorch's ``nn.Conv2d`` (weights and biases uniform in ``±1/sqrt(fan_in)``, which is what
 its kaiming-uniform with ``a = sqrt(5)`` amounts to). Bottlenecks other than 8 × 8 (the ``:tiny`` configs, other
 resolutions): the second conv's kernel and stride are ``min(4, side)`` of its input, and a map larger than 1 × 1
-at the end is averaged into one logit — at 8 × 8 this is exactly the official head.
+at the end is averaged into one logit; features narrower than 64 channels (only the ``:tiny`` networks') get
+``C / 2`` groups, since a GroupNorm group of one channel on a 1 × 1 map normalises every input to the same
+value. At 8 × 8 and ≥ 64 channels this is exactly the official head.
 
 :class:`MLPGANHead` is the toy's head on the fake-score MLP's last hidden layer.
 """
@@ -51,11 +53,12 @@ class ConvGANHead(nn.Module):
     if x.ndim != 4 or x.shape[1] < 4 or x.shape[2] < 4:
       raise ValueError(f"ConvGANHead needs NHWC features of at least 4 × 4, got shape {x.shape}")
     c = x.shape[-1]
+    groups = min(self.num_groups, max(c // 2, 1))
     x = _conv(c, 4, 2, 1, c * 16, "conv0")(x)
-    x = nn.silu(GroupNorm(self.num_groups, 1e-5, name="norm1")(x))
+    x = nn.silu(GroupNorm(groups, 1e-5, name="norm1")(x))
     k = min(4, x.shape[1], x.shape[2])
     x = _conv(c, k, k, 0, c * k * k, "conv3")(x)
-    x = nn.silu(GroupNorm(self.num_groups, 1e-5, name="norm4")(x))
+    x = nn.silu(GroupNorm(groups, 1e-5, name="norm4")(x))
     x = _conv(1, 1, 1, 0, c, "conv6")(x)
     return jnp.mean(x, axis=(1, 2, 3))
 
