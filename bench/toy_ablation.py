@@ -25,9 +25,11 @@ RUNS = {
     "unequal": ("configs/toy2d.py:unequal", []),
     # DMD2 (docs/method.md §7): no regression pairs; the ablation of the paper's table (DM only, + TTUR, + GAN)
     "dmd2": ("configs/toy2d.py:dmd2", []),
-    "dmd2_no_gan": ("configs/toy2d.py:dmd2", ["--config.gan.generator_weight=0", "--config.gan.critic_weight=0"]),
-    "dmd2_no_ttur": ("configs/toy2d.py:dmd2", ["--config.dmd.fake_updates_per_generator_update=1"]),
-    "dmd2_gan_only": ("configs/toy2d.py:dmd2", ["--config.dmd.dm_weight=0"]),
+    "dmd2_ttur5": ("configs/toy2d.py:dmd2", ["--config.dmd.fake_updates_per_generator_update=5"]),
+    "dmd2_ttur5_no_gan": ("configs/toy2d.py:dmd2", ["--config.dmd.fake_updates_per_generator_update=5",
+                                                    "--config.gan.generator_weight=0", "--config.gan.critic_weight=0"]),
+    "dmd2_critic_only": ("configs/toy2d.py:dmd2", ["--config.gan.generator_weight=0"]),
+    "dmd2_gan_only": ("configs/toy2d.py:dmd2", ["--config.dmd.dm_weight=0", "--config.gan.generator_weight=1"]),
     "dmd2_4step": ("configs/toy2d.py:dmd2", ["--config.generator.steps=(999,749,499,249)"]),
     "grid25": ("configs/toy2d.py:grid25", []),
 }

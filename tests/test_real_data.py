@@ -19,7 +19,7 @@ from PIL import Image
 import tfds_testing
 from fixture_testing import rel_err
 from helpers import ROOT, env_with_devices
-from dmd_jax import train
+from dmd_jax import streams, train
 from dmd_jax.data import input_pipeline as ip
 from dmd_jax.data import real
 from dmd_jax.data.pairs import PairStore
@@ -111,7 +111,7 @@ def test_mixture(tmp_path):
   assert ref[0]["real_cond"].dtype == np.int32 and not ref[0]["real_cond"].any()
   assert not np.array_equal(ref[0]["real_x"], ref[1]["real_x"])             # steps differ
   seed = make().state()["seed"]
-  assert seed == [0, real.REAL_DATA_STREAM_ID]
+  assert seed == list(streams.numpy_seed(0, "real_data"))
   with pytest.raises(ValueError, match="differing settings .* mixture="):                # another mixture
     make().restore({**make().state(), "mixture": {"weights": [1.0], "means": [[0.0, 0.0]], "std": 1.0}})
   # statistics of 8 × 4096 draws against the true mixture (weights ∝ 1..8 on the unit circle, std 0.05)

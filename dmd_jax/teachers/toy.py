@@ -51,8 +51,11 @@ def gaussian_mixture_denoiser(weights, means, std) -> Callable:
 
 def _generator(config, schedule, dim: int):
   """``(generate, generate_at, init)`` of the toy generator. One step (``generator.steps`` empty): an MLP
-  ``G(z)``. Several steps: an EDM-preconditioned denoiser MLP (the fake score's architecture, without Fourier
-  features of the input) — ``G(z) = D(sigma_max z; sigma_max)`` and ``generate_at = D(x_t; sigma(t))``."""
+  ``G(z)``. Several steps: an MLP of the noise-level-normalised input and the noise level,
+  ``x0 = F(x_t / sqrt(sigma^2 + sigma_data^2), ln(sigma) / 4)`` (the fake score's architecture without its
+  Fourier features and without EDM's skip connection: like the one-step MLP, it starts from outputs spread as
+  its input, where a skip-dominated denoiser starts every sample near 0 and collapses onto one mode);
+  ``G(z)`` is its first step, at sigma_max."""
   hidden = tuple(config.generator.hidden)
   x1 = jnp.zeros((1, dim), jnp.float32)
   if len(config.generator.steps) <= 1:
@@ -63,11 +66,15 @@ def _generator(config, schedule, dim: int):
                        "to several timesteps for a multi-step generator")
     return (lambda p, z, cond: net.apply({"params": p}, z), not_multistep,
             lambda rng: net.init(rng, x1)["params"])
-  net = mlp.ToyDenoiserNet(hidden=hidden, dim=dim, num_fourier=0)
-  D = edm_precond(lambda p, x, c_noise, cond: net.apply({"params": p}, x, c_noise), schedule.sigma_data)
+  net = mlp.ToyDenoiserNet(hidden=hidden, dim=dim, num_fourier=0, noise_embed_dim=4)
+
+  def at_sigma(p, x_t, sigma):
+    _, _, c_in, c_noise = edm_precond_coefficients(sigma, schedule.sigma_data)
+    return net.apply({"params": p}, bcast(c_in, x_t) * x_t, c_noise)
+
   s_max = schedule.sigma_max
-  return (lambda p, z, cond: D(p, s_max * z, jnp.full(z.shape[:1], s_max, jnp.float32)),
-          lambda p, x_t, t, cond: D(p, x_t, schedule.sigma(t)),
+  return (lambda p, z, cond: at_sigma(p, s_max * z, jnp.full(z.shape[:1], s_max, jnp.float32)),
+          lambda p, x_t, t, cond: at_sigma(p, x_t, schedule.sigma(t)),
           lambda rng: net.init(rng, x1, jnp.zeros((1,), jnp.float32))["params"])
 
 
