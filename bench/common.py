@@ -85,7 +85,7 @@ def jit_generator_step(nets, hyper, gen_sh, frozen_sh, fake_params_sh, batch_sh,
 def jit_fake_step(nets, hyper, fake_sh, batch_sh, repl):
   """``dmd.fake_score_update`` as ``(fake_state, x, cond, rng) -> (fake_state, metrics)``, the state donated."""
   def fake_step(fake_state, x, cond, rng):
-    return dmd.fake_score_update(fake_state, nets, hyper, x, cond, rng)
+    return dmd.fake_score_update(fake_state, nets, hyper, x, cond, {}, rng)   # no GAN: no real batch
 
   return jax.jit(fake_step, in_shardings=(fake_sh, batch_sh, batch_sh, repl), out_shardings=(fake_sh, repl),
                  donate_argnums=(0,))

@@ -8,7 +8,9 @@ errors.
 from __future__ import annotations
 
 import logging as std_logging
+import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -35,7 +37,8 @@ def main(argv):
   std_logging.getLogger("absl").addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from dmd_jax import modes, train  # imported here so that --help stays fast
+  from dmd_jax import modes, preemption, train  # imported here so that --help stays fast
+  preemption.install()   # SIGTERM / SIGINT handling (dmd_jax/preemption.py)
 
   config = _CONFIG.value
   workdir = _WORKDIR.value
@@ -61,14 +64,49 @@ def main(argv):
     modes.pairs(config, workdir)
 
 
+def _exit(code: int, message: str | None = None, trace: bool = False) -> None:
+  """Exits with ``code`` after an error. In a multi-process job without the atexit handlers: JAX's
+  ``jax.distributed`` shutdown waits at a barrier for every peer, and a stuck peer never comes."""
+  if trace:
+    traceback.print_exc()
+  if message:
+    logging.error("%s", message)
+    print(f"error: {message}", file=sys.stderr)
+  jax = sys.modules.get("jax")
+  if jax is not None and jax.distributed.is_initialized():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
+
+
+def _collective_failure(e: BaseException) -> str | None:
+  """A one-line explanation when ``e`` is a failed cross-process collective (docs/multihost.md)."""
+  text = str(e)
+  if "Gloo" not in text and "collective" not in text.lower():
+    return None
+  from dmd_jax import sharding
+  why = "timed out" if "timed out" in text.lower() else "failed"
+  try:
+    timeout = f"{sharding.collective_timeout_s():g}"
+  except ValueError:
+    timeout = "?"
+  return (f"a collective across processes {why}: another process is stuck, stopped or gone (its log says why; "
+          f"XLA:CPU collectives wait at most {timeout} s, DMD_JAX_COLLECTIVE_TIMEOUT_S). "
+          f"Rerun the same command to resume from the last checkpoint. ({text.splitlines()[0][:300]})")
+
+
 def run():
   flags.mark_flag_as_required("config")
   try:
     app.run(main)
   except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback
-    logging.error("%s", e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(2, str(e))
+  except KeyboardInterrupt:                     # a first SIGINT (a second one exits at once: preemption.py)
+    _exit(130, "interrupted (SIGINT)", trace=True)
+  except Exception as e:                        # pylint: disable=broad-except
+    from dmd_jax.preemption import PeerUnresponsive
+    _exit(1, str(e) if isinstance(e, PeerUnresponsive) else _collective_failure(e), trace=True)
 
 
 if __name__ == "__main__":

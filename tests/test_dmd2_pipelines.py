@@ -1,7 +1,6 @@
 """The ``:dmd2`` EDM configs with their ``:tiny`` random-weight teachers and tiny prepared tfds datasets
 (tests/tfds_testing.py) as the critic's real data. The toy's ``:dmd2`` run and the exactness of the resume are in
 tests/test_dmd2.py; SD's stage 1 → stage 2 is in tests/test_sd_pipeline.py."""
-import glob
 import json
 import os
 

@@ -2,7 +2,9 @@
 extensions, dmd_jax.io on gs://, then the CLI end to end — train, SIGKILL while a checkpoint is half-written,
 rerun (resumes from the bucket's last committed checkpoint), sample (to the bucket and to a local file),
 eval — with every byte through the real clients (gcsfs via etils.epath, Orbax with TensorStore,
-google-cloud-storage). The resumed generator must be bit for bit the one of an uninterrupted local run.
+google-cloud-storage) — and the same training by 2 processes sharing the bucket. The resumed generator and
+the 2-process run's state must be bit for bit those of an uninterrupted local run (every CLI run has
+``jax.distributed`` initialised through launch/local.py, 1 × 8 or 2 × 4 devices: the same programs).
 Clients run in subprocesses that get the emulator's environment before any of them is imported
 (docs/gcs.md)."""
 import json
@@ -22,12 +24,19 @@ import numpy as np
 import pytest
 
 from gcs_emulator import Emulator
-from helpers import FAST, ROOT, env_with_devices, main_cmd, run_main
+from helpers import CACHE_DIR, FAST, ROOT, TOY, env_with_devices, main_cmd
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-ARGS = FAST + ["--config.num_train_steps=300", "--config.checkpoint_every=75"]   # 4 saves; 3 are kept
+LOCAL = os.path.join(ROOT, "launch", "local.py")
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+import local  # noqa: E402  (launch/local.py: child_env, free_port)
+
+ARGS = FAST + ["--config.num_train_steps=80", "--config.checkpoint_every=20"]   # 4 saves; 3 are kept
 RUN = "gs://bucket/run"
 SAMPLE = ["--mode=sample", "--num_samples=256", "--seed=0"]
+# The runs share the session's persistent compilation cache: the train step compiled by the local run is
+# loaded by the gs:// runs with the same devices (what the programs compute does not change).
+CACHE = {"JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +47,7 @@ def gcs(tmp_path_factory):
 
 
 def _env(gcs):
-  return {**env_with_devices(None), **gcs.env, "DMD_JAX_LOCAL_CACHE": gcs.cache}
+  return {**env_with_devices(None), **gcs.env, "DMD_JAX_LOCAL_CACHE": gcs.cache, **CACHE}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -208,45 +217,51 @@ def test_io_on_gs(gcs):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The CLI: train, SIGKILL, resume, sample, eval
+# The CLI: train, SIGKILL, resume, sample, eval; then 2 processes sharing the bucket
 # ---------------------------------------------------------------------------------------------------------
 
-def _run(gcs, *args, timeout=300):
+def _launch(env, n, k, *args, workdir=RUN, cloud=True, timeout=300):
+  """``launch/local.py``: n processes × k devices, jax.distributed initialised (also for n = 1, so that 1 × 8
+  and 2 × 4 run the same programs and agree bit for bit); ``--allow_cloud`` passes the emulator's variables
+  on. Returns ``(completed process, seconds)``."""
   t0 = time.time()
-  p = subprocess.run(main_cmd(f"--workdir={RUN}", *ARGS, *args), cwd=ROOT, env=_env(gcs), capture_output=True,
-                     text=True, timeout=timeout)
+  cmd = [sys.executable, LOCAL, f"--num_processes={n}", f"--devices_per_process={k}", f"--timeout={timeout}",
+         *(["--allow_cloud"] if cloud else []), "--", f"--config={TOY}", f"--workdir={workdir}", *ARGS, *args]
+  p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout + 60)
   if p.returncode != 0:
     raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-6000:]}")
   return p, time.time() - t0
 
 
-def _steps(gcs) -> list[int]:
+def _steps(gcs, run="run") -> list[int]:
   """The committed checkpoint steps in the bucket (on gs://, Orbax marks a complete step with a file)."""
-  return sorted(int(m[1]) for n in gcs.list("run/checkpoints/")
-                if (m := re.fullmatch(r"run/checkpoints/(\d+)/commit_success\.txt", n)))
+  return sorted(int(m[1]) for n in gcs.list(f"{run}/checkpoints/")
+                if (m := re.fullmatch(rf"{run}/checkpoints/(\d+)/commit_success\.txt", n)))
 
 
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory):
-  """An uninterrupted local run of the same config: its samples and final metrics, and its time."""
+  """An uninterrupted run of the same config on local disk (1 process × 8 devices): its folder, samples,
+  final metrics and time."""
   d = tmp_path_factory.mktemp("local") / "run"
-  t0 = time.time()
-  run_main(f"--workdir={d}", *ARGS)
-  seconds = time.time() - t0
-  run_main(f"--workdir={d}", *ARGS, *SAMPLE, f"--output={d.parent / 's.npz'}")
-  return np.load(d.parent / "s.npz")["samples"], json.load(open(d / "metrics.json")), seconds
+  env = {**env_with_devices(None), **CACHE}
+  _, seconds = _launch(env, 1, 8, workdir=d, cloud=False)
+  _launch(env, 1, 8, *SAMPLE, f"--output={d.parent / 's.npz'}", workdir=d, cloud=False)
+  return d, np.load(d.parent / "s.npz")["samples"], json.load(open(d / "metrics.json")), seconds
 
 
 def test_gs_workdir_kill_resume_sample_eval(gcs, local_reference, tmp_path, record_property):
-  ref_samples, ref_metrics, ref_seconds = local_reference
+  _, ref_samples, ref_metrics, ref_seconds = local_reference
   times = {"local train, uninterrupted": ref_seconds}
 
-  # ---- train; SIGKILL while the arrays of the second checkpoint (step 150) are being written ----
+  # ---- train; SIGKILL while the arrays of the second checkpoint (step 40) are being written. The trainer is
+  # started as local.py starts it (local.py itself would turn a SIGKILL into its children's SIGTERM) ----
   t0 = time.time()
-  proc = subprocess.Popen(main_cmd(f"--workdir={RUN}", *ARGS), cwd=ROOT, env=_env(gcs),
+  env = local.child_env(_env(gcs), 0, 1, 8, local.free_port(), allow_cloud=True)
+  proc = subprocess.Popen(main_cmd(f"--workdir={RUN}", *ARGS), cwd=ROOT, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
-    while not gcs.list("run/checkpoints/150/state/ocdbt.process_0/d/"):
+    while not gcs.list("run/checkpoints/40/state/ocdbt.process_0/d/"):
       assert proc.poll() is None, f"run ended before its second checkpoint: {proc.stderr.read()[-3000:]}"
       assert time.time() - t0 < 240, "no second checkpoint in the bucket after 240 s"
       time.sleep(0.05)
@@ -258,26 +273,26 @@ def test_gs_workdir_kill_resume_sample_eval(gcs, local_reference, tmp_path, reco
       proc.wait()
     proc.stderr.close()
   times["gs train until SIGKILL"] = time.time() - t0
-  assert _steps(gcs) == [75], f"expected step 75 committed and 150 half-written, got {_steps(gcs)}"
-  half_written = gcs.list("run/checkpoints/150/")
+  assert _steps(gcs) == [20], f"expected step 20 committed and 40 half-written, got {_steps(gcs)}"
+  half_written = gcs.list("run/checkpoints/40/")
   assert half_written and "run/metrics.json" not in gcs.list("run/")
 
   # ---- rerun: resumes from the last committed step in the bucket, overwrites the half-written one ----
-  p, times["gs train, resumed"] = _run(gcs)
-  assert f"resumed from {RUN}/checkpoints at step 75" in p.stderr, p.stderr[-3000:]
-  assert _steps(gcs) == [150, 225, 300] and not gcs.list("run/checkpoints/75/")   # the oldest one deleted
+  p, times["gs train, resumed"] = _launch(_env(gcs), 1, 8)
+  assert f"resumed from {RUN}/checkpoints at step 20" in p.stderr, p.stderr[-3000:]
+  assert _steps(gcs) == [40, 60, 80] and not gcs.list("run/checkpoints/20/")   # the oldest one deleted
 
-  # ---- sample to the bucket and to a local file; eval writes eval_step300.json to the bucket ----
+  # ---- sample to the bucket and to a local file; eval writes eval_step80.json to the bucket ----
   local_out = tmp_path / "s.npz"
-  _, times["gs sample -> gs://"] = _run(gcs, *SAMPLE, "--output=gs://bucket/s.npz")
-  _, times["gs sample -> local"] = _run(gcs, *SAMPLE, f"--output={local_out}")
-  p, times["gs eval"] = _run(gcs, "--mode=eval")
+  _, times["gs sample -> gs://"] = _launch(_env(gcs), 1, 8, *SAMPLE, "--output=gs://bucket/s.npz")
+  _, times["gs sample -> local"] = _launch(_env(gcs), 1, 8, *SAMPLE, f"--output={local_out}")
+  p, times["gs eval"] = _launch(_env(gcs), 1, 8, "--mode=eval")
   assert '"generator"' in p.stdout
 
   names = gcs.list("run/")
-  for must in ("run/metrics.json", "run/eval_step300.json", "run/pairs/spec.json", "run/samples/toy_step300.png",
+  for must in ("run/metrics.json", "run/eval_step80.json", "run/pairs/spec.json", "run/samples/toy_step80.png",
                *(f"run/pairs/shard-{i:05d}.npz" for i in range(4)),
-               *(f"run/checkpoints/{s}/{f}" for s in (150, 225, 300)
+               *(f"run/checkpoints/{s}/{f}" for s in (40, 60, 80)
                  for f in ("commit_success.txt", "_CHECKPOINT_METADATA", "meta/metadata", "meta/commit_success.txt",
                            "state/manifest.ocdbt", "state/commit_success.txt"))):
     assert must in names, f"{must} missing from the bucket: {names}"
@@ -285,21 +300,75 @@ def test_gs_workdir_kill_resume_sample_eval(gcs, local_reference, tmp_path, reco
   # atomic writes leave nothing half-done; only the killed writer may have left a temporary
   assert not [n for n in names if ".write-test" in n or (".tmp-" in n and f"-{proc.pid}-" not in n)], names
 
-  # ---- TensorBoard: the resumed run's scalars up to step 300 are in the bucket ----
+  # ---- TensorBoard: the resumed run's scalars up to step 80 are in the bucket ----
   events = [n for n in names if re.fullmatch(r"run/events\.out\.tfevents\.[^/]*", n)]
   scalars = [s for n in events for s in _scalars(gcs.read(n))]
-  assert (300, "steps_per_sec") in {(step, tag) for step, tag, _ in scalars}, scalars[-5:]
+  assert (80, "steps_per_sec") in {(step, tag) for step, tag, _ in scalars}, scalars[-5:]
 
   # ---- the resumed run's generator is the uninterrupted local run's, bit for bit ----
   gs_samples = np.load(BytesIO(gcs.read("s.npz")))
-  assert int(gs_samples["step"]) == 300
+  assert int(gs_samples["step"]) == 80
   np.testing.assert_array_equal(gs_samples["samples"], ref_samples)
   np.testing.assert_array_equal(np.load(local_out)["samples"], ref_samples)
-  metrics, evaluated = json.loads(gcs.read("run/metrics.json")), json.loads(gcs.read("run/eval_step300.json"))
-  assert metrics["steps"] == 300 and metrics["generator"] == ref_metrics["generator"]
+  metrics, evaluated = json.loads(gcs.read("run/metrics.json")), json.loads(gcs.read("run/eval_step80.json"))
+  assert metrics["steps"] == 80 and metrics["generator"] == ref_metrics["generator"]
   assert evaluated["generator"] == ref_metrics["generator"]
 
   for k, v in times.items():
     record_property(k, round(v, 1))
-  print(f"\nkilled with {len(half_written)} objects of step 150 in the bucket; "
+  print(f"\nkilled with {len(half_written)} objects of step 40 in the bucket; "
         f"{len(gcs.log)} requests to the emulator\n" + "\n".join(f"{k}: {v:.1f} s" for k, v in times.items()))
+
+
+def _state_difference(a: str, b: str) -> None:
+  """Prints ``{"arrays": N, "different": [paths]}`` for the train states in checkpoint folders ``a`` and ``b``
+  (local or gs://), read as NumPy; run by test_gs_workdir_two_processes in a subprocess."""
+  import jax
+  import orbax.checkpoint as ocp
+
+  def state(path):
+    ckpt = ocp.PyTreeCheckpointer()
+    tree = ckpt.metadata(path).item_metadata.tree
+    restored = ckpt.restore(path, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+    flat, _ = jax.tree_util.tree_flatten_with_path(restored)
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+  x, y = state(a), state(b)
+  assert sorted(x) == sorted(y)
+  print(json.dumps({"arrays": len(x), "different": [k for k in x if not np.array_equal(x[k], y[k])]}))
+
+
+def test_gs_workdir_two_processes_equal_one(gcs, local_reference, record_property):
+  """The same training by 2 processes × 4 devices sharing the bucket (gs://bucket/run2): process 0 writes the
+  pairs, metrics, events; both write their shards of every checkpoint and read the pairs from the bucket. Its
+  final state, regression set and evaluation equal the 1-process local run's bit for bit."""
+  ref_dir, _, ref_metrics, _ = local_reference
+  p, seconds = _launch(_env(gcs), 2, 4, workdir="gs://bucket/run2")
+  assert "process 1 of 2" in p.stderr
+  assert _steps(gcs, "run2") == [40, 60, 80]
+  names = gcs.list("run2/")
+  for s in (40, 60, 80):
+    for i in (0, 1):      # each process wrote its own OCDBT shards of the arrays
+      assert any(n.startswith(f"run2/checkpoints/{s}/state/ocdbt.process_{i}/") for n in names), (s, i, names)
+  assert not [n for n in names if ".tmp-" in n or ".write-test" in n], names
+  metrics = json.loads(gcs.read("run2/metrics.json"))
+  assert metrics["steps"] == 80
+  for who in ("generator", "teacher"):
+    assert metrics[who] == ref_metrics[who], (who, metrics[who], ref_metrics[who])
+  for i in range(4):
+    shard = f"pairs/shard-{i:05d}.npz"
+    ours, ref = np.load(BytesIO(gcs.read(f"run2/{shard}"))), np.load(ref_dir / shard)
+    assert sorted(ours.files) == sorted(ref.files)
+    for k in ref.files:
+      np.testing.assert_array_equal(ours[k], ref[k])
+  code = (f"import test_gcs_workdir as t; t._state_difference('gs://bucket/run2/checkpoints/80/state', "
+          f"{str(ref_dir / 'checkpoints' / '80' / 'state')!r})")
+  q = subprocess.run([sys.executable, "-c", code], cwd=TESTS, env=_env(gcs), capture_output=True, text=True,
+                     timeout=300)
+  assert q.returncode == 0, q.stderr[-4000:]
+  diff = json.loads(q.stdout.strip().splitlines()[-1])
+  assert diff["arrays"] > 30 and diff["different"] == [], diff
+  record_property("gs train, 2 processes", round(seconds, 1))
+  print(f"\n2 processes x 4 devices on gs://bucket/run2: {seconds:.1f} s; {diff['arrays']} state arrays "
+        f"bit-identical to the 1-process local run's")
