@@ -340,6 +340,16 @@ GENERATOR_METRICS = ("dm_loss", "dm_grad_norm", "regression_loss", "gan_generato
                      "generator_grad_norm", "generator_step_index")
 
 
+def _no_generator_metrics(hyper: DMDHyper) -> dict:
+  """Zeros in the structure ``generator_update``'s metrics have under ``hyper`` (float32 scalars, the step
+  index int32), for the steps without a generator update; ``lax.cond`` rejects any mismatch when it traces."""
+  names = ["dm_loss", "dm_grad_norm", "generator_loss", "generator_grad_norm"]
+  names += ["generator_step_index"] if len(hyper.generator_steps) > 1 else []
+  names += ["gan_generator_loss"] if hyper.gan_generator_weight > 0 else []
+  names += ["regression_loss"] if hyper.regression_weight > 0 else []
+  return {k: jnp.zeros((), jnp.int32 if k == "generator_step_index" else jnp.float32) for k in names}
+
+
 def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
   """One DMD / DMD2 iteration: a generator update every N-th step (N = ``fake_updates_per_generator_update``),
   a fake-score (critic) update every step; a step with non-finite gradients changes nothing but the counters.
@@ -362,8 +372,7 @@ def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
   def without_update(gen_state):
     x, _ = generator_forward(nets, hyper.generator_steps, gen_state["params"], z, cond,
                              _generator_keys(r_dm)[0])
-    metrics = jax.eval_shape(with_update, gen_state)[2]
-    return gen_state, x, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics)
+    return gen_state, x, _no_generator_metrics(hyper)
 
   n = hyper.fake_updates_per_generator_update
   if n == 1:

@@ -8,7 +8,7 @@ from typing import Callable
 
 import jax
 
-from dmd_jax import io
+from dmd_jax import io, sharding
 
 
 def network_dir(path: str, field: str, network: str, workdir: str | None, write_random: Callable[[str], None],
@@ -26,9 +26,7 @@ def network_dir(path: str, field: str, network: str, workdir: str | None, write_
   dst = io.join(workdir, f"random_{network}")
   if not io.exists(io.join(dst, marker)) and jax.process_index() == 0:
     write_random(dst)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(f"random {network} written")
+  sharding.barrier(f"random {network} written")
   return dst
 
 

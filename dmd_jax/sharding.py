@@ -177,6 +177,15 @@ def gather(x: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier ``name`` (nothing with one process). Every process must
+  call the same barriers in the same order: a process that lists a folder, writes a file or decides between
+  two code paths puts a barrier before and after, so all see the same state (docs/multihost.md)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
 def process_share(n: int) -> slice:
   """This process's contiguous share of ``n`` host-side items that every process holds (``np.array_split``
   sizes: they differ by at most one), for work that each process does on its own part and then gathers

@@ -157,9 +157,7 @@ def ensure_pairs(run: Run) -> PairRows:
   store = pair_store(run)
   build_pairs(store, lambda z, cond: teacher.sampler.sample(frozen["teacher"], z, cond), run.mesh,
               streams.key(run.config.seed, "pairs"), teacher.sample_shape, teacher.conditions)
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("regression pairs built")
+  sharding.barrier("regression pairs built")
   return store.rows()
 
 
@@ -320,13 +318,14 @@ def restore_adding_critic(run: Run, ckpt: checkpoint.Checkpointer, step: int):
   abstract0 = jax.eval_shape(lambda k: init_state(run.teacher, hyper0, k), key)
   sharding0 = sharding.tree_sharding(run.mesh, abstract0, run.config.mesh.min_shard_size)
   old, meta = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract0, sharding0))
-  fresh = run.init_state()
-  fake_params = {"score": old["fake_score"]["params"], "head": fresh["fake_score"]["params"]["head"]}
-  fake = {"params": fake_params, "opt_state": run.hyper.fake_score_optimizer.init(fake_params)}
-  state = {**old, "fake_score": fake}
+  fake_sh = run.state_sharding["fake_score"]
+  head = jax.jit(run.teacher.critic.init, out_shardings=fake_sh["params"]["head"])(jax.random.fold_in(key, 1))
+  fake_params = {"score": old["fake_score"]["params"], "head": head}   # the head as init_state makes it
+  fake = jax.jit(lambda p: {"params": p, "opt_state": run.hyper.fake_score_optimizer.init(p)},
+                 out_shardings=fake_sh)(fake_params)
   logging.warning("step %d in %s was written without the GAN critic: added a new head and restarted the fake "
                   "score's optimiser for this stage", step, ckpt.directory)
-  return jax.device_put(state, run.state_sharding), meta
+  return {**old, "fake_score": fake}, meta
 
 
 def check_skips(consecutive: int, config, ckpt) -> None:

@@ -21,9 +21,14 @@ from dmd_jax import io, sharding
 
 
 class PairStore:
-  def __init__(self, directory: str, spec: dict):
+  """``what`` names the set in errors; ``config_names`` maps spec keys to the config fields they come from."""
+
+  def __init__(self, directory: str, spec: dict, what: str = "regression pairs",
+               config_names: dict[str, str] | None = None):
     self.directory = directory
     self.spec = dict(spec)
+    self.what = what
+    self.config_names = dict(config_names or {})
     self.num_pairs = int(spec["num_pairs"])
     self.shard_size = int(spec["shard_size"])
     if self.num_pairs <= 0 or self.shard_size <= 0:
@@ -36,11 +41,13 @@ class PairStore:
     io.makedirs(self.directory)
     path = io.join(self.directory, "spec.json")
     if io.exists(path):
-      old = io.read_json(path)
-      if old != json.loads(json.dumps(self.spec)):
+      old, new = io.read_json(path), json.loads(json.dumps(self.spec))
+      if old != new:
+        diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
         raise ValueError(
-            f"the regression pairs in {self.directory} were built with a different spec:\n  on disk: {old}\n"
-            f"  config:  {self.spec}\nuse a new workdir or delete that folder to rebuild them")
+            f"the {self.what} in {self.directory} were built with a different spec; differing (on disk, config): "
+            + ", ".join(f"{self.config_names.get(k, k)}={a!r}/{b!r}" for k, (a, b) in diff.items())
+            + f"\nuse a new workdir or delete {self.directory} to rebuild them")
     elif jax.process_index() == 0:
       io.write_json(path, self.spec, sort_keys=True)
     io.remove_stale_temporaries(self.directory)
@@ -124,13 +131,10 @@ def build_pairs(store: PairStore, sample_fn: Callable, mesh, key, sample_shape: 
   ``conditions`` the teacher's (``teachers.base.Conditions``): ``for_pairs(indices)`` gives each pair's
   stored condition id, ``lookup(ids)`` what ``sample_fn`` takes (a label, a prompt embedding).
   """
-  multi = jax.process_count() > 1
-  if multi:   # every process lists the folder between two barriers: the same list, before any shard is written
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices("pairs: list the missing shards")
+  # every process lists the folder between two barriers: the same list, before any shard is written
+  sharding.barrier("pairs: list the missing shards")
   todo = store.missing_shards()
-  if multi:
-    multihost_utils.sync_global_devices("pairs: missing shards listed")
+  sharding.barrier("pairs: missing shards listed")
   if not todo:
     return
   n_dev = mesh.devices.size

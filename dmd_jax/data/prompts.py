@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dmd_jax import io
+from dmd_jax import io, sharding
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -136,25 +136,21 @@ def cached_embeddings(workdir: str, prompts: Sequence[str], encode: Callable, en
     raise ValueError(f"data.embedding_dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
   path = io.join(workdir, f"prompt_embeddings_{cache_key(prompts, encoder_id, dtype)}.npy")
   n_proc, me = jax.process_count(), jax.process_index()
-  barrier = lambda name: None
-  if n_proc > 1:   # every process decides between two barriers: the same decision, before anything is written
-    from jax.experimental import multihost_utils
-    barrier = multihost_utils.sync_global_devices
-    barrier(f"prompt embeddings {path}: check")
+  # every process decides between two barriers: the same decision, before anything is written
+  sharding.barrier(f"prompt embeddings {path}: check")
   missing = not io.exists(path)
-  barrier(f"prompt embeddings {path}: checked")
+  sharding.barrier(f"prompt embeddings {path}: checked")
   if missing:
     logging.info("embedding %d prompts with the text encoder (cached in %s)", len(prompts), path)
     np_dtype = _DTYPES[dtype]
     if n_proc == 1:
       _embed(path, prompts, encode, np_dtype, chunk)
     else:
-      from dmd_jax import sharding
       share = sharding.process_share(len(prompts))
       part = lambda p: f"{path}.part{p}of{n_proc}.npy"
       if share.stop > share.start:
         _embed(part(me), prompts[share], encode, np_dtype, chunk)
-      barrier(f"prompt embeddings {path}: parts written")
+      sharding.barrier(f"prompt embeddings {path}: parts written")
       if me == 0:
         pieces = [io.load_npy(io.local_copy(part(p)), mmap=True) for p in range(n_proc) if io.exists(part(p))]
         with io.open_memmap_for_write(path, pieces[0].dtype, (len(prompts),) + pieces[0].shape[1:]) as arr:
@@ -164,7 +160,7 @@ def cached_embeddings(workdir: str, prompts: Sequence[str], encode: Callable, en
             start += len(piece)
         for p in range(n_proc):
           io.remove(part(p))
-      barrier(f"prompt embeddings {path}: joined")
+      sharding.barrier(f"prompt embeddings {path}: joined")
   table = io.load_npy(io.local_copy(path), mmap=True)   # a remote cache is memory-mapped from a local copy
   if table.shape[0] != len(prompts):
     raise ValueError(f"{path} holds {table.shape[0]} embeddings for {len(prompts)} prompts: delete it")

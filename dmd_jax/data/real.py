@@ -374,30 +374,8 @@ def latent_store(run, cfg, image_size: int) -> PairStore:
   spec = {"content": "real_latents", "dataset": key, "split": cfg.split, "num_pairs": int(cfg.num_images),
           "shard_size": int(cfg.shard_size), "image_size": int(image_size), "teacher": teacher_id(run),
           "sample_shape": [int(d) for d in run.teacher.sample_shape]}
-  return PairStore(io.join(run.workdir, LATENTS_FOLDER), spec)
-
-
-_SPEC_KEYS = {"num_pairs": "num_images"}   # the store's name -> the config's, in errors
-
-
-def _open_store(store: PairStore) -> PairStore:
-  """``store.open()``, with a spec mismatch reported for what this folder is."""
-  path = io.join(store.directory, "spec.json")
-  if io.exists(path):
-    old = io.read_json(path)
-    if old != _normalised(store.spec):
-      diff = {k: (old.get(k), v) for k, v in _normalised(store.spec).items() if old.get(k) != v}
-      raise ValueError(
-          f"the real latents in {store.directory} were built with a different spec; differing (on disk, config): "
-          + ", ".join(f"{_SPEC_KEYS.get(k, k)}={a!r}/{b!r}" for k, (a, b) in sorted(diff.items()))
-          + f"\nuse a new workdir or delete {store.directory} to rebuild them")
-  return store.open()
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+  return PairStore(io.join(run.workdir, LATENTS_FOLDER), spec, what="real latents",
+                   config_names={"num_pairs": "num_images"})
 
 
 def build_latents(store: PairStore, encode_fn, frozen, mesh, load_images, chunk: int) -> int:
@@ -407,9 +385,9 @@ def build_latents(store: PairStore, encode_fn, frozen, mesh, load_images, chunk:
   (``load_images(record_indices) -> float32 [n, S, S, 3]``); the latents are gathered and process 0 writes the
   shard, atomically (docs/multihost.md). ``encode_fn(frozen, images) -> latents`` (``Teacher.encode``) runs
   jitted over ``mesh``, ``frozen`` (the parameters on the mesh) passed as an argument, not baked in."""
-  _barrier("real latents: list the missing shards")   # the same list on every process, before any write
+  sharding.barrier("real latents: list the missing shards")   # the same list on every process, before any write
   todo = store.missing_shards()
-  _barrier("real latents: missing shards listed")
+  sharding.barrier("real latents: missing shards listed")
   if not todo:
     return 0
   n_dev = mesh.devices.size
@@ -496,7 +474,7 @@ class CocoLatents(_Indexed):
       raise ValueError(f"gan.real_data: {n - len(captions)} of the first {n} images of coco_captions[{cfg.split}] "
                        "have no caption")
     self.captions = captions
-    self.store = _open_store(latent_store(run, cfg, self.image_size))   # a spec mismatch fails before any work
+    self.store = latent_store(run, cfg, self.image_size).open()   # a spec mismatch fails before any work
 
     # the captions' text embeddings (cached like the training prompts')
     conditions = teacher.conditions
@@ -518,7 +496,7 @@ class CocoLatents(_Indexed):
     if built:
       logging.info("real latents: %d shards of %d coco_captions[%s] images at %dpx built in %s", built, n,
                    cfg.split, self.image_size, self.store.directory)
-    _barrier("real latents built")
+    sharding.barrier("real latents built")
     self.latents: PairRows = self.store.rows()
 
   def _rows(self, step, batch_size, rows):
