@@ -39,7 +39,10 @@ setup(
             "etils[epath-gcs]",
             "google-cloud-storage>=2",
             "gcp-storage-emulator==2026.7.19",
+            "scikit-learn>=1.3",
         ],
+        # configs/digits.py: scikit-learn's 8x8 digits (shipped inside its wheel; nothing is downloaded).
+        "digits": ["scikit-learn>=1.3"],
         # Stable Diffusion teachers (configs/coco.py): the CLIP tokenizer (no torch needed).
         "sd": ["transformers>=5"],
         # gs:// workdirs, converted networks and datasets: etils.epath's Cloud Storage backend (gcsfs), and

@@ -39,7 +39,8 @@ def gan_config(**real_data) -> ml_collections.ConfigDict:
   """DMD2's GAN terms (docs/method.md §7), off (weights 0) until a ``:dmd2`` variant sets them. ``real_data``
   says where the critic's real samples come from (``dmd_jax/data/real.py``)."""
   rd = dict(
-      source="",            # 'mixture' (toy), 'tfds' (pixel teachers: images + labels), 'coco_latents' (SD)
+      source="",            # 'mixture' (toy), 'tfds' (pixel teachers: images + labels), 'coco_latents' (SD),
+                            # 'digits' (configs/digits.py)
       dataset="",           # tfds name: 'cifar10', 'imagenet_resized/64x64', 'coco_captions'
       split="train",
       data_dir="",          # tfds data_dir of the prepared dataset ('' = tfds's default)

@@ -18,10 +18,14 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/toy2d.py[:variant].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, samples, pairs.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "teacher_sample", "eval", "pairs"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "teacher_sample", "eval", "pairs",
+                                            "teacher_train"],
+                          "What to do (teacher_train: train an EDM teacher from scratch, configs/digits.py).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "--mode=sample / teacher_sample: how many samples.")
 _OUTPUT = flags.DEFINE_string("output", None, "--mode=sample / teacher_sample: the output .npz file.")
 _SEED = flags.DEFINE_integer("seed", 0, "--mode=sample / teacher_sample: the sampling seed.")
+_AT_INIT = flags.DEFINE_bool("at_init", False, "--mode=eval: evaluate the untrained generator (step 0: for EDM "
+                              "and SD teachers, the teacher's own one-step sample) instead of the latest checkpoint.")
 _PROMPT = flags.DEFINE_string("prompt", None, "--mode=sample, text-to-image configs: the prompt (the output "
                               "is then a .png grid of --num_samples one-step images).")
 
@@ -54,12 +58,20 @@ def main(argv):
       from dmd_jax.sharding import PREEMPTED_EXIT_CODE
       print(str(e), file=sys.stderr)
       sys.exit(PREEMPTED_EXIT_CODE)
+  elif mode == "teacher_train":
+    from dmd_jax import teacher_train
+    try:
+      teacher_train.train(config, workdir)
+    except train.Preempted as e:
+      from dmd_jax.sharding import PREEMPTED_EXIT_CODE
+      print(str(e), file=sys.stderr)
+      sys.exit(PREEMPTED_EXIT_CODE)
   elif mode == "sample":
     modes.sample(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value, prompt=_PROMPT.value)
   elif mode == "teacher_sample":
     modes.sample_teacher(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value)
   elif mode == "eval":
-    modes.evaluate(config, workdir)
+    modes.evaluate(config, workdir, at_init=_AT_INIT.value)
   elif mode == "pairs":
     modes.pairs(config, workdir)
 

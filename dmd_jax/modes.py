@@ -94,15 +94,20 @@ def sample_teacher(config, workdir: str, num_samples: int, output: str, seed: in
   return output
 
 
-def evaluate(config, workdir: str) -> dict:
-  """The config's evaluators on the latest checkpoint; results in ``eval_step<N>.json``."""
+def evaluate(config, workdir: str, at_init: bool = False) -> dict:
+  """The config's evaluators on the latest checkpoint; results in ``eval_step<N>.json``. ``at_init``: on the
+  untrained generator instead (``eval_init.json``; the generator starts as the teacher, so for EDM and SD
+  teachers this measures the teacher's one-step sample, ``D(sigma_max z; sigma_max)``)."""
   run = train.setup(config, workdir)
-  gen_state, step = latest_generator(run)
+  if at_init:
+    gen_state, step = run.init_state()["generator"], 0
+  else:
+    gen_state, step = latest_generator(run)
   writer = writers.create_writer(run.workdir, run.is_main)
   results = evaluators_lib.run_all(run, evaluators_lib.build(run, writer), train.generator_params(gen_state),
                                    step, final=True)
   if run.is_main:
-    io.write_json(io.join(run.workdir, f"eval_step{step}.json"), results)
+    io.write_json(io.join(run.workdir, "eval_init.json" if at_init else f"eval_step{step}.json"), results)
   writer.flush()
   print(json.dumps(evaluators_lib.summary(results), indent=1))
   return results

@@ -23,6 +23,9 @@ STREAMS = {
     "toy_generator": 10,      # toy metrics: generator samples
     "toy_teacher": 11,        # toy metrics: teacher samples
     "real_data": 12,          # host: DMD2's real samples (real-record order; the toy's mixture draws)
+    "teacher_init": 13,       # --mode=teacher_train: the teacher's initial weights
+    "teacher_train": 14,      # --mode=teacher_train: fold_in(key, step) -> noise levels, noise, dropout
+    "teacher_data_order": 15, # host, --mode=teacher_train: the order of the training images (per epoch)
 }
 
 

@@ -127,13 +127,18 @@ def build(config, teacher: Teacher, frozen: dict, mesh, workdir: str | None = No
   return Run(config, workdir, mesh, teacher, frozen, frozen_sh, hyper, abstract, state_sh)
 
 
-def setup(config, workdir: str) -> Run:
-  """Multi-host initialisation, the workdir, the mesh and the teacher (read from disk), then :func:`build`."""
+def start_process(config, workdir: str) -> str:
+  """Multi-host initialisation (``config.distributed``) and the workdir (created; its absolute path)."""
   distributed = {"auto": None, "yes": True, "no": False}
   if config.distributed not in distributed:
     raise ValueError(f"config.distributed must be 'auto', 'yes' or 'no', got {config.distributed!r}")
   sharding.maybe_initialize_distributed(distributed[config.distributed])
-  workdir = io.prepare_workdir(workdir)
+  return io.prepare_workdir(workdir)
+
+
+def setup(config, workdir: str) -> Run:
+  """Multi-host initialisation, the workdir, the mesh and the teacher (read from disk), then :func:`build`."""
+  workdir = start_process(config, workdir)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   teacher, frozen = teachers.build(config, workdir)
   run = build(config, teacher, frozen, mesh, workdir)

@@ -16,6 +16,8 @@ source             real_x (the teacher's sample space)                    real_c
                    VAE-encoded **once** (``Teacher.encode``: posterior
                    mean × scaling factor) into shards under
                    ``<workdir>/real_latents/``
+``'digits'``       scikit-learn's 1,797 digits at the teacher's size      their labels
+                   (``data/digits.py``, ``configs/digits.py``)
 =================  =====================================================  ======================================
 
 **Indexed by step.** The global real batch of train step ``s`` (global size ``B``) is a pure function of
@@ -508,4 +510,35 @@ class CocoLatents(_Indexed):
     return {"real_x": x, "real_cond": cond}
 
 
-SOURCES = {"mixture": MixtureData, "tfds": TfdsImages, "coco_latents": CocoLatents}
+# ---------------------------------------------------------------------------------------------------------
+# 'digits': scikit-learn's digits (configs/digits.py), in memory.
+# ---------------------------------------------------------------------------------------------------------
+
+class DigitsData(_Indexed):
+  """The 1,797 digits of ``data/digits.py`` at the teacher's size (``[S, S, 1]``), with their labels, in
+  epoch order: the data the digits teacher was trained on."""
+  source = "digits"
+
+  def __init__(self, run, cfg):
+    super().__init__()
+    from dmd_jax.data import digits
+    teacher = run.teacher
+    shape = tuple(teacher.sample_shape)
+    if not teacher.images or len(shape) != 3 or shape[0] != shape[1] or shape[2] != 1:
+      raise ValueError(f"gan.real_data.source='digits' feeds grey square images [S, S, 1]; this run's teacher "
+                       f"({teacher.name!r}) takes samples of shape {shape}")
+    if not isinstance(teacher.conditions, base.ClassLabels) or teacher.conditions.num_classes != digits.NUM_CLASSES:
+      raise ValueError(f"gan.real_data.source='digits' has {digits.NUM_CLASSES} classes; the teacher "
+                       f"({teacher.name!r}) needs {type(teacher.conditions).__name__}")
+    self.images, self.labels = digits.load(shape[0])
+    self.num_records = len(self.images)
+    self.records_name = "gan.real_data.source='digits'"
+    self.seed = real_data_seed(run.config.seed)
+    self.identity = {"dataset": "digits", "image_size": shape[0], "num_records": self.num_records}
+
+  def _rows(self, step, batch_size, rows):
+    idx = self.indices(step, batch_size)[rows]
+    return {"real_x": np.array(self.images[idx]), "real_cond": np.array(self.labels[idx])}
+
+
+SOURCES = {"mixture": MixtureData, "tfds": TfdsImages, "coco_latents": CocoLatents, "digits": DigitsData}

@@ -10,7 +10,10 @@ Each has ``run(generator_params, step, final) -> results`` (a dict merged into `
 - ``fid``: FID of ``eval.num_samples`` one-step samples (a monitoring FID of ``eval.periodic_num_samples``
   when not final) against ``eval.reference_stats`` (docs/method.md §8);
 - ``coco``: COCO-30k FID (clean-fid protocol) and CLIP score of text-to-image generators (docs/method.md §8,
-  ``evaluation/text_to_image.py``).
+  ``evaluation/text_to_image.py``);
+- ``digits``: the digits proof's metrics of ``eval.num_samples`` final samples in the features of a small
+  classifier trained on the digits (FID, class accuracy, k-NN precision / recall, near-copies), the
+  real-vs-real floor, and the teacher's (``eval.digits_teacher``) (``evaluation/digits.py``).
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from absl import logging
 from dmd_jax import io, pretrained, sharding, streams
 from dmd_jax.evaluation import images as image_io
 from dmd_jax.evaluation import sampling
+from dmd_jax.evaluation.digits import DigitsEvaluator
 
 
 def _replicated(run, params):
@@ -245,7 +249,8 @@ class CocoEvaluator:
             "reference_stats": e.reference_stats}
 
 
-EVALUATORS = {"toy": ToyEvaluator, "grid": GridEvaluator, "fid": FidEvaluator, "coco": CocoEvaluator}
+EVALUATORS = {"toy": ToyEvaluator, "grid": GridEvaluator, "fid": FidEvaluator, "coco": CocoEvaluator,
+              "digits": DigitsEvaluator}
 
 
 def build(run, writer) -> list:
@@ -266,6 +271,9 @@ def run_all(run, evaluators, params, step: int, final: bool) -> dict:
   return results
 
 
+DIGITS_SUMMARY = ("fid", "class_accuracy", "precision", "recall", "near_copies")
+
+
 def summary(results: dict) -> dict:
   """The few numbers printed at the end of a run or an evaluation."""
   keep = ("tv", "precision", "min_mode_share", "mmd2_ratio")
@@ -273,6 +281,11 @@ def summary(results: dict) -> dict:
   for who in ("generator", "teacher"):
     if who in results:
       out[who] = {k: round(results[who][k], 4) for k in keep if k in results[who]}
+  if "digits" in results:
+    d = results["digits"]
+    for who, m in (("generator", d), ("teacher", d.get("teacher"))):
+      if m:
+        out.setdefault(who, {}).update({f"digits_{k}": round(m[k], 4) for k in DIGITS_SUMMARY if m.get(k) is not None})
   for k in ("fid", "fid_num_samples", "clip_score", "train_seconds", "total_seconds", "steps"):
     if k in results:
       out[k] = round(results[k], 1) if isinstance(results[k], float) else results[k]
