@@ -28,6 +28,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("teacher", "dmd", "teacher_1step", "dmd2", "dmd2_4step")
+ABLATIONS = ("dmd2_ttur1",)     # run only when named in --only
 CONFIG = os.path.join(ROOT, "configs", "digits.py")
 
 
@@ -58,15 +59,16 @@ def run(cmd: list[str], log: str) -> float:
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out", default="runs/digits")
-  ap.add_argument("--only", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+  ap.add_argument("--only", default=",".join(STAGES),
+                  help=f"comma-separated subset of {','.join(STAGES + ABLATIONS)}")
   ap.add_argument("--tiny", action="store_true", help="the :tiny sizes (checks the script; not a result)")
   args = ap.parse_args()
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
   only = [s for s in args.only.split(",") if s]
-  bad = sorted(set(only) - set(STAGES))
+  bad = sorted(set(only) - set(STAGES) - set(ABLATIONS))
   if bad:
-    sys.exit(f"unknown stages {bad}; known: {', '.join(STAGES)}")
+    sys.exit(f"unknown stages {bad}; known: {', '.join(STAGES + ABLATIONS)}")
   tiny = ",tiny" if args.tiny else ""
   teacher = os.path.join(out, "teacher", "teacher")
   main_cmd = [sys.executable, "-m", "dmd_jax.main"]
@@ -80,9 +82,12 @@ def main():
                         f"--workdir={out}/dmd"],
       "dmd2": [f"--config={CONFIG}:dmd2{tiny}", *with_teacher, f"--workdir={out}/dmd2"],
       "dmd2_4step": [f"--config={CONFIG}:dmd2,steps4{tiny}", *with_teacher, f"--workdir={out}/dmd2_4step"],
+      # DMD2 with one fake-score update per generator update (5x the generator updates of :dmd2)
+      "dmd2_ttur1": [f"--config={CONFIG}:dmd2{tiny}", *with_teacher, "--config.dmd.fake_updates_per_generator_update=1",
+                     f"--workdir={out}/dmd2_ttur1"],
   }
   wall = {}
-  for stage in STAGES:
+  for stage in STAGES + ABLATIONS:
     if stage in only:
       wall[stage] = run(main_cmd + commands[stage], os.path.join(out, f"{stage}.log"))
   table = collect(out)
@@ -107,11 +112,13 @@ def collect(out: str) -> dict:
     rows["real digits (split halves)"] = dict(d["real_floor"], nfe=None, seconds=None)
     if "teacher" in d:
       rows[f"teacher, EDM Heun ({dmd['teacher_nfe']} NFE)"] = dict(d["teacher"], nfe=dmd["teacher_nfe"],
-                                          seconds=t["train_seconds"] if t else None)
+                                          seconds=t["train_seconds"] if t else None,
+                                          total_seconds=t["total_seconds"] if t else None)
   init = _read(os.path.join(out, "dmd", "eval_init.json"))
   if init:
     rows["teacher, 1 Euler step"] = dict(init["digits"], nfe=1, seconds=None)
-  for name, folder in (("DMD, 1 step", "dmd"), ("DMD2, 1 step", "dmd2"), ("DMD2, 4 steps", "dmd2_4step")):
+  for name, folder in (("DMD, 1 step", "dmd"), ("DMD2, 1 step", "dmd2"), ("DMD2, 4 steps", "dmd2_4step"),
+                       ("DMD2, 1 step, TTUR 1 (ablation)", "dmd2_ttur1")):
     m = _read(os.path.join(out, folder, "metrics.json"))
     if m:
       rows[name] = dict(m["digits"], nfe=m["generator_nfe"], seconds=m["train_seconds"],
@@ -129,13 +136,13 @@ def _fmt(v, spec):
 def markdown(table: dict) -> str:
   lines = [f"CPU: {table.get('cpu', '?')}; classifier held-out accuracy "
            f"{_fmt(table.get('classifier_held_out_accuracy'), '.3f')}", "",
-           "| | FID | class acc. | precision | recall | near-copies | NFE | train s |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| | FID | class acc. | precision | recall | near-copies | NFE | train s | command s |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for name, r in table["rows"].items():
     lines.append(f"| {name} | {_fmt(r.get('fid'), '.2f')} | {_fmt(r.get('class_accuracy'), '.3f')} | "
                  f"{_fmt(r.get('precision'), '.3f')} | {_fmt(r.get('recall'), '.3f')} | "
                  f"{_fmt(r.get('near_copies'), '.3f')} | {_fmt(r.get('nfe'), 'd')} | "
-                 f"{_fmt(r.get('seconds'), '.0f')} |")
+                 f"{_fmt(r.get('seconds'), '.0f')} | {_fmt(r.get('total_seconds'), '.0f')} |")
   return "\n".join(lines)
 
 

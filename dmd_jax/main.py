@@ -51,18 +51,12 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   if mode in ("sample", "teacher_sample") and not _OUTPUT.value:
     raise app.UsageError(f"--mode={mode} needs --output=FILE.npz (FILE.png with --prompt)")
-  if mode == "train":
+  if mode in ("train", "teacher_train"):
+    if mode == "teacher_train":
+      from dmd_jax import teacher_train
     try:
-      train.train(config, workdir)
+      (train.train if mode == "train" else teacher_train.train)(config, workdir)
     except train.Preempted as e:   # SIGTERM: checkpoint saved; launchers restart on this exit code
-      from dmd_jax.sharding import PREEMPTED_EXIT_CODE
-      print(str(e), file=sys.stderr)
-      sys.exit(PREEMPTED_EXIT_CODE)
-  elif mode == "teacher_train":
-    from dmd_jax import teacher_train
-    try:
-      teacher_train.train(config, workdir)
-    except train.Preempted as e:
       from dmd_jax.sharding import PREEMPTED_EXIT_CODE
       print(str(e), file=sys.stderr)
       sys.exit(PREEMPTED_EXIT_CODE)

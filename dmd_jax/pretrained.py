@@ -19,8 +19,10 @@ def network_dir(path: str, field: str, network: str, workdir: str | None, write_
   if path and path != "random":
     return path
   if not path:
+    train_it = " or train one (--mode=teacher_train, configs/digits.py: DIR = that workdir's teacher/)" \
+        if network == "edm" else ""
     raise ValueError(f"{field} is empty: convert the network first (python -m dmd_jax.convert {network} "
-                     f"--src=... --dst=DIR) and pass --config.{field}=DIR")
+                     f"--src=... --dst=DIR){train_it} and pass --config.{field}=DIR")
   if workdir is None:
     raise ValueError(f"{field}='random' needs a workdir to write the random-weight network to")
   dst = io.join(workdir, f"random_{network}")

@@ -26,7 +26,6 @@ Outputs under ``--workdir``:
 """
 from __future__ import annotations
 
-import functools
 import json
 import time
 
@@ -39,7 +38,7 @@ from absl import logging
 from dmd_jax import checkpoint, io, sharding, streams, writers
 from dmd_jax.data.pairs import EpochSampler
 from dmd_jax.models import edm as edm_models
-from dmd_jax.preemption import Preempted, Preemption
+from dmd_jax.preemption import Preemption
 
 TEACHER_FOLDER = "teacher"
 CHECKPOINT_FOLDER = "teacher_train"
@@ -216,12 +215,8 @@ def train(config, workdir: str) -> dict | None:
         logging.info("teacher step %d/%d  loss %.4f  %.1f steps/s  ETA %.0f s", step, total, loss, rate,
                      (total - step) / rate)
         last_log, last_step = now, step
-      stop = preemption.should_stop(step)
-      if step % cfg.checkpoint_every == 0 or step == total or stop:
-        ckpt.save(step, state, {**meta, "step": step})
-      if stop and step < total:
-        ckpt.wait()
-        raise Preempted(f"preempted: teacher checkpoint of step {step} saved in {ckpt.directory}; rerun to resume")
+      train_lib.save_or_stop(ckpt, preemption, state, step, total, cfg.checkpoint_every,
+                             lambda: {**meta, "step": step}, what="teacher checkpoint")
   finally:
     preemption.restore()
     ckpt.wait()

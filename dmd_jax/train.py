@@ -282,13 +282,8 @@ def train(config, workdir: str) -> dict | None:
         last_log, last_step = now, step
       if eval_every and step % eval_every == 0 and step < total:
         evaluators_lib.run_all(run, evaluators, generator_params(state["generator"]), step, final=False)
-      stop = preemption.should_stop(step)
-      if step % config.checkpoint_every == 0 or step == total or stop:
-        ckpt.save(step, state, {**meta, "step": step, **({"real_data": real.state()} if real else {})})
-      if stop and step < total:
-        ckpt.wait()
-        logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume", step)
-        raise Preempted(f"preempted: checkpoint of step {step} saved in {ckpt.directory}; rerun to resume")
+      save_or_stop(ckpt, preemption, state, step, total, config.checkpoint_every,
+                   lambda: {**meta, "step": step, **({"real_data": real.state()} if real else {})})
   finally:
     preemption.restore()
     ckpt.wait()
@@ -304,6 +299,19 @@ def train(config, workdir: str) -> dict | None:
   ckpt.close()
   print(json.dumps(evaluators_lib.summary(results), indent=1))
   return results
+
+
+def save_or_stop(ckpt: checkpoint.Checkpointer, preemption: Preemption, state, step: int, total: int, every: int,
+                 meta, what: str = "checkpoint") -> None:
+  """After step ``step``: saves every ``every`` steps, at ``total`` and when a SIGTERM asked to stop (``meta()``
+  the JSON metadata); after a SIGTERM's save, waits for it and raises :class:`Preempted`."""
+  stop = preemption.should_stop(step)
+  if step % every == 0 or step == total or stop:
+    ckpt.save(step, state, meta())
+  if stop and step < total:
+    ckpt.wait()
+    logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume", step)
+    raise Preempted(f"preempted: {what} of step {step} saved in {ckpt.directory}; rerun to resume")
 
 
 def checkpoint_has_gan(ckpt: checkpoint.Checkpointer, step: int) -> bool:

@@ -1,6 +1,6 @@
 """``configs/digits.py:tiny`` end to end (docs/digits.md), in this process: the teacher trained here (resumed
 exactly), then DMD (regression pairs from its Heun sampler), DMD2 with the four-step generator (GAN on the real
-digits, resumed), sampling, and the digits metrics of the trained and of the untrained generator (the teacher's
+digits), sampling, and the digits metrics of the trained and of the untrained generator (the teacher's
 one Euler step). The metrics themselves are tested in tests/test_digits_metrics.py."""
 import json
 import os
@@ -72,11 +72,30 @@ def test_dmd_and_dmd2_four_steps_train_sample_and_evaluate(teacher_root, tmp_pat
   c2 = digits_config.get_config("dmd2,steps4,tiny")
   c2.teacher.path = teacher
   assert c2.gan.real_data.source == "digits" and c2.regression.weight == 0
-  c2.num_train_steps = 3
-  c2.eval.evaluators = ()
-  train.train(c2, str(tmp_path / "dmd2"))
-  c2.num_train_steps = 6
+  c2.num_train_steps = 4        # (the resume of DMD2's real-data state: tests/test_dmd2*.py)
   c2.eval.evaluators = ("digits",)
-  res2 = train.train(c2, str(tmp_path / "dmd2"))                 # resumes at step 3 with the real-data state
-  assert res2["steps"] == 6 and res2["generator_nfe"] == 4 and not os.path.exists(tmp_path / "dmd2" / "pairs")
+  res2 = train.train(c2, str(tmp_path / "dmd2"))
+  assert res2["steps"] == 4 and res2["generator_nfe"] == 4 and not os.path.exists(tmp_path / "dmd2" / "pairs")
   _check_digits(res2, 64)
+
+
+def test_clear_errors(monkeypatch, tmp_path):
+  import sys
+  from dmd_jax.data import digits
+  c = digits_config.get_config("dmd,tiny")                     # no teacher.path: convert or train one
+  with pytest.raises(ValueError, match=r"teacher.path is empty: .*--mode=teacher_train"):
+    train.train(c, str(tmp_path / "no_teacher"))
+  c = digits_config.get_config("tiny")
+  c.teacher_train.dataset = "mnist"
+  with pytest.raises(ValueError, match="teacher_train.dataset must be 'digits', got 'mnist'"):
+    teacher_train.train(c, str(tmp_path / "t"))
+  with pytest.raises(ValueError, match="digits image size must be an integer >= 8"):
+    digits.load(6)
+  monkeypatch.setitem(sys.modules, "sklearn", None)            # scikit-learn not installed
+  monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+  digits.load.cache_clear()
+  try:
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[digits\]'"):
+      digits.load(16)
+  finally:
+    digits.load.cache_clear()

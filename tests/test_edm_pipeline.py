@@ -42,24 +42,24 @@ def test_tiny_config_end_to_end(tmp_path, name):
   assert os.path.isfile(tmp_path / "random_edm" / "params.npz")
   assert glob.glob(str(tmp_path / "samples" / "step4.png"))
 
-  p = run("--config.num_train_steps=6")          # resume from step 4 to 6
-  assert "resumed from" in p.stderr and "at step 4" in p.stderr
-  assert json.load(open(tmp_path / "metrics.json"))["steps"] == 6
+  step = 4   # EDM resumes, --mode=eval and --mode=eval --at_init: also tests/test_digits_pipeline.py
+  if name == "imagenet64":
+    p = run("--config.num_train_steps=6")          # resume from step 4 to 6
+    assert "resumed from" in p.stderr and "at step 4" in p.stderr
+    assert json.load(open(tmp_path / "metrics.json"))["steps"] == 6
+    step = 6
 
   out = tmp_path / "s.npz"
   run("--mode=sample", "--num_samples=5", f"--output={out}", "--seed=3")
   with np.load(out) as f:
     assert f["samples"].dtype == np.uint8 and f["samples"].shape == (5, 16, 16, 3)
-    assert int(f["step"]) == 6
+    assert int(f["step"]) == step
     if num_classes:
       assert f["labels"].shape == (5,) and f["labels"].max() < num_classes
     else:
       assert "labels" not in f.files
   if name == "cifar10_uncond":
-    run("--mode=eval")
-    res = json.load(open(tmp_path / "eval_step6.json"))
-    assert res["fid_num_samples"] == 16 and res["fid_protocol"] == "tf1" and np.isfinite(res["fid"])
-    assert os.path.exists(tmp_path / "fid_reference_teacher_16.npz")
+    assert m["fid_protocol"] == "tf1" and os.path.exists(tmp_path / "fid_reference_teacher_16.npz")
     out_t = tmp_path / "t.npz"
     run("--mode=teacher_sample", "--num_samples=3", f"--output={out_t}")
     with np.load(out_t) as f:
