@@ -343,38 +343,45 @@ def remove_stale_temporaries(folder, keep_pid: int | None = None) -> list[str]:
   return removed
 
 
-def prepare_workdir(workdir) -> str:
+def _probe_remote(workdir: str) -> None:
+  try:   # the probe first: some gcsfs versions' makedirs would create a missing (misspelt) bucket
+    probe = path(join(workdir, f".write-test-p{_process_index()}-{os.getpid()}"))
+    probe.write_text("ok")
+    probe.unlink()
+    makedirs(workdir)   # a no-op on flat buckets; a folder on hierarchical-namespace ones
+  except ImportError as e:
+    raise ValueError(f"--workdir={workdir} needs a Google Cloud Storage backend for etils.epath: "
+                     f"pip install 'etils[epath-gcs]' (gcsfs) or tensorflow ({e})") from e
+  except Exception as e:  # auth, missing bucket, permissions: the backends raise various types
+    bucket = workdir.split("://", 1)[1].split("/", 1)[0]
+    hint = (f" (bucket {bucket!r} does not exist, or these credentials cannot see it)"
+            if isinstance(e, FileNotFoundError) else "")   # gcsfs: the upload's 404
+    raise ValueError(f"--workdir={workdir} is not a writable folder{hint}: {type(e).__name__}: {e}") from e
+
+
+def prepare_workdir(workdir, probe: bool = True) -> str:
   """Creates ``workdir`` and checks that files can be written there; returns it (local paths made
   absolute). Clears stale temporaries of this process index from it. ValueError naming the problem when
-  it is empty, a file, or not writable."""
+  it is empty, a file, or not writable. ``probe=False`` (remote workdirs): neither probe nor create — for the
+  other processes of a job whose process 0 has prepared the folder (``train.start_process``; two processes
+  probing one gcs:// folder at once raced in gcsfs's listings)."""
   if not workdir:
     raise ValueError("--workdir is required")
   workdir = _str(workdir)
   if is_remote(workdir):
     workdir = str(path(workdir))
-    try:   # the probe first: some gcsfs versions' makedirs would create a missing (misspelt) bucket
-      probe = path(join(workdir, f".write-test-p{_process_index()}-{os.getpid()}"))
-      probe.write_text("ok")
-      probe.unlink()
-      makedirs(workdir)   # a no-op on flat buckets; a folder on hierarchical-namespace ones
-    except ImportError as e:
-      raise ValueError(f"--workdir={workdir} needs a Google Cloud Storage backend for etils.epath: "
-                       f"pip install 'etils[epath-gcs]' (gcsfs) or tensorflow ({e})") from e
-    except Exception as e:  # auth, missing bucket, permissions: the backends raise various types
-      bucket = workdir.split("://", 1)[1].split("/", 1)[0]
-      hint = (f" (bucket {bucket!r} does not exist, or these credentials cannot see it)"
-              if isinstance(e, FileNotFoundError) else "")   # gcsfs: the upload's 404
-      raise ValueError(f"--workdir={workdir} is not a writable folder{hint}: {type(e).__name__}: {e}") from e
+    if probe:
+      _probe_remote(workdir)
   else:
     workdir = os.path.abspath(workdir)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
       raise ValueError(f"--workdir={workdir} exists and is not a directory")
     try:
       os.makedirs(workdir, exist_ok=True)
-      probe = os.path.join(workdir, f".write-test-p{_process_index()}-{os.getpid()}")
-      with open(probe, "w") as f:
+      probe_file = os.path.join(workdir, f".write-test-p{_process_index()}-{os.getpid()}")
+      with open(probe_file, "w") as f:
         f.write("ok")
-      os.remove(probe)
+      os.remove(probe_file)
     except OSError as e:
       raise ValueError(f"--workdir={workdir} is not a writable directory: {e}") from e
   remove_stale_temporaries(workdir)

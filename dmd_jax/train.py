@@ -133,7 +133,12 @@ def start_process(config, workdir: str) -> str:
   if config.distributed not in distributed:
     raise ValueError(f"config.distributed must be 'auto', 'yes' or 'no', got {config.distributed!r}")
   sharding.maybe_initialize_distributed(distributed[config.distributed])
-  return io.prepare_workdir(workdir)
+  if jax.process_count() == 1 or not io.is_remote(workdir):
+    return io.prepare_workdir(workdir)
+  first = jax.process_index() == 0
+  prepared = io.prepare_workdir(workdir) if first else None   # one process probes and creates a remote folder
+  sharding.barrier("workdir prepared")
+  return prepared if first else io.prepare_workdir(workdir, probe=False)
 
 
 def setup(config, workdir: str) -> Run:

@@ -19,6 +19,7 @@ changes nothing in what the programs compute. Every multi-process run has a hard
 import glob
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -376,13 +377,19 @@ def test_sigterm_outside_the_training_loop_exits_at_once_and_a_second_signal_alw
   try:
     assert proc.stdout.readline() == "ready\n", proc.stderr.read()[-3000:]
     proc.send_signal(signal.SIGTERM)
+    seen = ""
     if where == "loop":      # the loop would save a checkpoint at its next step; the process goes on
-      time.sleep(1.5)
+      # SIGINT only once the SIGTERM was handled: two pending signals are handled SIGINT first (lower number)
+      deadline = time.time() + 60
+      while "SIGTERM received" not in seen:
+        assert time.time() < deadline and proc.poll() is None, seen[-3000:]
+        if select.select([proc.stderr], [], [], 1.0)[0]:
+          seen += proc.stderr.readline()
       assert proc.poll() is None
       proc.send_signal(signal.SIGINT)
     t0 = time.time()
-    code = proc.wait(timeout=10)
-    err = proc.stderr.read()
+    code = proc.wait(timeout=30)
+    err = seen + proc.stderr.read()
   finally:
     if proc.poll() is None:
       proc.kill()

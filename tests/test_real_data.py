@@ -129,7 +129,7 @@ def test_mixture(tmp_path):
 def test_mixture_and_source_errors(tmp_path):
   run = train.setup(load_config("toy2d", "default"), str(tmp_path))
   with pytest.raises(ValueError, match=r"gan.real_data.source must be one of 'mixture', 'tfds', 'coco_latents', "
-                                       r"got 'imagenet'"):
+                                       r"'digits', got 'imagenet'"):
     real.make_real_data(run, real_cfg(source="imagenet"))
   with pytest.raises(ValueError, match="source='tfds' feeds pixel teachers.*needs 'mixture'"):
     real.make_real_data(run, real_cfg(source="tfds"))
