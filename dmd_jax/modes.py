@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax import checkpoint, io, train, writers
+from dmd_jax import checkpoint, io, streams, train, writers
 from dmd_jax.evaluation import evaluators as evaluators_lib
 from dmd_jax.evaluation import images as image_io
 from dmd_jax.evaluation import sampling
@@ -99,13 +99,16 @@ def evaluate(config, workdir: str, at_init: bool = False) -> dict:
   untrained generator instead (``eval_init.json``; the generator starts as the teacher, so for EDM and SD
   teachers this measures the teacher's one-step sample, ``D(sigma_max z; sigma_max)``)."""
   run = train.setup(config, workdir)
-  if at_init:
-    gen_state, step = run.init_state()["generator"], 0
+  if at_init:   # the generator's initial parameters alone (not the whole train state with optimiser states)
+    key = streams.key(run.config.seed, "init")
+    params = jax.jit(lambda k: run.teacher.init(k)[0],
+                     out_shardings=run.state_sharding["generator"]["params"])(key)
+    step = 0
   else:
     gen_state, step = latest_generator(run)
+    params = train.generator_params(gen_state)
   writer = writers.create_writer(run.workdir, run.is_main)
-  results = evaluators_lib.run_all(run, evaluators_lib.build(run, writer), train.generator_params(gen_state),
-                                   step, final=True)
+  results = evaluators_lib.run_all(run, evaluators_lib.build(run, writer), params, step, final=True)
   if run.is_main:
     io.write_json(io.join(run.workdir, "eval_init.json" if at_init else f"eval_step{step}.json"), results)
   writer.flush()
