@@ -40,6 +40,8 @@ setup(
             "google-cloud-storage>=2",
             "gcp-storage-emulator==2026.7.19",
             "scikit-learn>=1.3",
+            # diffusers' LoRA loading (load_lora_weights) of exported LoRA generators (tests/test_lora.py)
+            "peft>=0.15",
         ],
         # configs/digits.py: scikit-learn's 8x8 digits (shipped inside its wheel; nothing is downloaded).
         "digits": ["scikit-learn>=1.3"],

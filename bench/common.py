@@ -82,10 +82,11 @@ def jit_generator_step(nets, hyper, gen_sh, frozen_sh, fake_params_sh, batch_sh,
                  out_shardings=(gen_sh, batch_sh, repl), donate_argnums=(0,))
 
 
-def jit_fake_step(nets, hyper, fake_sh, batch_sh, repl):
-  """``dmd.fake_score_update`` as ``(fake_state, x, cond, rng) -> (fake_state, metrics)``, the state donated."""
-  def fake_step(fake_state, x, cond, rng):
-    return dmd.fake_score_update(fake_state, nets, hyper, x, cond, {}, rng)   # no GAN: no real batch
+def jit_fake_step(nets, hyper, fake_sh, frozen_sh, batch_sh, repl):
+  """``dmd.fake_score_update`` as ``(fake_state, frozen, x, cond, rng) -> (fake_state, metrics)``, the state
+  donated (``frozen``: the teacher's arrays a LoRA fake score adapts)."""
+  def fake_step(fake_state, frozen, x, cond, rng):
+    return dmd.fake_score_update(fake_state, nets, hyper, frozen, x, cond, {}, rng)   # no GAN: no real batch
 
-  return jax.jit(fake_step, in_shardings=(fake_sh, batch_sh, batch_sh, repl), out_shardings=(fake_sh, repl),
-                 donate_argnums=(0,))
+  return jax.jit(fake_step, in_shardings=(fake_sh, frozen_sh, batch_sh, batch_sh, repl),
+                 out_shardings=(fake_sh, repl), donate_argnums=(0,))

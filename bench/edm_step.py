@@ -163,8 +163,8 @@ def _gen_row(args, nets, hyper, setup, state, gen_sh, frozen_sh, fake_sh, batch_
 
 
 def _fake_row(nets, hyper, state, fake_sh, batch_sh, repl, x_fake, cond, r_fake, common, base, emit):
-  jitted = bench_common.jit_fake_step(nets, hyper, fake_sh, batch_sh, repl)
-  fake_args = (state.pop("fake_score"), x_fake, cond, r_fake)
+  jitted = bench_common.jit_fake_step(nets, hyper, fake_sh, {}, batch_sh, repl)   # no LoRA: no frozen arrays
+  fake_args = (state.pop("fake_score"), {}, x_fake, cond, r_fake)
   row, fake_args = measure(jitted, fake_args, lambda a, out: (out[0],) + a[1:], **common)
   state["fake_score"] = fake_args[0]
   del fake_args, jitted

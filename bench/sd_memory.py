@@ -4,6 +4,7 @@ which slice fits which batch. Compile only: nothing the size of a network is eve
     python bench/sd_memory.py                                               # meshes 1 8 32, batch 1 4 8, FSDP
     python bench/sd_memory.py --meshes 8 --layouts data                     # pure data parallelism, 8 devices
     python bench/sd_memory.py --tiny --meshes 1 2 --batch_per_device 1 2    # the :tiny shapes (seconds)
+    python bench/sd_memory.py --meshes 1 --batch_per_device 1 --lora 0 64   # full fine-tune vs LoRA rank 64
 
 For each mesh size N, layout, per-device DM batch b and step, one program is jitted as ``train.py`` jits its step
 and compiled (``lower(abstract args).compile()``) for an emulated mesh of N CPU devices
@@ -63,8 +64,14 @@ def parse_args(argv=None):
   parser.add_argument("--fast_compile", action="store_true",
                       help=f"XLA:CPU without LLVM's optimisations ({FAST_COMPILE}): faster compiles, the same "
                            f"buffer assignment (memory_analysis)")
+  parser.add_argument("--lora", type=int, nargs="+", default=[0],
+                      help="model.lora.rank of the rows (0: the full fine-tune; > 0: the generator trains LoRA "
+                           "adapters on the teacher's arrays, docs/lora.md)")
+  parser.add_argument("--lora_fake", action="store_true", help="LoRA runs: the fake score trains adapters too")
   parser.add_argument("--json", default="", help="also write the rows (bytes) to this JSON file, after every row")
   args = parser.parse_args(argv)
+  if min(args.lora) < 0:
+    raise SystemExit(f"--lora ranks must be >= 0, got {args.lora}")
   for name in ("meshes", "batch_per_device"):
     if min(getattr(args, name)) < 1:
       raise SystemExit(f"--{name} entries must be >= 1, got {getattr(args, name)}")
@@ -144,10 +151,11 @@ def _sharded(tree, shardings):
   return abstract_with_shardings(tree, shardings)
 
 
-def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit) -> None:
+def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit, lora_rank: int = 0,
+                 lora_fake: bool = False) -> None:
   """The rows of one mesh (N devices, ``layout``) and per-device batch ``b``: the config and mesh, then
   ``train.build`` (hyper-parameters, abstract state, shardings) as a training run does, then compiles each
-  step."""
+  step. ``lora_rank`` > 0: the generator (with ``lora_fake`` also the fake score) trains LoRA adapters."""
   import jax
   import jax.numpy as jnp
   from bench import common
@@ -157,6 +165,7 @@ def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit) -> None
   rb = -(-b // 2)
   config.batch_size, config.regression.batch_size = b * n, rb * n
   config.mesh.data, config.mesh.fsdp = (1, n) if layout == "fsdp" else (n, 1)
+  config.model.lora.rank, config.model.lora.fake_score = lora_rank, lora_fake
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:n])
   run = train.build(config, model.teacher, model.frozen, mesh)
@@ -188,11 +197,13 @@ def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit) -> None
                                          jax.tree.map(lambda _: batch_sh, batch), repl)
       args = (state["generator"], frozen, state["fake_score"]["params"], z, cond, batch, rng)
     else:
-      jitted = common.jit_fake_step(nets, hyper, fake_sh, batch_sh, repl)
-      args = (state["fake_score"], z, cond, rng)   # z stands for the detached generator samples (same shape)
+      jitted = common.jit_fake_step(nets, hyper, fake_sh, frozen_sh, batch_sh, repl)
+      args = (state["fake_score"], frozen, z, cond, rng)   # z stands for the detached generator samples
     row, _ = common.measure(jitted, args, None, warmup=0, repeats=0, run=False)
-    emit({**base, "step": STEPS[step], "compile_s": row["compile_s"], "memory": row["memory"],
-          "flops": row["flops"]})
+    lora = lora_rank and (step == "generator" or lora_fake)
+    emit({**base, "step": STEPS[step] + (f" (LoRA r{lora_rank})" if lora else ""), "lora_rank": lora_rank,
+          "trainable_params": _count(state["generator" if step == "generator" else "fake_score"]["params"]),
+          "compile_s": row["compile_s"], "memory": row["memory"], "flops": row["flops"]})
 
 
 COLUMNS = ("step", "layout (data × fsdp)", "batch / device (DM + reg.)", "global batch (DM + reg.)",
@@ -259,7 +270,8 @@ def main(argv=None):
         print("[data 1x1] the same program as fsdp 1x1: skipped", file=sys.stderr, flush=True)
         continue
       for b in args.batch_per_device:
-        compile_rows(model, n, layout, b, args.steps, emit)
+        for rank in args.lora:
+          compile_rows(model, n, layout, b, args.steps, emit, rank, args.lora_fake)
 
 
 if __name__ == "__main__":

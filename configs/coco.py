@@ -10,6 +10,9 @@ Variants (``--config=configs/coco.py:VARIANTS``):
   dmd2,stage2  stage 2: resume stage 1 with the GAN (1e-3 generator / 1e-2 critic, head on the 1280 × 8 × 8
              mid-block output; real COCO train images VAE-encoded once with their captions) at lr 5e-7 for
              another 5k iterations. Paper: COCO-30k FID 8.35
+  lora       the generator trains LoRA adapters (rank 64, alpha 8; the official DMD2 SDXL LoRA run's targets:
+             attention q/k/v/out, proj_in/out, feed-forward, resnet convs and shortcut, time-embedding projection,
+             down/up-sampler convs) on the teacher's own frozen arrays (docs/lora.md); rank 4 with tiny
   tiny       the same pipeline with a random-weight tiny SD pipeline (written under the workdir through the
              real converter), 8 built-in prompts, CPU-sized batches (the test suite)
 
@@ -44,11 +47,11 @@ Captions: the first caption of each of the first 30k val2014 images (``eval.capt
 (once, cached in the workdir) the statistics of every image of ``eval.reference_split``; an ``.npz`` with
 ``mu`` / ``sigma`` or ``'teacher'`` (FID to the teacher's guided samples for the same captions) also work.
 """
-from dmd_jax.config_lib import dmd2, parse_variants, sd_config
+from dmd_jax.config_lib import dmd2, lora, parse_variants, sd_config
 
 
 def get_config(arg: str = ""):
-  v = parse_variants(arg, {"tiny", "dmd2", "stage2"})
+  v = parse_variants(arg, {"tiny", "dmd2", "stage2", "lora"})
   tiny = "tiny" in v
   c = sd_config(tiny=tiny)
   if "stage2" in v and "dmd2" not in v:
@@ -64,4 +67,6 @@ def get_config(arg: str = ""):
       c.num_train_steps = 6 if stage2 else 4
       c.gan.real_data.num_images = 6     # the test suite's prepared coco_captions train split has 7
       c.gan.real_data.shard_size = 3
+  if "lora" in v:
+    lora(c, rank=4 if tiny else 64)
   return c

@@ -30,6 +30,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
+  def all_steps(self) -> list[int]:
+    """The steps of the complete checkpoints, ascending."""
+    return sorted(int(s) for s in self._mngr.all_steps())
+
   def save(self, step: int, state: Any, meta: dict) -> None:
     """Starts an asynchronous save; call ``wait`` before exiting."""
     self._mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

@@ -35,6 +35,23 @@ def base_config(seed: int = 0) -> ml_collections.ConfigDict:
   return c
 
 
+def lora_config() -> ml_collections.ConfigDict:
+  """LoRA on the generator (docs/lora.md), off (rank 0) until a ``:lora`` variant or an override sets it."""
+  return ml_collections.ConfigDict(dict(
+      rank=0,               # > 0: the generator trains rank-`rank` adapters on the teacher's own (frozen) arrays
+      alpha=8.0,            # adapter scale alpha / rank
+      targets=(),           # module names (the family's PyTorch naming); () = the family's defaults (the official
+                            # DMD2 SDXL LoRA run's targets for SD: teachers/sd.py LORA_TARGETS)
+      fake_score=False))    # the fake score trains adapters too (same targets) instead of a full copy
+
+
+def lora(c, rank: int = 64, alpha: float = 8.0) -> ml_collections.ConfigDict:
+  """The official DMD2 SDXL LoRA run's adapters: rank 64, alpha 8 on the family's default targets."""
+  c.model.lora.rank = rank
+  c.model.lora.alpha = alpha
+  return c
+
+
 def gan_config(**real_data) -> ml_collections.ConfigDict:
   """DMD2's GAN terms (docs/method.md §7), off (weights 0) until a ``:dmd2`` variant sets them. ``real_data``
   says where the critic's real samples come from (``dmd_jax/data/real.py``)."""
@@ -81,7 +98,8 @@ def edm_config(*, lr: float, batch_size: int, num_train_steps: int, regression_w
       family="edm",
       dtype="bfloat16",     # activations; parameters, optimizer state and DM-loss arithmetic stay float32
       remat=False,
-      attention="auto"))    # 'auto' (cuDNN flash attention for bf16 on GPUs, else XLA), 'xla', 'cudnn'
+      attention="auto",     # 'auto' (cuDNN flash attention for bf16 on GPUs, else XLA), 'xla', 'cudnn'
+      lora=lora_config()))
   c.teacher = ml_collections.ConfigDict(dict(
       path="",              # a folder written by `python -m dmd_jax.convert edm`; 'random' for the :tiny variants
       random_init_kwargs=""))   # JSON init_kwargs of the random-weight teacher (teacher.path='random')
@@ -150,7 +168,8 @@ def sd_config(*, tiny: bool) -> ml_collections.ConfigDict:
       dtype="bfloat16",     # activations; parameters, optimizer state, eps -> x0 and the DM loss stay float32
       remat=True,           # gradient checkpointing of every UNet block (docs/method.md §6)
       attention="auto",     # 'auto' (cuDNN flash attention for bf16 on GPUs, else XLA), 'xla', 'cudnn'
-      latent_resolution=0))  # 0: the UNet config's sample_size (64 for SD 1.5: 512 px images)
+      latent_resolution=0,  # 0: the UNet config's sample_size (64 for SD 1.5: 512 px images)
+      lora=lora_config()))
   c.teacher = ml_collections.ConfigDict(dict(
       path=""))             # a folder written by `python -m dmd_jax.convert sd`; 'random' for :tiny
   c.guidance_scale = 3.0    # classifier-free guidance of the real score only (DMD COCO/FID model)

@@ -16,6 +16,12 @@ import optax
 PyTree = Any
 
 
+def trainable_is_network(params, frozen):
+  """The default of ``DMDHyper.generator_network`` / ``fake_network``: the trainable parameters are the network's."""
+  del frozen
+  return params
+
+
 # ---------------------------------------------------------------------------------------------------
 # Losses.
 # ---------------------------------------------------------------------------------------------------
@@ -234,6 +240,10 @@ class DMDHyper:
   generator_steps: tuple = ()                  # DMD2 multi-step generator: t_0 > t_1 > ...; () = one step
   gan_generator_weight: float = 0.0            # DMD2 GAN terms (docs/method.md §7); both 0 = no critic head
   gan_critic_weight: float = 0.0
+  # ``(trainable parameters, frozen) -> the network's parameters``: the identity, or LoRA's base + adapters
+  # (dmd_jax/lora.py), formed inside the step so that only the trainable part is differentiated and stored
+  generator_network: Callable = trainable_is_network
+  fake_network: Callable = trainable_is_network
 
   @property
   def gan(self) -> bool:
@@ -242,8 +252,15 @@ class DMDHyper:
 
 
 def score_params(hyper: DMDHyper, fake_params):
-  """The fake score network's own parameters within the fake-score state's ``params``."""
+  """The fake score network's own trainable parameters within the fake-score state's ``params``."""
   return fake_params["score"] if hyper.gan else fake_params
+
+
+def fake_networks(hyper: DMDHyper, frozen, fake_params):
+  """``(score network's parameters, critic parameters)``: the fake score as its network takes it, and with the
+  GAN head ``{'score': that, 'head': ...}`` for the critic (``None`` without a head)."""
+  score = hyper.fake_network(score_params(hyper, fake_params), frozen)
+  return score, ({"score": score, "head": fake_params["head"]} if hyper.gan else None)
 
 
 def init_state(nets, hyper: DMDHyper, generator_params, fake_params, rng) -> dict:
@@ -272,19 +289,20 @@ def generator_loss(gen_params, nets, hyper: DMDHyper, frozen, fake_params, z, co
   """``L_G = dm_weight L_DM + regression_weight L_reg + gan_generator_weight L_GAN`` (DMD Eq. 10, DMD2).
   Returns ``(loss, (x, metrics))``."""
   r_dm, r_gen, r_gan = rng, *_generator_keys(rng)
-  x, k = generator_forward(nets, hyper.generator_steps, gen_params, z, cond, r_gen)
+  net = hyper.generator_network(gen_params, frozen)
+  score, critic = fake_networks(hyper, frozen, fake_params)
+  x, k = generator_forward(nets, hyper.generator_steps, net, z, cond, r_gen)
   x = hyper.constrain_batch(x)
-  loss, metrics = distribution_matching_loss(nets, frozen["teacher"], score_params(hyper, fake_params), x,
-                                             cond, r_dm)
+  loss, metrics = distribution_matching_loss(nets, frozen["teacher"], score, x, cond, r_dm)
   loss = hyper.dm_weight * loss
   if len(hyper.generator_steps) > 1:
     metrics["generator_step_index"] = k
   if hyper.gan_generator_weight > 0:
-    gan = gan_generator_loss(nets, fake_params, x, cond, r_gan)
+    gan = gan_generator_loss(nets, critic, x, cond, r_gan)
     metrics["gan_generator_loss"] = gan
     loss = loss + hyper.gan_generator_weight * gan
   if hyper.regression_weight > 0:
-    x_reg = nets.generate(gen_params, batch["reg_z"], batch["reg_cond"])
+    x_reg = nets.generate(net, batch["reg_z"], batch["reg_cond"])
     reg = regression_loss(nets.regression_distance, frozen, x_reg, batch["reg_x"])
     metrics["regression_loss"] = reg
     loss = loss + hyper.regression_weight * reg
@@ -311,24 +329,25 @@ def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch
   return new, x, metrics
 
 
-def critic_loss(fake_params, nets, hyper: DMDHyper, x, cond, batch, rng):
+def critic_loss(fake_params, nets, hyper: DMDHyper, frozen, x, cond, batch, rng):
   """The fake score's loss: the denoising loss on detached generator samples, plus ``gan_critic_weight`` times
   the GAN critic term against the real batch (``batch['real_x']``, ``batch['real_cond']``) when the head
   exists. Returns ``(loss, metrics)``."""
-  loss = fake_score_loss(nets, score_params(hyper, fake_params), x, cond, rng)
+  score, critic = fake_networks(hyper, frozen, fake_params)
+  loss = fake_score_loss(nets, score, x, cond, rng)
   metrics = {"fake_score_loss": loss}
   if hyper.gan:
-    gan, gan_metrics = gan_critic_loss(nets, fake_params, x, cond, batch["real_x"], batch["real_cond"],
+    gan, gan_metrics = gan_critic_loss(nets, critic, x, cond, batch["real_x"], batch["real_cond"],
                                        jax.random.fold_in(rng, 1))
     metrics.update(gan_metrics)
     loss = loss + hyper.gan_critic_weight * gan
   return loss, metrics
 
 
-def fake_score_update(fake_state, nets, hyper, x, cond, batch, rng):
+def fake_score_update(fake_state, nets, hyper, frozen, x, cond, batch, rng):
   """One optimiser step of the fake score (and its GAN head) on detached generator samples."""
   (_, metrics), grads = jax.value_and_grad(critic_loss, has_aux=True)(
-      fake_state["params"], nets, hyper, x, cond, batch, rng)
+      fake_state["params"], nets, hyper, frozen, x, cond, batch, rng)
   params, opt_state = _adam_update(hyper.fake_score_optimizer, fake_state["params"],
                                    fake_state["opt_state"], grads)
   return {"params": params, "opt_state": opt_state}, {**metrics, "fake_score_grad_norm": optax.tree.norm(grads)}
@@ -370,8 +389,8 @@ def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
                             batch, r_dm)
 
   def without_update(gen_state):
-    x, _ = generator_forward(nets, hyper.generator_steps, gen_state["params"], z, cond,
-                             _generator_keys(r_dm)[0])
+    x, _ = generator_forward(nets, hyper.generator_steps, hyper.generator_network(gen_state["params"], frozen),
+                             z, cond, _generator_keys(r_dm)[0])
     return gen_state, x, _no_generator_metrics(hyper)
 
   n = hyper.fake_updates_per_generator_update
@@ -380,7 +399,7 @@ def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
   else:
     gen_state, x, gen_metrics = jax.lax.cond(step % n == 0, with_update, without_update,
                                              state["generator"])
-  fake_state, fake_metrics = fake_score_update(state["fake_score"], nets, hyper,
+  fake_state, fake_metrics = fake_score_update(state["fake_score"], nets, hyper, frozen,
                                                jax.lax.stop_gradient(x), cond, batch, r_fake)
   # A step whose gradients are not finite is skipped: the networks and optimiser states stay as they were
   # (docs/method.md §7); the trainer stops after too many in a row.

@@ -7,7 +7,6 @@ errors.
 """
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import sys
 import traceback
@@ -30,15 +29,9 @@ _PROMPT = flags.DEFINE_string("prompt", None, "--mode=sample, text-to-image conf
                               "is then a .png grid of --num_samples one-step images).")
 
 
-class _QuietLibraries:
-  """Keeps INFO chatter of Orbax's internals out of the progress log (warnings and errors still show)."""
-
-  def filter(self, record):
-    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
-  std_logging.getLogger("absl").addFilter(_QuietLibraries())
+  from dmd_jax.writers import quiet_library_logs
+  quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   from dmd_jax import modes, preemption, train  # imported here so that --help stays fast

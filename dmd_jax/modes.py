@@ -52,7 +52,7 @@ def sample(config, workdir: str, num_samples: int, output: str, seed: int, promp
                      "--prompt=\"...\" (and --output=FILE.png)")
   _check_npz(output)
   gen_state, step = latest_generator(run)
-  x, cond = sampling.generate(run, train.generator_params(gen_state), num_samples, jax.random.PRNGKey(seed))
+  x, cond = sampling.generate(run, run.generator_params(gen_state), num_samples, jax.random.PRNGKey(seed))
   _write_samples(run, output, x, cond, step=step, seed=seed, nfe=run.generator_nfe)
   print(f"wrote {num_samples} samples of step {step} to {output}")
   return output
@@ -74,7 +74,7 @@ def sample_prompt(config, workdir: str, prompt: str, num_samples: int, output: s
   z = jax.vmap(lambda i: teacher.sample_noise(jax.random.fold_in(key, i), 1)[0])(jnp.arange(num_samples))
   keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, i), 1))(jnp.arange(num_samples))
   gen = jax.jit(lambda p, z, c, k: run.sample(p, z, jnp.broadcast_to(c, (z.shape[0],) + c.shape[1:]), k))
-  params = train.generator_params(gen_state)
+  params = run.generator_params(gen_state)
   x = np.concatenate([np.asarray(jax.device_get(gen(params, z[i:i + 16], cond, keys[i:i + 16])))
                       for i in range(0, num_samples, 16)])
   images = image_io.to_uint8(sampling.to_outputs(run, x))
@@ -106,7 +106,7 @@ def evaluate(config, workdir: str, at_init: bool = False) -> dict:
     step = 0
   else:
     gen_state, step = latest_generator(run)
-    params = train.generator_params(gen_state)
+    params = run.generator_params(gen_state)
   writer = writers.create_writer(run.workdir, run.is_main)
   results = evaluators_lib.run_all(run, evaluators_lib.build(run, writer), params, step, final=True)
   if run.is_main:

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from dmd_jax import checkpoint, dmd, io, sharding, streams, teachers, writers
+from dmd_jax import checkpoint, dmd, io, lora, sharding, streams, teachers, writers
 from dmd_jax.data.pairs import EpochSampler, PairRows, PairStore, build_pairs
 from dmd_jax.preemption import Preempted, Preemption
 from dmd_jax.teachers.base import Teacher
@@ -36,6 +36,8 @@ class Run:
   hyper: dmd.DMDHyper
   abstract_state: Any
   state_sharding: Any
+  lora: dict = dataclasses.field(default_factory=dict)    # 'generator' / 'fake_score' -> lora.Plan (LoRA runs)
+  lora_fingerprint: dict | None = None                    # the base network's identity (lora.fingerprint)
   cache: dict = dataclasses.field(default_factory=dict)   # compiled helpers and loaded eval networks
 
   @property
@@ -43,7 +45,7 @@ class Run:
     return jax.process_index() == 0
 
   def _init(self, key):
-    return init_state(self.teacher, self.hyper, key)
+    return init_state(self.teacher, self.hyper, key, self.lora)
 
   def init_state(self):
     key = streams.key(self.config.seed, "init")
@@ -59,8 +61,33 @@ class Run:
     return max(1, len(self.hyper.generator_steps))
 
   def restore(self, ckpt: checkpoint.Checkpointer, step: int):
+    self.check_lora_base(ckpt, step)
     abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_sharding)
     return ckpt.restore(step, abstract)
+
+  def checkpoint_meta(self) -> dict:
+    """What every checkpoint of this run records beside the state: the config, and for LoRA runs the base
+    network's fingerprint (checked by :meth:`restore`)."""
+    meta = {"config": self.config.to_json_best_effort()}
+    if self.lora:
+      meta["lora_teacher"] = self.lora_fingerprint
+    return meta
+
+  def check_lora_base(self, ckpt: checkpoint.Checkpointer, step: int) -> None:
+    """LoRA adapters restore only onto the teacher they were trained on (a clear error otherwise)."""
+    if self.lora and self.lora_fingerprint is not None:
+      lora.check_fingerprint(ckpt.restore_meta(step).get("lora_teacher"), self.lora_fingerprint,
+                             f"checkpoint {step} in {ckpt.directory}")
+
+  def generator_params(self, gen_state):
+    """The generator network's parameters for sampling: the EMA when there is one; a LoRA generator's
+    adapters merged onto the teacher's arrays (one jitted call; the result lives as long as the caller keeps it)."""
+    params = gen_state.get("ema_params", gen_state["params"])
+    if "generator" not in self.lora:
+      return params
+    if "lora_merge" not in self.cache:
+      self.cache["lora_merge"] = jax.jit(self.hyper.generator_network)
+    return self.cache["lora_merge"](params, self.frozen)
 
 
 def make_hyper(config, mesh) -> dmd.DMDHyper:
@@ -109,9 +136,37 @@ def generator_steps(config) -> tuple[int, ...]:
   return steps
 
 
-def init_state(teacher: Teacher, hyper: dmd.DMDHyper, key):
-  """The initial train state from the ``'init'`` stream's key (the GAN head from ``fold_in(key, 1)``)."""
-  return dmd.init_state(teacher, hyper, *teacher.init(key), jax.random.fold_in(key, 1))
+def init_state(teacher: Teacher, hyper: dmd.DMDHyper, key, lora_plans: dict | None = None):
+  """The initial train state from the ``'init'`` stream's key (the GAN head from ``fold_in(key, 1)``; LoRA
+  adapters, where ``lora_plans`` has them, from ``fold_in(key, 2)`` and ``fold_in(key, 3)``: they replace the
+  network copies)."""
+  generator, fake = teacher.init(key)
+  plans = lora_plans or {}
+  if "generator" in plans:
+    generator = plans["generator"].init(jax.random.fold_in(key, 2))
+  if "fake_score" in plans:
+    fake = plans["fake_score"].init(jax.random.fold_in(key, 3))
+  return dmd.init_state(teacher, hyper, generator, fake, jax.random.fold_in(key, 1))
+
+
+def lora_plans(config, teacher: Teacher) -> dict:
+  """``model.lora`` (rank 0: none): the adapters of the generator, and of the fake score with
+  ``model.lora.fake_score``, on the teacher network's kernels (docs/lora.md)."""
+  cfg = config.model.get("lora")
+  if cfg is None or int(cfg.rank) == 0:
+    return {}
+  shapes = jax.eval_shape(teacher.init, jax.random.PRNGKey(0))[0]
+  plan = lora.plan(shapes, teacher.lora, cfg.rank, cfg.alpha, tuple(cfg.targets))
+  return {"generator": plan, **({"fake_score": plan} if cfg.get("fake_score", False) else {})}
+
+
+def with_lora(hyper: dmd.DMDHyper, teacher: Teacher, plans: dict) -> dmd.DMDHyper:
+  """``hyper`` whose networks are formed from the teacher's frozen arrays and the adapters (``dmd.DMDHyper``'s
+  ``generator_network`` / ``fake_network``)."""
+  def network(plan):
+    return lambda adapters, frozen: plan.merge(teacher.lora.params(frozen), adapters)
+  fields = {"generator": "generator_network", "fake_score": "fake_network"}
+  return dataclasses.replace(hyper, **{fields[k]: network(p) for k, p in plans.items()})
 
 
 def build(config, teacher: Teacher, frozen: dict, mesh, workdir: str | None = None) -> Run:
@@ -119,12 +174,17 @@ def build(config, teacher: Teacher, frozen: dict, mesh, workdir: str | None = No
   allocated) and the shardings. ``frozen`` may be host arrays (then placed on the mesh) or
   ``jax.ShapeDtypeStruct``s (bench scripts that only compile)."""
   hyper = make_hyper(config, mesh)
+  plans = lora_plans(config, teacher)
+  hyper = with_lora(hyper, teacher, plans)
   frozen_sh = sharding.frozen_sharding(mesh, frozen, config.mesh.min_shard_size)
-  abstract = jax.eval_shape(lambda k: init_state(teacher, hyper, k), streams.key(config.seed, "init"))
+  abstract = jax.eval_shape(lambda k: init_state(teacher, hyper, k, plans), streams.key(config.seed, "init"))
   state_sh = sharding.tree_sharding(mesh, abstract, config.mesh.min_shard_size)
+  fingerprint = None
   if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)):
+    if plans:
+      fingerprint = lora.fingerprint(teacher.lora.params(frozen))
     frozen = jax.device_put(frozen, frozen_sh)
-  return Run(config, workdir, mesh, teacher, frozen, frozen_sh, hyper, abstract, state_sh)
+  return Run(config, workdir, mesh, teacher, frozen, frozen_sh, hyper, abstract, state_sh, plans, fingerprint)
 
 
 def start_process(config, workdir: str) -> str:
@@ -259,7 +319,7 @@ def train(config, workdir: str) -> dict | None:
   # ---- loop ----
   eval_every = config.eval.get("every_steps", 0)
   preemption = Preemption(MAX_STEPS_IN_FLIGHT)
-  meta = {"config": config.to_json_best_effort()}
+  meta = run.checkpoint_meta()
   t_loop, last_log, last_step = time.time(), time.time(), start
   n_fake = run.hyper.fake_updates_per_generator_update
   gen_metrics = None     # the metrics of the last step that updated the generator (two time-scale rule)
@@ -286,7 +346,7 @@ def train(config, workdir: str) -> dict | None:
         logging.info("step %d/%d  %.1f steps/s  ETA %.0f s", step, total, rate, (total - step) / rate)
         last_log, last_step = now, step
       if eval_every and step % eval_every == 0 and step < total:
-        evaluators_lib.run_all(run, evaluators, generator_params(state["generator"]), step, final=False)
+        evaluators_lib.run_all(run, evaluators, run.generator_params(state["generator"]), step, final=False)
       save_or_stop(ckpt, preemption, state, step, total, config.checkpoint_every,
                    lambda: {**meta, "step": step, **({"real_data": real.state()} if real else {})})
   finally:
@@ -296,7 +356,7 @@ def train(config, workdir: str) -> dict | None:
   writer.flush()
 
   # ---- final evaluation and pictures ----
-  results = evaluators_lib.run_all(run, evaluators, generator_params(state["generator"]), step, final=True)
+  results = evaluators_lib.run_all(run, evaluators, run.generator_params(state["generator"]), step, final=True)
   results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start, steps=step)
   if run.is_main:
     io.write_json(io.join(workdir, "metrics.json"), results)
@@ -333,7 +393,8 @@ def restore_adding_critic(run: Run, ckpt: checkpoint.Checkpointer, step: int):
   score's optimiser starts afresh (it now also trains the head), as the official stage 2 starts new optimisers."""
   hyper0 = dataclasses.replace(run.hyper, gan_generator_weight=0.0, gan_critic_weight=0.0)
   key = streams.key(run.config.seed, "init")
-  abstract0 = jax.eval_shape(lambda k: init_state(run.teacher, hyper0, k), key)
+  run.check_lora_base(ckpt, step)
+  abstract0 = jax.eval_shape(lambda k: init_state(run.teacher, hyper0, k, run.lora), key)
   sharding0 = sharding.tree_sharding(run.mesh, abstract0, run.config.mesh.min_shard_size)
   old, meta = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract0, sharding0))
   fake_sh = run.state_sharding["fake_score"]
@@ -357,6 +418,3 @@ def check_skips(consecutive: int, config, ckpt) -> None:
         f"GAN weights, or raise optim.max_consecutive_skips, and rerun to resume")
 
 
-def generator_params(gen_state) -> dict:
-  """The generator parameters used for sampling: the EMA when there is one."""
-  return gen_state.get("ema_params", gen_state["params"])

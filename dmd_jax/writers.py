@@ -1,4 +1,5 @@
-"""Metric writers: ``clu.metric_writers`` to stdout (absl logging) and TensorBoard event files.
+"""Metric writers: ``clu.metric_writers`` to stdout (absl logging) and TensorBoard event files; and the
+progress log's filter (:func:`quiet_library_logs`).
 
 clu's own TensorBoard writer needs TensorFlow or torch; ``TensorboardXWriter`` implements clu's
 ``MetricWriter`` interface on the pure-Python ``tensorboardX`` event-file writer instead.
@@ -14,6 +15,7 @@ the file (on ``gs://``: uploaded) when it returns.
 from __future__ import annotations
 
 import importlib.util
+import logging as std_logging
 import sys
 import threading
 import types
@@ -187,3 +189,15 @@ def create_writer(workdir: str, is_main: bool) -> metric_writers.MetricWriter:
   if is_main:
     writers.append(TensorboardXWriter(workdir))
   return metric_writers.MultiWriter(writers)
+
+
+class _QuietLibraries:
+  """Keeps INFO chatter of Orbax's internals out of the progress log (warnings and errors still show)."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Installs :class:`_QuietLibraries` on absl's logger (the command-line entry points call it first)."""
+  std_logging.getLogger("absl").addFilter(_QuietLibraries())

@@ -1,5 +1,5 @@
 """``bench/sd_memory.py --tiny``: the compile-only memory table of the SD generator / fake-score steps on emulated
-meshes (the full-size table's code path on the tiny random SD shapes)."""
+meshes (the full-size table's code path on the tiny random SD shapes), and the LoRA generator step's saving."""
 import json
 import os
 import subprocess
@@ -8,17 +8,21 @@ import sys
 from helpers import ROOT, env_with_devices
 
 
-def test_sd_memory_bench_tiny(tmp_path):
-  out = tmp_path / "rows.json"
+def _bench(out, *args):
   env = env_with_devices(2)
   # Compile time only (XLA:CPU's fusion emitters are slow to compile; the buffer sizes move by < 1%).
   env["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
   # --min_shard_size 4096: the tiny UNet's kernels are FSDP-sharded too (by default only LPIPS's VGG16 is).
-  p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sd_memory.py"), "--tiny", "--meshes", "1", "2",
-                      "--batch_per_device", "1", "2", "--min_shard_size", "4096", "--fast_compile",
-                      "--json", str(out)],
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sd_memory.py"), "--tiny", *args,
+                      "--min_shard_size", "4096", "--fast_compile", "--json", str(out)],
                      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert p.returncode == 0, f"STDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}"
+  return p
+
+
+def test_sd_memory_bench_tiny(tmp_path):
+  out = tmp_path / "rows.json"
+  p = _bench(out, "--meshes", "1", "2", "--batch_per_device", "1", "2")
   table = [line for line in p.stdout.splitlines() if line.startswith(("| generator step |", "| fake-score step |"))]
   rows = json.loads(out.read_text())["rows"]
   assert len(rows) == len(table) == 8      # 2 meshes × 2 batches × 2 steps, fsdp layout
@@ -47,3 +51,15 @@ def test_sd_memory_bench_tiny(tmp_path):
       assert hi["memory"]["argument"] > lo["memory"]["argument"]  # more latents / embeddings per device
       assert total(hi) > total(lo)
       assert hi["flops"] > lo["flops"]
+
+  # LoRA (docs/lora.md): the generator step without the generator's copy of the UNet and its Adam moments
+  # (coco.py:tiny,lora's rank 4) is below the full fine-tune's by more than one float32 copy of the UNet
+  _bench(tmp_path / "lora.json", "--meshes", "1", "--batch_per_device", "1", "--steps", "generator", "--lora", "4")
+  [low] = json.loads((tmp_path / "lora.json").read_text())["rows"]
+  full = row("generator", 1, 1)
+  assert low["step"] == "generator step (LoRA r4)" and low["trainable_params"] == 43_072
+  unet_bytes = 4 * full["trainable_params"]
+  saved = total(full) - total(low)
+  print(f"\ngenerator step: full {total(full) / 2**20:.2f} MiB, LoRA r4 {total(low) / 2**20:.2f} MiB, saved "
+        f"{saved / 2**20:.2f} MiB = {saved / unet_bytes:.2f} float32 UNet copies")
+  assert saved > unet_bytes

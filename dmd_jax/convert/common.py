@@ -130,6 +130,17 @@ def from_torch(leaf: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
+def to_torch(leaf: str, value: np.ndarray) -> np.ndarray:
+  """A Flax parameter named ``leaf`` → its PyTorch tensor (float32, C-contiguous): the inverse of
+  ``from_torch`` (kernels HWIO → OIHW and [in, out] → [out, in]; everything else as it is)."""
+  value = np.asarray(value, np.float32)
+  if leaf == "kernel" and value.ndim == 4:
+    value = np.transpose(value, (3, 2, 0, 1))
+  elif leaf == "kernel" and value.ndim == 2:
+    value = np.transpose(value, (1, 0))
+  return np.ascontiguousarray(value)
+
+
 def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
   out = {}
   for k, v in params.items():

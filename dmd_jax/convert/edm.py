@@ -103,6 +103,42 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], init_kwargs: Mappin
   return module, params
 
 
+def _resample_filter(module: edm_models.EDMPrecond, init_kwargs: Mapping[str, Any]) -> np.ndarray:
+  """The 2-D ``resample_filter`` buffer EDM derives from ``init_kwargs`` (DhariwalUNet: always [1, 1])."""
+  return edm_models.resample_filter_2d(init_kwargs.get("resample_filter", (1, 1))
+                                       if module.model_type == "SongUNet" else (1, 1))
+
+
+def to_torch_state_dict(params: Mapping[str, Any], init_kwargs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The inverse of :func:`convert_state_dict`: Flax parameters of the EDMPrecond built from ``init_kwargs`` →
+  its PyTorch state dict (EDM's names and layouts, float32), including the ``*.resample_filter`` buffers
+  derived from ``init_kwargs`` — what ``EDMPrecond(**init_kwargs).load_state_dict`` takes, and what
+  :func:`convert_state_dict` (``python -m dmd_jax.convert edm``) reads back. Every parameter is checked
+  against the module (a missing, extra or mis-shaped one is a ``ConversionError`` naming it)."""
+  try:
+    module = edm_models.edm_module_from_kwargs(init_kwargs)
+  except ValueError as e:
+    raise ConversionError(str(e)) from e
+  params_spec, buffer_spec = expected_state_dict(module)
+  flat = {_path_names(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  missing = sorted("/".join(n) for n in set(params_spec) - set(flat))
+  extra = sorted("/".join(n) for n in set(flat) - set(params_spec))
+  if missing or extra:
+    raise ConversionError(f"EDM {module.model_type} parameters do not match init_kwargs: missing "
+                          f"{missing[:20] or 'none'}, unexpected {extra[:20] or 'none'}")
+  out: dict[str, np.ndarray] = {}
+  for names, (key, shape) in params_spec.items():
+    value = common.to_torch(names[-1], flat[names])
+    if value.shape != tuple(shape):
+      raise ConversionError(f"EDM parameter {'/'.join(names)}: expected PyTorch shape {tuple(shape)}, got "
+                            f"{value.shape}")
+    out[key] = value
+  f = _resample_filter(module, init_kwargs)
+  for key, shape in buffer_spec.items():
+    out[key] = np.ascontiguousarray(f.reshape(shape), np.float32)
+  return out
+
+
 def count_params(params) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from dmd_jax.convert.common import (ConversionError, check_state_dict, flatten_params, from_torch,
                                     load_converted, load_state_dict, read_folder_config, save_converted,
-                                    torch_shape, unflatten_params, weight_files)
+                                    to_torch, torch_shape, unflatten_params, weight_files)
 from dmd_jax.models import clip as clip_lib
 from dmd_jax.models import unet2d as unet_lib
 from dmd_jax.models.attention import check_implementation
@@ -81,6 +81,20 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Mapping[str
   for p, s in shapes.items():  # internal consistency: the layout map must land on the module's shapes
     assert flat[p].shape == s, (p, flat[p].shape, s)
   return unflatten_params(flat)
+
+
+def to_torch_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The inverse of :func:`convert_state_dict`: a Flax parameter tree (UNet, VAE or text encoder) →
+  ``{diffusers / transformers name: float32 array in PyTorch layout}``, e.g. a UNet's as
+  ``UNet2DConditionModel.load_state_dict`` takes it (VAE attention in the current ``to_q`` naming; text-encoder
+  keys without transformers' ``text_model.`` prefix)."""
+  out: dict[str, np.ndarray] = {}
+  for path, value in flatten_params(params).items():
+    key = torch_key(path)
+    if key in out:   # two Flax paths on one name would silently drop a tensor
+      raise ConversionError(f"Flax parameters {path!r} and another both map to the PyTorch name {key!r}")
+    out[key] = to_torch(path.rsplit("/", 1)[-1], value)
+  return out
 
 
 _OLD_VAE_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}

@@ -193,7 +193,7 @@ class Teacher:
   ``sample_noise(rng, n) -> z``; ``init(rng) -> (generator_params, fake_params)``;
   ``regression_distance(frozen, x, y) -> [N]`` (docs/method.md §5); ``decode(frozen, x)`` → outputs: images
   in [-1, 1] when ``images`` (latent teachers decode with their VAE), the samples themselves otherwise;
-  ``critic``: DMD2's GAN head on the fake network (:class:`Critic`);
+  ``critic``: DMD2's GAN head on the fake network (:class:`Critic`); ``lora``: what LoRA adapts (``dmd_jax/lora.py``);
   ``encode(frozen, images)`` the inverse of ``decode`` for real data (DMD2's critic, docs/method.md §7): images in [-1, 1] →
   samples in the teacher's space (pixel teachers: the images; SD: the VAE posterior mean × scaling factor).
   """
@@ -213,6 +213,8 @@ class Teacher:
   critic: Critic
   images: bool
   sample_shape: tuple
+  lora: Any    # lora.Base: the teacher network among the frozen parameters and its module names; None where the
+               # generator is not a copy of the teacher network (toy)
 
 
 def teacher_copies(teacher_params) -> Callable:

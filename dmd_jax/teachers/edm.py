@@ -9,9 +9,15 @@ import json
 import jax
 import jax.numpy as jnp
 
-from dmd_jax import pretrained, schedules
+from dmd_jax import lora, pretrained, schedules
 from dmd_jax.samplers import edm_heun_sample
 from dmd_jax.teachers import base
+
+
+# The EDM networks' equivalents of the official DMD2 SDXL LoRA targets (EDM's module names): attention qkv / proj,
+# the blocks' convolutions (their resampling included), skip connections and noise-embedding affines, and the
+# noise-embedding MLP.
+LORA_TARGETS = ("qkv", "proj", "conv0", "conv1", "skip", "affine", "map_layer0", "map_layer1")
 
 
 def teacher_dir(config, workdir: str | None) -> str:
@@ -29,6 +35,7 @@ def teacher_dir(config, workdir: str | None) -> str:
 
 
 def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
+  from dmd_jax.convert.edm import _torch_key as edm_torch_key
   from dmd_jax.convert.edm import load_converted_edm
   schedule = schedules.from_config(config.schedule)
   path = teacher_dir(config, workdir)
@@ -79,5 +86,8 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
       critic=base.conv_critic(features, feature_shape),
       images=True,
       sample_shape=(res, res, ch),
+      lora=lora.Base(params=lambda frozen: frozen["teacher"],
+                     module_name=lambda path: edm_torch_key(path).rsplit(".", 1)[0],
+                     default_targets=LORA_TARGETS),
   )
   return out, {"teacher": teacher_params, "lpips": base.distance_params(config, workdir)}

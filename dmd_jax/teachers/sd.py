@@ -15,9 +15,14 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dmd_jax import pretrained, schedules
+from dmd_jax import lora, pretrained, schedules
 from dmd_jax.guidance import classifier_free_guidance
 from dmd_jax.teachers import base
+
+
+# The official DMD2 SDXL LoRA run's targets (diffusers module names; model.lora.targets = () uses them).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
 
 
 def real_denoiser(unet, schedule, guidance_scale: float) -> Callable:
@@ -62,7 +67,7 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, cond
   are fine under ``jax.eval_shape``). ``conditions``: a ``base.PromptConditions``. The frozen parameters these
   functions take are :func:`sd_frozen`'s.
   """
-  from dmd_jax.convert.sd import build_unet, build_vae
+  from dmd_jax.convert.sd import build_unet, build_vae, torch_key
   from dmd_jax.samplers import ddim_sample, pndm_sample
   schedule = vp_schedule(config)
   dtype, attention = base.model_dtype(config), config.model.attention
@@ -139,6 +144,9 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, cond
       critic=base.conv_critic(features, feature_shape),
       images=True,
       sample_shape=(res, res, ch),
+      lora=lora.Base(params=lambda frozen: frozen["teacher"]["unet"],
+                     module_name=lambda path: torch_key("/".join(path)).rsplit(".", 1)[0],
+                     default_targets=LORA_TARGETS),
   )
 
 

@@ -130,5 +130,6 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
       critic=critic,
       images=False,
       sample_shape=(dim,),
+      lora=None,            # the generator is its own MLP, not a copy of a teacher network
   )
   return teacher, {"teacher": {}}
