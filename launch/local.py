@@ -125,6 +125,7 @@ TRAMPOLINE = ("import ctypes, os, signal, sys\n"
               "  pass\n"
               "if os.getppid() != int(sys.argv[1]):  # the launcher died before prctl\n"
               "  sys.exit(1)\n"
+              "signal.signal(signal.SIGINT, signal.SIG_DFL)  # forwarded by the launcher: never inherited ignored\n"
               "os.execv(sys.argv[2], sys.argv[2:])\n")
 
 

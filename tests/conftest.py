@@ -6,3 +6,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from helpers import CACHE_ENV  # noqa: E402  (after the path above)
+
+for _k, _v in CACHE_ENV.items():   # before jax is imported: JAX's persistent compilation cache (helpers.py)
+  os.environ.setdefault(_k, _v)

@@ -13,26 +13,28 @@ FAST = ["--config.generator.hidden=(32,32)", "--config.fake_score.hidden=(32,32)
         "--config.eval.num_samples=1000", "--config.log_every=10"]
 
 
-# For the :tiny image configs: compile fast (the programs are tiny; LLVM's optimisation is what takes time)
-# and reuse compiled programs across the processes of one test session (train, resume, sample, ...).
+# For the :tiny image configs: compile fast (the programs are tiny; LLVM's optimisation is what takes time).
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# Every test process (pytest's own and the subprocesses, which inherit its environment: conftest.py) reuses
+# compiled programs through JAX's persistent compilation cache: the same train step compiled by a run and
+# its resume, by the tests of one config, ... is compiled once per test session. Programs compiled in under
+# CACHE_MIN_COMPILE_S are not stored. The cache key covers the program, the XLA flags and the devices.
 CACHE_DIR = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"dmd_jax_test_cache_{os.getuid()}")
+CACHE_ENV = {"JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
 
 
-def env_with_devices(n: int | None, fast_compile: bool = False, compile_cache: bool = False) -> dict:
+def env_with_devices(n: int | None, fast_compile: bool = False) -> dict:
   """The environment of a subprocess: ``n`` emulated CPU devices; ``fast_compile``: LLVM's optimisation off
-  (compiles ~25% faster, runs up to 10× slower: for programs that run a step or two) and the persistent
-  compilation cache; ``compile_cache``: the cache alone."""
+  (compiles ~25% faster, runs up to 10× slower: for programs that run a step or two). The persistent
+  compilation cache comes with the environment (conftest.py)."""
   env = dict(os.environ)
   env["JAX_PLATFORMS"] = "cpu"
+  env.update(CACHE_ENV)
   flags = []
   if n:
     flags.append(f"--xla_force_host_platform_device_count={n}")
   if fast_compile:
     flags.append(FAST_COMPILE)
-  if fast_compile or compile_cache:
-    env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "2"
   env["XLA_FLAGS"] = " ".join(flags)
   return env
 
@@ -44,10 +46,10 @@ def main_cmd(*args, config=TOY, script=None) -> list[str]:
   return [sys.executable, *entry, f"--config={config}", *args]
 
 
-def run_main(*args, devices=None, timeout=600, check=True, config=TOY, fast_compile=False, script=None,
-             compile_cache=False) -> subprocess.CompletedProcess:
+def run_main(*args, devices=None, timeout=600, check=True, config=TOY, fast_compile=False,
+             script=None) -> subprocess.CompletedProcess:
   p = subprocess.run(main_cmd(*args, config=config, script=script), cwd=ROOT,
-                     env=env_with_devices(devices, fast_compile, compile_cache),
+                     env=env_with_devices(devices, fast_compile),
                      capture_output=True, text=True, timeout=timeout)
   if check and p.returncode != 0:
     raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}")

@@ -20,7 +20,7 @@ def tfds_dir(tmp_path_factory):
 def _runner(workdir, config, tfds_dir):
   def run(*args, variant="", **kw):
     return run_main(f"--workdir={workdir}", f"--config.gan.real_data.data_dir={tfds_dir}", *args,
-                    config=os.path.join(ROOT, "configs", config + variant), compile_cache=True, timeout=900, **kw)
+                    config=os.path.join(ROOT, "configs", config + variant), timeout=900, **kw)
   return run
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from gcs_emulator import Emulator
-from helpers import CACHE_DIR, FAST, ROOT, TOY, env_with_devices, main_cmd
+from helpers import FAST, ROOT, TOY, env_with_devices, main_cmd
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 LOCAL = os.path.join(ROOT, "launch", "local.py")
@@ -36,7 +36,6 @@ RUN = "gs://bucket/run"
 SAMPLE = ["--mode=sample", "--num_samples=256", "--seed=0"]
 # The runs share the session's persistent compilation cache: the train step compiled by the local run is
 # loaded by the gs:// runs with the same devices (what the programs compute does not change).
-CACHE = {"JAX_COMPILATION_CACHE_DIR": CACHE_DIR, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +46,7 @@ def gcs(tmp_path_factory):
 
 
 def _env(gcs):
-  return {**env_with_devices(None), **gcs.env, "DMD_JAX_LOCAL_CACHE": gcs.cache, **CACHE}
+  return {**env_with_devices(None), **gcs.env, "DMD_JAX_LOCAL_CACHE": gcs.cache}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,7 +243,7 @@ def local_reference(tmp_path_factory):
   """An uninterrupted run of the same config on local disk (1 process × 8 devices): its folder, samples,
   final metrics and time."""
   d = tmp_path_factory.mktemp("local") / "run"
-  env = {**env_with_devices(None), **CACHE}
+  env = env_with_devices(None)
   _, seconds = _launch(env, 1, 8, workdir=d, cloud=False)
   _launch(env, 1, 8, *SAMPLE, f"--output={d.parent / 's.npz'}", workdir=d, cloud=False)
   return d, np.load(d.parent / "s.npz")["samples"], json.load(open(d / "metrics.json")), seconds

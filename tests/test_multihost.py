@@ -13,7 +13,7 @@ each with K emulated CPU devices.
   collective), a second SIGTERM while stuck in a collective (exits at once), a coordination service that does
   not answer.
 
-Every run shares the session's persistent compilation cache (``helpers.CACHE_DIR``): a program compiled by
+Every run shares the session's persistent compilation cache (``helpers.CACHE_ENV``): a program compiled by
 one run (the toy train step, the pair sampler) is loaded by the next one with the same devices, which
 changes nothing in what the programs compute. Every multi-process run has a hard timeout."""
 import glob
@@ -29,7 +29,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import CACHE_DIR, FAST, ROOT, TOY, env_with_devices, main_cmd
+from helpers import FAST, ROOT, TOY, env_with_devices, main_cmd
 
 LOCAL = os.path.join(ROOT, "launch", "local.py")
 TRAIN = FAST + ["--config.num_train_steps=60", "--config.checkpoint_every=20", "--config.log_every=20"]
@@ -40,8 +40,8 @@ LIMIT = 500          # seconds: local.py's --timeout for every run; the test's o
 
 def _env(devices=None, fast_compile=False, **extra) -> dict:
   """A child's environment: CPU devices, the session's compilation cache (programs compiled for 1 s or more)."""
-  env = env_with_devices(devices, fast_compile)
-  env.update(JAX_COMPILATION_CACHE_DIR=CACHE_DIR, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1", **extra)
+  env = env_with_devices(devices, fast_compile)   # with the session's compilation cache (helpers.CACHE_ENV)
+  env.update(extra)
   return env
 
 
@@ -353,7 +353,10 @@ def test_the_collective_timeout_is_added_to_xla_flags_without_clobbering_them():
 # A process with jax.distributed initialised (1 process: JAX's preemption notifier replaces the SIGTERM
 # handler, preemption.install() takes it back), waiting, with a training loop's Preemption or without.
 SIGNALS = """
-import sys, time
+import signal, sys, time
+# SIGINT as in a terminal: the suite may run as a background job, whose children inherit SIGINT ignored
+# (POSIX shells do that to asynchronous commands), and a process keeps an inherited ignored SIGINT
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from dmd_jax import preemption, sharding
 preemption.install()
 sharding.maybe_initialize_distributed(True)
@@ -388,13 +391,7 @@ def test_sigterm_outside_the_training_loop_exits_at_once_and_a_second_signal_alw
       assert proc.poll() is None
       proc.send_signal(signal.SIGINT)
     t0 = time.time()
-    try:
-      code = proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:   # OPEN: in 2 CI runs under load the loop case's SIGINT was not acted on
-      assert where == "loop"            # (docs/multihost.md); a second SIGINT must still end the process
-      proc.send_signal(signal.SIGINT)
-      t0 = time.time()
-      code = proc.wait(timeout=30)
+    code = proc.wait(timeout=10)
     err = seen + proc.stderr.read()
   finally:
     if proc.poll() is None:

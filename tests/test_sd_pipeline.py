@@ -83,7 +83,7 @@ def test_coco_tiny_train_resume_sample(tmp_path):
   # no GAN head like a stage-1 one): the head is added, the COCO train images of the prepared tfds split are
   # VAE-encoded once into the workdir with their captions, and the GAN trains; then a prompt's images.
   stage2 = lambda *a, **k: run_main(f"--workdir={tmp_path}", f"--config.gan.real_data.data_dir={data_dir}", *a,
-                                    config=COCO_TINY + ",dmd2,stage2", compile_cache=True, timeout=900, **k)
+                                    config=COCO_TINY + ",dmd2,stage2", timeout=900, **k)
   p = stage2("--config.num_train_steps=5", "--config.eval.evaluators=()")
   assert "written without the GAN critic: added a new head" in p.stderr
   assert "real latents: 2 shards of 6 coco_captions[train] images at 16px built" in p.stderr
