@@ -71,6 +71,32 @@ def test_trainable_parameters_are_the_adapters_the_config_implies(coco_run):
   print(f"\nLoRA r4 on coco:tiny: {want:,} trainable parameters in {modules} modules (UNet {unet:,})")
 
 
+def test_edm_targets_are_the_networks_equivalents(tmp_path):
+  """An EDM teacher (cifar10:tiny's DDPM++): the default targets adapt every attention, block convolution, skip,
+  noise-embedding affine and the noise-embedding MLP, counted on the teacher's EDM state dict."""
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import cifar10
+  from dmd_jax.convert import edm as edm_convert
+  from dmd_jax.teachers.edm import LORA_TARGETS
+  c = cifar10.get_config("tiny")
+  c.model.lora.rank = 2
+  teacher, frozen = teachers.build(c, str(tmp_path))
+  plan = train.lora_plans(c, teacher)["generator"]
+  sd = edm_convert.random_state_dict(json.loads(c.teacher.random_init_kwargs))
+  want = modules = 0
+  for key, w in sd.items():
+    module, leaf = key.rsplit(".", 1)
+    if leaf == "weight" and w.ndim in (2, 4) and lora.matches(module, LORA_TARGETS):
+      want += 2 * (int(np.prod(w.shape[1:])) + w.shape[0])
+      modules += 1
+  names = {p[-1] for p, _ in plan.modules}
+  assert names == set(LORA_TARGETS) and len(plan.modules) == modules == 45 and plan.num_params() == want
+  adapters = plan.init(jax.random.PRNGKey(0))
+  merged = plan.merge(frozen["teacher"], jax.tree.map(lambda x: x + 0.1, adapters))
+  changed = sum(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(frozen["teacher"])))
+  assert changed == modules
+
+
 def test_adapted_generator_starts_as_the_teacher(coco_run):
   wd, config, run = coco_run
   state = run.init_state()

@@ -52,14 +52,17 @@ def test_sd_memory_bench_tiny(tmp_path):
       assert total(hi) > total(lo)
       assert hi["flops"] > lo["flops"]
 
-  # LoRA (docs/lora.md): the generator step without the generator's copy of the UNet and its Adam moments
-  # (coco.py:tiny,lora's rank 4) is below the full fine-tune's by more than one float32 copy of the UNet
-  _bench(tmp_path / "lora.json", "--meshes", "1", "--batch_per_device", "1", "--steps", "generator", "--lora", "4")
-  [low] = json.loads((tmp_path / "lora.json").read_text())["rows"]
-  full = row("generator", 1, 1)
-  assert low["step"] == "generator step (LoRA r4)" and low["trainable_params"] == 43_072
-  unet_bytes = 4 * full["trainable_params"]
-  saved = total(full) - total(low)
-  print(f"\ngenerator step: full {total(full) / 2**20:.2f} MiB, LoRA r4 {total(low) / 2**20:.2f} MiB, saved "
-        f"{saved / 2**20:.2f} MiB = {saved / unet_bytes:.2f} float32 UNet copies")
-  assert saved > unet_bytes
+  # LoRA (docs/lora.md): each step without its network's copy of the UNet and that copy's Adam moments
+  # (coco.py:tiny,lora's rank 4; the fake score too with model.lora.fake_score) is below the full fine-tune's
+  # by more than one float32 copy of the UNet
+  _bench(tmp_path / "lora.json", "--meshes", "1", "--batch_per_device", "1", "--lora", "4", "--lora_fake")
+  lora_rows = json.loads((tmp_path / "lora.json").read_text())["rows"]
+  assert [r["step"] for r in lora_rows] == ["generator step (LoRA r4)", "fake-score step (LoRA r4)"]
+  for low, step in zip(lora_rows, ("generator", "fake-score")):
+    full = row(step, 1, 1)
+    assert low["trainable_params"] == 43_072
+    unet_bytes = 4 * full["trainable_params"]
+    saved = total(full) - total(low)
+    print(f"\n{step} step: full {total(full) / 2**20:.2f} MiB, LoRA r4 {total(low) / 2**20:.2f} MiB, saved "
+          f"{saved / 2**20:.2f} MiB = {saved / unet_bytes:.2f} float32 UNet copies")
+    assert saved > unet_bytes
