@@ -86,17 +86,6 @@ def choose_step(workdir: str, step: int | None = None) -> int:
   return step
 
 
-def restore_generator(run, step: int):
-  """The generator's train state (``params``, ``opt_state``, ``ema_params`` when kept) of checkpoint ``step``."""
-  from dmd_jax import checkpoint
-  ckpt = checkpoint.Checkpointer(run.workdir, read_only=True)
-  try:
-    state, _ = run.restore(ckpt, step)
-  finally:
-    ckpt.close()
-  return state["generator"]
-
-
 def params_source(gen_state) -> str:
   """Which parameters of the generator state are exported: ``'ema_params'`` when the run keeps an EMA."""
   return "ema_params" if "ema_params" in gen_state else "params"
@@ -161,11 +150,6 @@ def _save_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[s
   os.chmod(path, 0o644)   # safetensors creates its files owner-only; an export is meant to be shared
 
 
-def _read_json(path: str):
-  from dmd_jax import io
-  return io.read_json(path)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The families. Each writer gets the temporary output folder, the run, the float32 parameters and
 # --teacher_src, writes its files there and returns its fields of dmd_jax_generator.json.
@@ -186,9 +170,9 @@ def write_sd(out_dir: str, run, params, teacher_src: str | None = None) -> dict:
   config = run.config
   schedule = sd_teacher.vp_schedule(config)
   teacher = sd_teacher.teacher_dir(config, run.workdir)
-  unet_config = dict(_read_json(io.join(teacher, "unet", "config.json")))
+  unet_config = dict(io.read_json(io.join(teacher, "unet", "config.json")))
   unet_config.setdefault("_class_name", "UNet2DConditionModel")
-  vae_config = _read_json(io.join(teacher, "vae", "config.json"))
+  vae_config = io.read_json(io.join(teacher, "vae", "config.json"))
   state_dict = sd_convert.to_torch_state_dict(params)
   unet_dir = os.path.join(out_dir, "unet")
   os.makedirs(unet_dir)
@@ -324,7 +308,7 @@ def write_edm(out_dir: str, run, params, teacher_src: str | None = None) -> dict
   del teacher_src
   config = run.config
   teacher = edm_teacher.teacher_dir(config, run.workdir)
-  init_kwargs = _read_json(io.join(teacher, "config.json"))["init_kwargs"]
+  init_kwargs = io.read_json(io.join(teacher, "config.json"))["init_kwargs"]
   state_dict = edm_convert.to_torch_state_dict(params, init_kwargs)
   weights = os.path.join(out_dir, "generator.safetensors")
   _save_safetensors(weights, state_dict)
@@ -403,14 +387,14 @@ WRITERS: dict[str, Callable[..., dict]] = {"sd": write_sd, "edm": write_edm, "to
 SD_LORA_FILE = "pytorch_lora_weights.safetensors"   # the file name diffusers' load_lora_weights looks for
 
 
-def sd_lora_state_dict(plan, adapters) -> dict:
-  """A LoRA generator's adapters as diffusers / PEFT LoRA weights of the UNet: ``unet.<module>.lora_A.weight``
+def sd_lora_state_dict(plan, adapters, module_name) -> dict:
+  """A LoRA generator's adapters as diffusers / PEFT LoRA weights of the UNet (``module_name``: the teacher's,
+  ``Teacher.lora.module_name``): ``unet.<module>.lora_A.weight``
   and ``.lora_B.weight`` in PyTorch layout (a Linear's A ``[r, in]`` and B ``[out, r]``; a Conv2d's A a
   ``kh × kw`` convolution ``[r, in, kh, kw]``, B a 1 × 1 one ``[out, r, 1, 1]``). The scale ``alpha / rank`` is
   folded into B, so the loader's default ``lora_alpha = rank`` (scale 1) gives the trained network."""
   import numpy as np
   from dmd_jax import lora
-  from dmd_jax.convert import sd as sd_convert
   out = {}
   for path, shape in plan.modules:
     node = adapters
@@ -418,7 +402,7 @@ def sd_lora_state_dict(plan, adapters) -> dict:
       node = node[k]
     down = np.asarray(node[lora.DOWN], np.float32)
     up = np.asarray(node[lora.UP], np.float32) * plan.scale
-    name = "unet." + sd_convert.torch_key("/".join(path) + "/kernel").rsplit(".", 1)[0]
+    name = "unet." + module_name(path + ("kernel",))
     if len(shape) == 4:
       a, b = down.transpose(3, 2, 0, 1), up.T[:, :, None, None]
     else:
@@ -435,7 +419,7 @@ def write_sd_lora(out_dir: str, run, gen_state) -> dict:
   plan = run.lora["generator"]
   adapters = jax.device_get(gen_state.get("ema_params", gen_state["params"]))
   path = os.path.join(out_dir, "lora", SD_LORA_FILE)
-  _save_safetensors(path, sd_lora_state_dict(plan, adapters))
+  _save_safetensors(path, sd_lora_state_dict(plan, adapters, run.teacher.lora.module_name))
   _wrote(path, out_dir)
   return {"file": f"lora/{SD_LORA_FILE}", "rank": plan.rank, "alpha": plan.alpha,
           "scale_folded_into_lora_B": plan.scale, "targets": list(plan.targets), "num_modules": len(plan.modules),
@@ -573,8 +557,9 @@ def export(config, workdir: str, dst: str, step: int | None = None, overwrite: b
     raise FileNotFoundError(f"--workdir={workdir}: no such folder")
   step = choose_step(workdir, step)
 
+  from dmd_jax import modes
   run = train.setup(config, workdir)
-  gen_state = restore_generator(run, step)
+  gen_state, _ = modes.latest_generator(run, step)
   which = params_source(gen_state)
   params = generator_network_params(run, gen_state)
   print(f"read the generator ({which}, {_num_params(params):,} parameters) of step {step} from "

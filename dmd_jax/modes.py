@@ -15,14 +15,18 @@ from dmd_jax.evaluation import images as image_io
 from dmd_jax.evaluation import sampling
 
 
-def latest_generator(run: train.Run):
-  """``(generator state, step)`` of the latest checkpoint in the workdir; a clear error when there is none."""
+def latest_generator(run: train.Run, step: int | None = None):
+  """``(generator state, step)`` of the latest checkpoint in the workdir, or of checkpoint ``step`` (one that
+  exists: ``export.choose_step``); a clear error when there is none."""
   ckpt = checkpoint.Checkpointer(run.workdir, read_only=True)
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (same --workdir)")
-  state, _ = run.restore(ckpt, latest)
-  return state["generator"], latest
+  try:
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt.directory}: train first (same --workdir)")
+    state, _ = run.restore(ckpt, step)
+  finally:
+    ckpt.close()
+  return state["generator"], step
 
 
 def _check_npz(output: str) -> None:

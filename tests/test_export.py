@@ -24,7 +24,7 @@ import pytest
 from fixture_testing import rel_err
 from helpers import ROOT, env_with_devices
 
-from dmd_jax import checkpoint, export, train
+from dmd_jax import checkpoint, export, modes, train
 from dmd_jax.convert.common import flatten_params
 
 # the cheapest coco:tiny run that still trains and checkpoints: no regression pairs (and no LPIPS), no evaluators;
@@ -112,7 +112,7 @@ def test_sd_export_loads_in_diffusers_and_matches(tmp_path):
 
   # the generator as the run sees it (the EMA), and its output on noise latents and a training prompt
   run = train.setup(config, str(workdir))
-  gen_state = export.restore_generator(run, 2)
+  gen_state = modes.latest_generator(run, 2)[0]
   params = export.generator_network_params(run, gen_state)
   ema = flatten_params(jax.device_get(gen_state["ema_params"]))
   assert any(not np.array_equal(ema[k], v) for k, v in flatten_params(jax.device_get(gen_state["params"])).items())
@@ -313,7 +313,7 @@ def test_toy_json_describes_the_network(tmp_path, steps):
   with np.load(tmp_path / "export" / "generator.npz") as f:
     w = {k: f[k].astype(np.float64) for k in f.files}
   run = train.setup(config, str(tmp_path / "run"))
-  params = export.generator_network_params(run, export.restore_generator(run, 2))
+  params = export.generator_network_params(run, modes.latest_generator(run, 2)[0])
   z = np.random.default_rng(0).normal(size=(5, 2))
   want = np.asarray(run.teacher.generate(params, jnp.asarray(z, jnp.float32), None))
   if not steps:

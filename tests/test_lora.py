@@ -157,7 +157,7 @@ def test_coco_tiny_lora_train_resume_sample_export(tmp_path):
   from PIL import Image
   from diffusers import StableDiffusionPipeline, UNet2DConditionModel
   from fixture_testing import rel_err
-  from dmd_jax import export
+  from dmd_jax import modes
   # a large learning rate, so that three steps move the adapters far from zero (what the export must carry)
   flags = ["--config.regression.weight=0", "--config.eval.evaluators=()", "--config.optim.lr=0.01",
            "--config.optim.warmup_steps=1"]
@@ -179,7 +179,7 @@ def test_coco_tiny_lora_train_resume_sample_export(tmp_path):
   manifest = json.load(open(tmp_path / "export" / "dmd_jax_generator.json"))
   assert manifest["lora"]["rank"] == 4 and manifest["lora"]["num_params"] == 43_072
   config, lora_run = _coco_lora(tmp_path, lr=0.01)
-  gen_state = export.restore_generator(lora_run, 3)
+  gen_state = modes.latest_generator(lora_run, 3)[0]
   params = lora_run.generator_params(gen_state)
   z = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
   cond = np.asarray(lora_run.teacher.conditions.lookup(np.array([0, 3])), np.float32)

@@ -37,7 +37,7 @@ NETWORK = "edm"
 # State dict → Flax parameters.
 # ---------------------------------------------------------------------------------------------------------------
 
-def _torch_key(path: tuple[str, ...]) -> str:
+def torch_key(path: tuple[str, ...]) -> str:
   """Flax path ``('model', 'enc_16x16_block0', 'conv0', 'kernel')`` → ``model.enc.16x16_block0.conv0.weight``."""
   parts = []
   for p in path[:-1]:
@@ -61,10 +61,10 @@ def expected_state_dict(module: edm_models.EDMPrecond):
   params = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
     names = _path_names(path)
-    params[names] = (_torch_key(names), common.torch_shape(names[-1], leaf.shape))
+    params[names] = (torch_key(names), common.torch_shape(names[-1], leaf.shape))
   buffers = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(variables.get(edm_models.TORCH_BUFFERS, {}))[0]:
-    buffers[_torch_key(_path_names(path))] = tuple(leaf.shape)
+    buffers[torch_key(_path_names(path))] = tuple(leaf.shape)
   return params, buffers
 
 

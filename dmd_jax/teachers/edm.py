@@ -35,8 +35,8 @@ def teacher_dir(config, workdir: str | None) -> str:
 
 
 def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
-  from dmd_jax.convert.edm import _torch_key as edm_torch_key
   from dmd_jax.convert.edm import load_converted_edm
+  from dmd_jax.convert.edm import torch_key as edm_torch_key
   schedule = schedules.from_config(config.schedule)
   path = teacher_dir(config, workdir)
   attention = config.model.attention
