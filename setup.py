@@ -42,6 +42,9 @@ setup(
             "scikit-learn>=1.3",
             # diffusers' LoRA loading (load_lora_weights) of exported LoRA generators (tests/test_lora.py)
             "peft>=0.15",
+            # libtpu: the TPU compiler, for compile-only plans of TPU slices on this CPU (dmd_jax/plan.py,
+            # tests/test_plan.py, tests/test_splash_attention.py); JAX's default backend stays the CPU.
+            "jax[tpu]>=0.10,<0.13",
         ],
         # configs/digits.py: scikit-learn's 8x8 digits (shipped inside its wheel; nothing is downloaded).
         "digits": ["scikit-learn>=1.3"],

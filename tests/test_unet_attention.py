@@ -71,7 +71,7 @@ def test_choice_on_cpu():
   attention.dot_product_attention(q32, k32, v32, 8, impl="cudnn")     # float32 always takes the XLA path
   mask = jnp.zeros((64, 77), jnp.float32)
   attention.dot_product_attention(q, k, v, 8, mask=mask, impl="cudnn")  # and so does masked attention
-  with pytest.raises(ValueError, match=r"attention must be one of \('auto', 'xla', 'cudnn'\), got 'flash'"):
+  with pytest.raises(ValueError, match=r"attention must be one of \('auto', 'xla', 'cudnn', 'splash'\), got 'flash'"):
     attention.dot_product_attention(q, k, v, 8, impl="flash")
 
 

@@ -52,7 +52,7 @@ def torch_key(flax_path: str) -> str:
 def build_clip(config: Mapping[str, Any], dtype=jnp.float32, attention: str = "auto"):
   """``(CLIPModel, dummy inputs)`` from a transformers CLIPModel ``config.json`` dict; ``ConversionError`` for
   a configuration this port does not support. ``dtype``: the activation dtype (parameters stay float32);
-  ``attention``: the attention kernel ('auto' | 'xla' | 'cudnn', see ``dmd_jax.models.attention``;
+  ``attention``: the attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see ``dmd_jax.models.attention``;
   ``ValueError`` for another)."""
   check_implementation(attention)
   try:

@@ -355,7 +355,7 @@ def convert_file(src, dst, init_kwargs=None):
 
 def load_converted_edm(src_dir, *, dtype=jnp.float32, remat: bool = False, attention: str = "auto"):
   """Reads a folder written by ``convert_file`` → ``(EDMPrecond, params)``. ``dtype``: the activation dtype,
-  ``remat``: per-block rematerialisation, ``attention``: the attention kernel ('auto' | 'xla' | 'cudnn', see
+  ``remat``: per-block rematerialisation, ``attention``: the attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see
   ``dmd_jax.models.attention``; ``ValueError`` for another)."""
   check_implementation(attention)
   params, config = load_converted(src_dir)

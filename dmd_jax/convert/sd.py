@@ -137,7 +137,7 @@ def _read_state_dict(folder: str, stem: str) -> dict[str, np.ndarray]:
 
 
 # The builders: ``(module, dummy inputs)`` from a subfolder's config.json dict. ``dtype`` is the activation
-# dtype (parameters stay float32), ``attention`` the attention kernel ('auto' | 'xla' | 'cudnn', see
+# dtype (parameters stay float32), ``attention`` the attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see
 # dmd_jax.models.attention); a config this port does not implement, or another ``attention``, is a ValueError.
 
 def build_unet(config: Mapping[str, Any], dtype=jnp.float32, remat: bool = False, attention: str = "auto"):

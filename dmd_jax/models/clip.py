@@ -14,7 +14,7 @@ Stable Diffusion 1.x conditions on ``last_hidden_state`` (after the final LayerN
 ``pre_layrnorm`` + the same encoder + ``post_layernorm``) reuses it unmasked. Parameter names mirror
 the PyTorch state dict (the text transformer's without the ``text_model.`` prefix:
 ``encoder.layers.3.mlp.fc1.weight`` ↔ ``encoder/layers_3/mlp/fc1/kernel``). LayerNorm statistics and the
-softmax are float32. ``attention`` chooses the attention kernel ('auto' | 'xla' | 'cudnn', see
+softmax are float32. ``attention`` chooses the attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see
 ``dmd_jax.models.attention``; the text tower's causal mask always takes the XLA path).
 """
 from __future__ import annotations

@@ -6,7 +6,7 @@
 Callers apply ``config.scaling_factor`` (0.18215 for SD 1.x): ``decode(z / scaling_factor)``,
 ``encode(x) * scaling_factor``. The decoder output is not clipped (nominally in [-1, 1]).
 Parameter names mirror the diffusers state dict (see ``unet2d.py``). ``attention`` chooses the mid-block
-attention's kernel ('auto' | 'xla' | 'cudnn', see ``dmd_jax.models.attention``).
+attention's kernel ('auto' | 'xla' | 'cudnn' | 'splash', see ``dmd_jax.models.attention``).
 """
 from __future__ import annotations
 
