@@ -19,7 +19,8 @@ teacher, AdamW states). Three functions are jitted with those shardings and the 
 
 For each: compile time (``lower`` + ``compile``), the median wall time of ``--repeats`` calls after
 ``--warmup`` calls, XLA's ``compiled.memory_analysis()`` (temp, argument, output, alias, generated code; per
-device) and XLA's flop count (``cost_analysis``). The global batch is ``batch_per_device`` times the number of
+device) and XLA's flop count (``cost_analysis``), and the process's host memory once the row is done: resident now (``VmRSS``)
+and its peak so far (``ru_maxrss``; ``bench/host_memory.py``). The global batch is ``batch_per_device`` times the number of
 devices, for the DM batch and the regression batch alike. Weights are random: timing does not depend on them.
 Prints a Markdown table (rows as they finish) and, with ``--out``, writes it to a file after every row.
 """
@@ -44,6 +45,7 @@ import numpy as np  # noqa: E402
 
 from bench import common as bench_common  # noqa: E402
 from bench.common import MIB, measure  # noqa: E402
+from bench.host_memory import host_arrays, nbytes, rss, rss_text  # noqa: E402
 from dmd_jax import dmd, sharding, streams, train  # noqa: E402
 from dmd_jax.convert import edm as edm_convert  # noqa: E402
 from dmd_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
@@ -104,9 +106,12 @@ def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
   t0 = time.perf_counter()
   setup = train.setup(config, os.path.join(workdir, f"run-{args.config}"))
   nets, hyper, mesh = setup.teacher, setup.hyper, setup.mesh
+  print(f"[{dtype}, remat={remat}] after train.setup: {rss_text()}; host arrays reachable from the teacher: "
+        f"{nbytes(host_arrays(setup.teacher)) / MIB:,.1f} MiB", file=sys.stderr, flush=True)
   state = setup.init_state()
   jax.block_until_ready(state)
-  print(f"[{dtype}, remat={remat}] networks, state: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+  print(f"[{dtype}, remat={remat}] networks, state: {time.perf_counter() - t0:.0f} s; {rss_text()}", file=sys.stderr,
+        flush=True)
 
   B = config.batch_size
   batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
@@ -142,7 +147,7 @@ def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
                      donate_argnums=(0,))
     full_args = (state, setup.frozen, batch, step_key)
     del state
-    row, full_args = measure(jitted, full_args, lambda a, out: (out[0],) + a[1:], **common,
+    row, full_args = measure(_reporting_rss(jitted, STEPS[2]), full_args, lambda a, out: (out[0],) + a[1:], **common,
                              run=not args.full_compile_only)
     del full_args, jitted
     emit({**base, "step": STEPS[2], **row})
@@ -150,10 +155,27 @@ def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
   gc.collect()
 
 
+class _reporting_rss:
+  """``jitted`` for ``bench.common.measure``, printing the host RSS once compiled (before the first call)."""
+
+  def __init__(self, jitted, label: str):
+    self.jitted, self.label = jitted, label
+
+  def lower(self, *args):
+    lowered = self.jitted.lower(*args)
+
+    def compile_():
+      compiled = lowered.compile()
+      gc.collect()
+      print(f"    {self.label} compiled: {rss_text()}", file=sys.stderr, flush=True)
+      return compiled
+    return type("Lowered", (), {"compile": staticmethod(compile_)})()
+
+
 def _gen_row(args, nets, hyper, setup, state, gen_sh, frozen_sh, fake_sh, batch_sh, batch_tree_sh, repl,
              z, cond, batch, r_dm, common, base, emit):
-  jitted = bench_common.jit_generator_step(nets, hyper, gen_sh, frozen_sh, fake_sh["params"], batch_sh,
-                                           batch_tree_sh, repl)
+  jitted = _reporting_rss(bench_common.jit_generator_step(nets, hyper, gen_sh, frozen_sh, fake_sh["params"],
+                                                          batch_sh, batch_tree_sh, repl), STEPS[0])
   gen_args = (state["generator"], setup.frozen, state["fake_score"]["params"], z, cond, batch, r_dm)
   del state["generator"]
   row, gen_args = measure(jitted, gen_args, lambda a, out: (out[0],) + a[1:], **common)
@@ -163,7 +185,8 @@ def _gen_row(args, nets, hyper, setup, state, gen_sh, frozen_sh, fake_sh, batch_
 
 
 def _fake_row(nets, hyper, state, fake_sh, batch_sh, repl, x_fake, cond, r_fake, common, base, emit):
-  jitted = bench_common.jit_fake_step(nets, hyper, fake_sh, {}, batch_sh, repl)   # no LoRA: no frozen arrays
+  jitted = _reporting_rss(bench_common.jit_fake_step(nets, hyper, fake_sh, {}, batch_sh, repl),  # no LoRA: no
+                          STEPS[1])                                                       # frozen arrays
   fake_args = (state.pop("fake_score"), {}, x_fake, cond, r_fake)
   row, fake_args = measure(jitted, fake_args, lambda a, out: (out[0],) + a[1:], **common)
   state["fake_score"] = fake_args[0]
@@ -177,11 +200,12 @@ def header(args, n_params: int) -> str:
           f"config {args.config} ({n_params:,} teacher parameters); attention {args.attention}; "
           f"batch per device {args.batch_per_device}; "
           f"median of {args.repeats} after {args.warmup} warm-up call(s); memory: XLA memory_analysis per device "
-          f"in MiB (total = argument + output - alias + temp)")
+          f"in MiB (total = argument + output - alias + temp); host RSS (VmRSS) and its peak (ru_maxrss) in MiB "
+          f"after the row")
 
 
 COLUMNS = ("step", "activations", "remat", "batch / device", "global batch", "compile (s)", "step (s)",
-           "GFLOP", "temp", "argument", "output", "alias", "generated code", "total")
+           "GFLOP", "temp", "argument", "output", "alias", "generated code", "total", "host RSS", "host peak RSS")
 
 
 def format_row(r: dict) -> str:
@@ -193,7 +217,8 @@ def format_row(r: dict) -> str:
   total = f"{total / MIB:,.0f}" if total is not None else "n/a"
   cells = (r["step"], r["dtype"], "on" if r["remat"] else "off", r["batch_per_device"], r["global_batch"],
            f"{r['compile_s']:.1f}", f"{r['median_s']:.2f}" if r["times"] else "not run", flops, mib("temp"), mib("argument"), mib("output"),
-           mib("alias"), code, total)
+           mib("alias"), code, total, *(f"{r['host'][k] / MIB:,.0f}" if "host" in r else "n/a"
+                                         for k in ("rss", "peak_rss")))
   return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
@@ -243,6 +268,7 @@ def main(argv=None):
   print("\n".join(lines), flush=True)
 
   def emit(row):
+    row.setdefault("host", rss())
     lines.append(format_row(row))
     print(lines[-1], flush=True)
     print(f"    times (s): {', '.join(f'{t:.2f}' for t in row['times']) or 'not run'}", file=sys.stderr,

@@ -18,6 +18,12 @@ TINY_DDPMPP = dict(
     img_resolution=16, img_channels=3, label_dim=10, model_type="SongUNet", embedding_type="positional",
     encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1],
     model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=9, dropout=0.0)
+# The init_kwargs of edm-cifar10-32x32-{cond,uncond}-vp.pkl (EDM's --arch=ddpmpp --cond=1/0 --augment=0.12
+# --dropout=0.13): what `python -m dmd_jax.plan` compiles before the checkpoint is converted.
+DDPMPP = dict(
+    img_resolution=32, img_channels=3, label_dim=10, model_type="SongUNet", embedding_type="positional",
+    encoder_type="standard", decoder_type="standard", channel_mult_noise=1, resample_filter=[1, 1],
+    model_channels=128, channel_mult=[2, 2, 2], num_blocks=4, attn_resolutions=[16], augment_dim=9, dropout=0.13)
 
 
 def get_config(arg: str = ""):
@@ -31,7 +37,8 @@ def get_config(arg: str = ""):
       regression_weight=0.5 if uncond else 0.25,
       num_pairs=500_000 if uncond else 100_000,
       sampler_steps=18,                      # EDM Heun, 35 NFE
-      tiny_init_kwargs=tiny)
+      tiny_init_kwargs=tiny,
+      architecture=dict(DDPMPP, label_dim=0 if uncond else 10))
   if "dmd2" in v:
     dmd2(c, ttur=5, lr=5e-5, batch_size=392, num_train_steps=300_000, gan_generator=3e-3, gan_critic=1e-2,
          source="tfds", dataset="cifar10")

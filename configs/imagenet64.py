@@ -18,6 +18,12 @@ from dmd_jax.config_lib import dmd2, edm_config, parse_variants
 TINY_ADM = dict(
     img_resolution=16, img_channels=3, label_dim=1000, model_type="DhariwalUNet", model_channels=64,
     channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], augment_dim=0, dropout=0.0)
+# The init_kwargs of edm-imagenet-64x64-cond-adm.pkl (EDM's --arch=adm --dropout=0.1 --augment=0): what
+# `python -m dmd_jax.plan` compiles before the checkpoint is converted (295,899,267 parameters).
+ADM = dict(
+    img_resolution=64, img_channels=3, label_dim=1000, model_type="DhariwalUNet", model_channels=192,
+    channel_mult=[1, 2, 3, 4], channel_mult_emb=4, num_blocks=3, attn_resolutions=[32, 16, 8], dropout=0.1,
+    label_dropout=0.0, augment_dim=0)
 
 
 def get_config(arg: str = ""):
@@ -27,7 +33,8 @@ def get_config(arg: str = ""):
       regression_weight=0.25,
       num_pairs=25_000,
       sampler_steps=256,                     # EDM Heun, 511 NFE
-      tiny_init_kwargs=TINY_ADM if "tiny" in v else None)
+      tiny_init_kwargs=TINY_ADM if "tiny" in v else None,
+      architecture=ADM)
   if "stage2" in v and "dmd2" not in v:
     raise ValueError("configs/imagenet64.py: 'stage2' is a stage of 'dmd2' (use :dmd2,stage2)")
   if "dmd2" in v:

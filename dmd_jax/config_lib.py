@@ -90,19 +90,27 @@ def dmd2(c, *, ttur: int, lr: float, batch_size: int, num_train_steps: int, gan_
 
 
 def edm_config(*, lr: float, batch_size: int, num_train_steps: int, regression_weight: float, num_pairs: int,
-               sampler_steps: int, tiny_init_kwargs: dict | None) -> ml_collections.ConfigDict:
+               sampler_steps: int, tiny_init_kwargs: dict | None,
+               architecture: dict | None = None) -> ml_collections.ConfigDict:
   """An EDM-teacher DMD config (docs/method.md §2–6). ``tiny_init_kwargs`` switches to a small random-weight
-  teacher of the same family, written under the workdir, with CPU-sized batches and step counts."""
+  teacher of the same family, written under the workdir, with CPU-sized batches and step counts.
+  ``architecture``: the init_kwargs of the published checkpoint the config is for (compile-only plans before
+  any conversion, ``python -m dmd_jax.plan``)."""
   c = base_config()
   c.model = ml_collections.ConfigDict(dict(
       family="edm",
       dtype="bfloat16",     # activations; parameters, optimizer state and DM-loss arithmetic stay float32
       remat=False,
-      attention="auto",     # 'auto' (cuDNN flash attention for bf16 on GPUs, else XLA), 'xla', 'cudnn'
+      # 'auto' (GPU: cuDNN flash for bf16; TPU: splash for long self-attention; else XLA), 'xla', 'cudnn',
+      # 'splash' (docs/attention.md)
+      attention="auto",
       lora=lora_config()))
   c.teacher = ml_collections.ConfigDict(dict(
       path="",              # a folder written by `python -m dmd_jax.convert edm`; 'random' for the :tiny variants
-      random_init_kwargs=""))   # JSON init_kwargs of the random-weight teacher (teacher.path='random')
+      random_init_kwargs="",   # JSON init_kwargs of the random-weight teacher (teacher.path='random')
+      # JSON init_kwargs of the published checkpoint the config is for: what `python -m dmd_jax.plan` compiles
+      # while teacher.path is empty (no weights needed)
+      architecture=json.dumps(architecture) if architecture else ""))
   c.generator = ml_collections.ConfigDict(dict(
       sigma=80.0,           # G(z, c) = D(80 z; sigma = 80, c)
       steps=()))            # DMD2 multi-step: Karras-table timesteps t_0 = 999 > t_1 > ... (sigma = table[t])
@@ -167,7 +175,9 @@ def sd_config(*, tiny: bool) -> ml_collections.ConfigDict:
       family="sd",
       dtype="bfloat16",     # activations; parameters, optimizer state, eps -> x0 and the DM loss stay float32
       remat=True,           # gradient checkpointing of every UNet block (docs/method.md §6)
-      attention="auto",     # 'auto' (cuDNN flash attention for bf16 on GPUs, else XLA), 'xla', 'cudnn'
+      # 'auto' (GPU: cuDNN flash for bf16; TPU: splash for long self-attention; else XLA), 'xla', 'cudnn',
+      # 'splash' (docs/attention.md)
+      attention="auto",
       latent_resolution=0,  # 0: the UNet config's sample_size (64 for SD 1.5: 512 px images)
       lora=lora_config()))
   c.teacher = ml_collections.ConfigDict(dict(

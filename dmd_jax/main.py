@@ -1,6 +1,7 @@
 """Entry point: ``python -m dmd_jax.main --config=configs/toy2d.py --workdir=DIR [--mode=...]``.
 
-Modes: ``train`` (default; resumes from the latest checkpoint in the workdir), ``sample`` (one-step samples
+Modes: ``train`` (default; resumes from the latest checkpoint in the workdir), ``plan`` (the train step compiled
+for ``--topology``, its per-device memory: ``dmd_jax/plan.py``), ``sample`` (one-step samples
 of the latest checkpoint to an .npz; for text-to-image configs ``--prompt="..."`` and a .png grid), ``teacher_sample`` (the teacher's ODE samples, same format), ``eval`` (the config's metrics on the latest checkpoint), ``pairs``
 (build the regression set). Config fields are overridden with ``--config.a.b=value``; unknown keys are
 errors.
@@ -18,13 +19,21 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics, samples, pairs.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "teacher_sample", "eval", "pairs",
-                                            "teacher_train"],
-                          "What to do (teacher_train: train an EDM teacher from scratch, configs/digits.py).")
+                                            "teacher_train", "plan"],
+                          "What to do (teacher_train: train an EDM teacher from scratch, configs/digits.py; "
+                          "plan: compile the train step for --topology and print its memory, dmd_jax/plan.py).")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1000, "--mode=sample / teacher_sample: how many samples.")
-_OUTPUT = flags.DEFINE_string("output", None, "--mode=sample / teacher_sample: the output .npz file.")
+_OUTPUT = flags.DEFINE_string("output", None, "--mode=sample / teacher_sample: the output .npz file; "
+                              "--mode=plan: also write the rows to this JSON file.")
 _SEED = flags.DEFINE_integer("seed", 0, "--mode=sample / teacher_sample: the sampling seed.")
 _AT_INIT = flags.DEFINE_bool("at_init", False, "--mode=eval: evaluate the untrained generator (step 0: for EDM "
                               "and SD teachers, the teacher's own one-step sample) instead of the latest checkpoint.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "--mode=plan: v5litepod-32, v5p-64, v4-32, v6e-16, v5e:4x8, "
+                                "..., or local (this host's GPUs)")
+_BATCH_PER_DEVICE = flags.DEFINE_string("batch_per_device", "", "--mode=plan: DM batch per device, 'auto' (the "
+                                        "largest that fits), or empty (the config's global batch)")
+_STEPS = flags.DEFINE_string("steps", "train", "--mode=plan: comma-separated train, generator, fake")
+_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "--mode=plan: device memory to fit in, GiB (0: the chip's)")
 _PROMPT = flags.DEFINE_string("prompt", None, "--mode=sample, text-to-image configs: the prompt (the output "
                               "is then a .png grid of --num_samples one-step images).")
 
@@ -40,6 +49,13 @@ def main(argv):
   config = _CONFIG.value
   workdir = _WORKDIR.value
   mode = _MODE.value
+  if mode == "plan":   # compile only: no workdir, nothing written but --output (JSON)
+    if not _TOPOLOGY.value:
+      raise app.UsageError("--mode=plan needs --topology (e.g. v5litepod-32, v5p-64, local)")
+    from dmd_jax import plan
+    plan.run_plan(config, _TOPOLOGY.value, _BATCH_PER_DEVICE.value, _STEPS.value, _OUTPUT.value or "",
+                  _HBM_GIB.value)
+    return
   if workdir is None:
     raise app.UsageError("--workdir is required")
   if mode in ("sample", "teacher_sample") and not _OUTPUT.value:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax import checkpoint, io, streams, train, writers
+from dmd_jax import checkpoint, io, sharding, streams, train, writers
 from dmd_jax.evaluation import evaluators as evaluators_lib
 from dmd_jax.evaluation import images as image_io
 from dmd_jax.evaluation import sampling
@@ -105,8 +105,12 @@ def evaluate(config, workdir: str, at_init: bool = False) -> dict:
   run = train.setup(config, workdir)
   if at_init:   # the generator's initial parameters alone (not the whole train state with optimiser states)
     key = streams.key(run.config.seed, "init")
-    params = jax.jit(lambda k: run.teacher.init(k)[0],
-                     out_shardings=run.state_sharding["generator"]["params"])(key)
+    init = lambda k, frozen: run.teacher.init(k, frozen)[0]   # copied from the teacher on the mesh
+    # the whole network (a LoRA run's generator at init: the teacher itself, its adapters being zero)
+    shapes = jax.eval_shape(init, key, run.frozen)
+    shardings = sharding.tree_sharding(run.mesh, shapes, run.config.mesh.min_shard_size)
+    params = jax.jit(init, in_shardings=(sharding.replicated(run.mesh), run.frozen_sharding),
+                     out_shardings=shardings)(key, run.frozen)
     step = 0
   else:
     gen_state, step = latest_generator(run)

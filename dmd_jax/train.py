@@ -44,12 +44,15 @@ class Run:
   def is_main(self) -> bool:
     return jax.process_index() == 0
 
-  def _init(self, key):
-    return init_state(self.teacher, self.hyper, key, self.lora)
+  def _init(self, key, frozen):
+    return init_state(self.teacher, self.hyper, key, frozen, self.lora)
 
   def init_state(self):
+    """The initial train state on the mesh: the teacher copies come from the frozen arrays already there
+    (an argument of the jit, not constants), never from a host copy."""
     key = streams.key(self.config.seed, "init")
-    return jax.jit(self._init, out_shardings=self.state_sharding)(key)
+    return jax.jit(self._init, in_shardings=(sharding.replicated(self.mesh), self.frozen_sharding),
+                   out_shardings=self.state_sharding)(key, self.frozen)
 
   def sample(self, params, z, cond, keys):
     """The generator's samples with the configured ``generator.steps`` (``dmd.sample_generator``; ``keys`` [N]
@@ -136,11 +139,12 @@ def generator_steps(config) -> tuple[int, ...]:
   return steps
 
 
-def init_state(teacher: Teacher, hyper: dmd.DMDHyper, key, lora_plans: dict | None = None):
-  """The initial train state from the ``'init'`` stream's key (the GAN head from ``fold_in(key, 1)``; LoRA
-  adapters, where ``lora_plans`` has them, from ``fold_in(key, 2)`` and ``fold_in(key, 3)``: they replace the
-  network copies)."""
-  generator, fake = teacher.init(key)
+def init_state(teacher: Teacher, hyper: dmd.DMDHyper, key, frozen: dict, lora_plans: dict | None = None):
+  """The initial train state from the ``'init'`` stream's key and the frozen parameters (``Teacher.init``
+  copies the teacher network from them: the arrays on the mesh, or abstract ones under ``jax.eval_shape``);
+  the GAN head from ``fold_in(key, 1)``; LoRA adapters, where ``lora_plans`` has them, from ``fold_in(key, 2)``
+  and ``fold_in(key, 3)``: they replace the network copies."""
+  generator, fake = teacher.init(key, frozen)
   plans = lora_plans or {}
   if "generator" in plans:
     generator = plans["generator"].init(jax.random.fold_in(key, 2))
@@ -149,13 +153,14 @@ def init_state(teacher: Teacher, hyper: dmd.DMDHyper, key, lora_plans: dict | No
   return dmd.init_state(teacher, hyper, generator, fake, jax.random.fold_in(key, 1))
 
 
-def lora_plans(config, teacher: Teacher) -> dict:
+def lora_plans(config, teacher: Teacher, frozen: dict) -> dict:
   """``model.lora`` (rank 0: none): the adapters of the generator, and of the fake score with
-  ``model.lora.fake_score``, on the teacher network's kernels (docs/lora.md)."""
+  ``model.lora.fake_score``, on the teacher network's kernels (docs/lora.md). ``frozen``: the frozen parameters
+  (host, placed or abstract: only their shapes are read)."""
   cfg = config.model.get("lora")
   if cfg is None or int(cfg.rank) == 0:
     return {}
-  shapes = jax.eval_shape(teacher.init, jax.random.PRNGKey(0))[0]
+  shapes = jax.eval_shape(teacher.init, jax.random.PRNGKey(0), frozen)[0]
   plan = lora.plan(shapes, teacher.lora, cfg.rank, cfg.alpha, tuple(cfg.targets))
   return {"generator": plan, **({"fake_score": plan} if cfg.get("fake_score", False) else {})}
 
@@ -171,13 +176,15 @@ def with_lora(hyper: dmd.DMDHyper, teacher: Teacher, plans: dict) -> dmd.DMDHype
 
 def build(config, teacher: Teacher, frozen: dict, mesh, workdir: str | None = None) -> Run:
   """Pure: the run of ``teacher`` on ``mesh`` — optimisers, the abstract state (``jax.eval_shape``, nothing
-  allocated) and the shardings. ``frozen`` may be host arrays (then placed on the mesh) or
-  ``jax.ShapeDtypeStruct``s (bench scripts that only compile)."""
+  allocated) and the shardings. ``frozen`` may be host arrays (then placed on the mesh: the Run keeps only the
+  placed ones, so the caller's host dict is freed once the caller drops it) or ``jax.ShapeDtypeStruct``s (bench
+  scripts that only compile)."""
   hyper = make_hyper(config, mesh)
-  plans = lora_plans(config, teacher)
+  plans = lora_plans(config, teacher, frozen)
   hyper = with_lora(hyper, teacher, plans)
   frozen_sh = sharding.frozen_sharding(mesh, frozen, config.mesh.min_shard_size)
-  abstract = jax.eval_shape(lambda k: init_state(teacher, hyper, k, plans), streams.key(config.seed, "init"))
+  abstract = jax.eval_shape(lambda k, f: init_state(teacher, hyper, k, f, plans), streams.key(config.seed, "init"),
+                            frozen)
   state_sh = sharding.tree_sharding(mesh, abstract, config.mesh.min_shard_size)
   fingerprint = None
   if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)):
@@ -207,6 +214,7 @@ def setup(config, workdir: str) -> Run:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   teacher, frozen = teachers.build(config, workdir)
   run = build(config, teacher, frozen, mesh, workdir)
+  del frozen   # the host parameters: the run holds the ones on the mesh (and the teacher no reference to these)
   shardings = jax.tree.leaves(run.state_sharding)
   logging.info("mesh %s over %d devices; %d of %d state arrays FSDP-sharded (teacher %r)", dict(mesh.shape),
                mesh.devices.size, sum("fsdp" in s.spec for s in shardings), len(shardings), teacher.name)
@@ -313,7 +321,8 @@ def train(config, workdir: str) -> dict | None:
                     in_shardings=(run.state_sharding, run.frozen_sharding, batch_sh, repl),
                     out_shardings=(run.state_sharding, repl), donate_argnums=(0,))
   t_compile = time.time()
-  step_fn = step_fn.lower(state, run.frozen, example, step_key).compile()
+  with jax.set_mesh(run.mesh):   # the mesh in scope: activation sharding and TPU flash attention (docs/attention.md)
+    step_fn = step_fn.lower(state, run.frozen, example, step_key).compile()
   logging.info("compiled the train step in %.1f s", time.time() - t_compile)
 
   # ---- loop ----
@@ -394,7 +403,7 @@ def restore_adding_critic(run: Run, ckpt: checkpoint.Checkpointer, step: int):
   hyper0 = dataclasses.replace(run.hyper, gan_generator_weight=0.0, gan_critic_weight=0.0)
   key = streams.key(run.config.seed, "init")
   run.check_lora_base(ckpt, step)
-  abstract0 = jax.eval_shape(lambda k: init_state(run.teacher, hyper0, k, run.lora), key)
+  abstract0 = jax.eval_shape(lambda k, f: init_state(run.teacher, hyper0, k, f, run.lora), key, run.frozen)
   sharding0 = sharding.tree_sharding(run.mesh, abstract0, run.config.mesh.min_shard_size)
   old, meta = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract0, sharding0))
   fake_sh = run.state_sharding["fake_score"]

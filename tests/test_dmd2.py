@@ -129,7 +129,7 @@ def test_gan_generator_gradient_flows_through_the_fake_network():
   # the generator step does not touch the fake score: one full iteration with the fake score's optimiser off
   frozen_fake = dataclasses.replace(hyper, generator_optimizer=dmd.optax.sgd(1e-2),
                                     fake_score_optimizer=dmd.optax.set_to_zero())
-  state = train.init_state(nets, frozen_fake, jax.random.PRNGKey(0))
+  state = train.init_state(nets, frozen_fake, jax.random.PRNGKey(0), run.frozen)
   fake, gen = state["fake_score"]["params"], state["generator"]["params"]
   new, metrics = jax.jit(lambda s, b: dmd.train_step(s, run.frozen, b, jax.random.PRNGKey(3), nets=nets,
                                                      hyper=frozen_fake))(state, _real_batch(16))

@@ -81,7 +81,7 @@ def test_edm_targets_are_the_networks_equivalents(tmp_path):
   c = cifar10.get_config("tiny")
   c.model.lora.rank = 2
   teacher, frozen = teachers.build(c, str(tmp_path))
-  plan = train.lora_plans(c, teacher)["generator"]
+  plan = train.lora_plans(c, teacher, frozen)["generator"]
   sd = edm_convert.random_state_dict(json.loads(c.teacher.random_init_kwargs))
   want = modules = 0
   for key, w in sd.items():

@@ -150,7 +150,9 @@ def build_pairs(store: PairStore, sample_fn: Callable, mesh, key, sample_shape: 
     local = {"z": np.asarray(pair_noise(key, rows, sample_shape)),
              "cond": np.asarray(conditions.lookup(conditions.for_pairs(rows)))}
     g = sharding.global_batch(mesh, local, len(padded))
-    x = sharding.gather(sample(g["z"], g["cond"]))[:len(idx)]
+    with jax.set_mesh(mesh):   # traced under the mesh: activation sharding, TPU flash attention
+      x = sample(g["z"], g["cond"])
+    x = sharding.gather(x)[:len(idx)]
     if jax.process_index() == 0:
       store.write_shard(i, {"index": idx, "z": np.asarray(pair_noise(key, idx, sample_shape)), "x": x,
                             "cond": np.asarray(conditions.for_pairs(idx))})

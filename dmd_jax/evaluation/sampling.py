@@ -34,7 +34,8 @@ def sample_chunks(run, fn: Callable, params, num: int, key, chunk: int) -> Itera
     return fn(params, z, cond, jax.random.split(jax.random.fold_in(key, 1), chunk)), cond
 
   for i in range(-(-num // chunk)):
-    x, c = one(params, jax.random.fold_in(key, i))
+    with jax.set_mesh(run.mesh):   # traced under the mesh: activation sharding, TPU flash attention
+      x, c = one(params, jax.random.fold_in(key, i))
     keep = min(chunk, num - i * chunk)
     yield sharding.gather(x)[:keep], sharding.gather(c)[:keep]
 

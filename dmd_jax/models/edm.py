@@ -10,7 +10,7 @@ Parameters are float32 and named like the PyTorch modules (``model/enc_16x16_blo
 ``model.enc.16x16_block0.conv0.weight``) so that ``dmd_jax.convert.edm`` is a renaming plus layout change.
 ``dtype`` sets the activation dtype (float32 or bfloat16); GroupNorm statistics, attention logits and softmax,
 the sinusoidal / Fourier noise embeddings and the preconditioning stay float32. ``attention`` chooses the
-attention kernel ('auto' | 'xla' | 'cudnn', see ``dmd_jax.models.attention``; EDM's attention is upcast, q·k
+attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see ``dmd_jax.models.attention``; EDM's attention is upcast, q·k
 from float32 inputs, which 'auto' keeps on the XLA path).
 
 The NCSN++ Fourier frequencies (a PyTorch buffer) live in the parameter tree as ``model/map_noise/freqs`` and
@@ -29,6 +29,7 @@ from flax.core import FrozenDict
 from dmd_jax.models.attention import check_implementation, dot_product_attention
 from dmd_jax.models.layers import GroupNorm, dense
 from dmd_jax.schedules import bcast, edm_precond_coefficients
+from dmd_jax.sharding import constrain_batch
 
 Dtype = Any
 
@@ -205,16 +206,16 @@ class UNetBlock(nn.Module):
       kernel = 1 if self.resample_proj or cout != cin else 0
       orig = Conv2d(cout, kernel, up=self.up, down=self.down, resample_filter=self.resample_filter, dtype=dt,
                     name="skip")(orig)
-    x = (x + orig.astype(dt)) * self.skip_scale
+    x = constrain_batch((x + orig.astype(dt)) * self.skip_scale)
     if num_heads:
       n, h, w, _ = x.shape
       qkv = Conv2d(cout * 3, 1, dtype=dt, name="qkv")(_group_norm(self.eps, dt, name="norm2")(x))
       # PyTorch qkv output channel o = 3 * (head * d + c) + j, j in (q, k, v): interleaved, not thirds.
-      qkv = qkv.reshape(n, h * w, cout, 3)
+      qkv = constrain_batch(qkv.reshape(n, h * w, cout, 3))
       # EDM's AttentionOp: q·k and the softmax in float32.
       a = dot_product_attention(qkv[..., 0], qkv[..., 1], qkv[..., 2], num_heads, upcast=True,
                                 impl=self.attention).reshape(n, h, w, cout)
-      x = (Conv2d(cout, 1, dtype=dt, name="proj")(a) + x) * self.skip_scale
+      x = constrain_batch((Conv2d(cout, 1, dtype=dt, name="proj")(a) + x) * self.skip_scale)
     return x
 
 

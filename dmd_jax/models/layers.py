@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dmd_jax.sharding import constrain_batch
+
 Dtype = Any
 
 
@@ -95,7 +97,7 @@ class ResnetBlock2D(nn.Module):
   @nn.compact
   def __call__(self, x, temb=None):
     h = nn.silu(GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x))
-    h = conv(self.out_channels, 3, self.dtype, "conv1")(h)
+    h = constrain_batch(conv(self.out_channels, 3, self.dtype, "conv1")(h))
     if temb is not None:
       t = dense(self.out_channels, self.dtype, "time_emb_proj")(nn.silu(temb))
       h = h + t[:, None, None, :]
@@ -106,7 +108,7 @@ class ResnetBlock2D(nn.Module):
     out = x + h
     if self.output_scale_factor != 1.0:
       out = out / self.output_scale_factor
-    return out
+    return constrain_batch(out)
 
 
 class Downsample2D(nn.Module):

@@ -10,7 +10,7 @@ Precision: parameters are float32; activations run in ``dtype`` (float32 or bflo
 statistics, attention logits and softmax, and the timestep embedding are computed in float32; the returned
 epsilon is float32.
 
-``attention`` chooses the attention kernel ('auto' | 'xla' | 'cudnn', see ``dmd_jax.models.attention``). The
+``attention`` chooses the attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see ``dmd_jax.models.attention``). The
 norms, convs and resnet / resampling blocks are ``dmd_jax.models.layers`` (shared with ``vae.py``).
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dmd_jax.models.attention import dot_product_attention
+from dmd_jax.sharding import constrain_batch
 from dmd_jax.models.layers import (Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, Upsample2D, conv,
                                    dense)
 
@@ -65,11 +66,10 @@ class Attention(nn.Module):
   def __call__(self, x, context=None):
     context = x if context is None else context
     inner = self.heads * self.dim_head
-    q = dense(inner, self.dtype, "to_q", use_bias=False)(x)
-    k = dense(inner, self.dtype, "to_k", use_bias=False)(context)
-    v = dense(inner, self.dtype, "to_v", use_bias=False)(context)
-    out = dot_product_attention(q, k, v, self.heads, upcast=self.upcast, impl=self.attention)
-    return dense(self.out_dim, self.dtype, "to_out_0")(out)
+    q, k, v = (constrain_batch(dense(inner, self.dtype, name, use_bias=False)(y))
+               for name, y in (("to_q", x), ("to_k", context), ("to_v", context)))
+    out = constrain_batch(dot_product_attention(q, k, v, self.heads, upcast=self.upcast, impl=self.attention))
+    return constrain_batch(dense(self.out_dim, self.dtype, "to_out_0")(out))
 
 
 class GEGLU(nn.Module):
@@ -79,7 +79,7 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h, gate = jnp.split(dense(2 * self.dim_out, self.dtype, "proj")(x), 2, axis=-1)
+    h, gate = jnp.split(constrain_batch(dense(2 * self.dim_out, self.dtype, "proj")(x)), 2, axis=-1)
     return h * nn.gelu(gate, approximate=False)
 
 
@@ -110,7 +110,7 @@ class BasicTransformerBlock(nn.Module):
     x = Attention(**kw, name="attn1")(LayerNorm(1e-5, self.dtype, name="norm1")(x)) + x
     x = Attention(**kw, name="attn2")(LayerNorm(1e-5, self.dtype, name="norm2")(x), context) + x
     x = FeedForward(self.dim, dtype=self.dtype, name="ff")(LayerNorm(1e-5, self.dtype, name="norm3")(x)) + x
-    return x
+    return constrain_batch(x)
 
 
 class Transformer2DModel(nn.Module):
@@ -142,7 +142,7 @@ class Transformer2DModel(nn.Module):
       x = dense(c, self.dtype, "proj_out")(x).reshape(b, h, w, c)
     else:
       x = conv(c, 1, self.dtype, "proj_out")(x.reshape(b, h, w, inner))
-    return x + residual
+    return constrain_batch(x + residual)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -379,7 +379,7 @@ class UNet2DConditionModel(nn.Module):
   ``[B, H/2^k, W/2^k, C_last]`` in ``dtype`` (the bottleneck DMD2's GAN head reads).
 
   ``remat`` rematerialises each down/mid/up block in the backward pass (gradient checkpointing);
-  ``attention`` is the attention kernel ('auto' | 'xla' | 'cudnn', see ``dmd_jax.models.attention``).
+  ``attention`` is the attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see ``dmd_jax.models.attention``).
   """
   config: UNetConfig
   dtype: Dtype = jnp.float32

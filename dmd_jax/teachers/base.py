@@ -6,7 +6,10 @@ generator, the two denoisers, the noise and the conditions; the loop and the mod
 sampler, the decoder to outputs and the regression distance. No field is optional.
 
 Frozen parameters are one dict: ``'teacher'`` (the teacher network's, FSDP-sharded like the trainable state)
-and whatever else the family's functions read (LPIPS, a VAE: replicated; ``sharding.frozen_sharding``).
+and whatever else the family's functions read (LPIPS, a VAE: replicated; ``sharding.frozen_sharding``). A
+family's ``build`` returns them as host arrays; ``train.build`` places them on the mesh, and nothing keeps the host
+ones after that: the Teacher's functions close over shapes at most (:func:`abstract`), and ``Teacher.init``
+copies the teacher from the placed arrays it is given (:func:`teacher_copies`).
 """
 from __future__ import annotations
 
@@ -190,7 +193,10 @@ class Teacher:
   -> x0``: the generator at timestep ``t`` (the later steps of a multi-step generator, docs/method.md §7);
   ``real_denoise(frozen['teacher'], x_t, t, cond) -> x0``
   (classifier-free guidance inside, where the family has it); ``fake_denoise(fake_params, x_t, t, cond)``;
-  ``sample_noise(rng, n) -> z``; ``init(rng) -> (generator_params, fake_params)``;
+  ``sample_noise(rng, n) -> z``; ``init(rng, frozen) -> (generator_params, fake_params)``: the initial
+  trainable parameters, copies of ``frozen['teacher']``'s network where the generator starts as the teacher
+  (:func:`teacher_copies`; ``frozen`` as placed on the mesh, or abstract under ``jax.eval_shape``; the toy
+  family ignores it), so that no family keeps the host parameters ``build`` returned;
   ``regression_distance(frozen, x, y) -> [N]`` (docs/method.md §5); ``decode(frozen, x)`` → outputs: images
   in [-1, 1] when ``images`` (latent teachers decode with their VAE), the samples themselves otherwise;
   ``critic``: DMD2's GAN head on the fake network (:class:`Critic`); ``lora``: what LoRA adapts (``dmd_jax/lora.py``);
@@ -217,17 +223,22 @@ class Teacher:
                # generator is not a copy of the teacher network (toy)
 
 
-def teacher_copies(teacher_params) -> Callable:
-  """``Teacher.init`` of the families whose generator and fake score both start from the teacher
-  (docs/method.md §2): ``rng -> (float32 copy, float32 copy)`` of ``teacher_params``. Abstract teacher
-  parameters (``jax.ShapeDtypeStruct``, the compile-only bench scripts) are allowed under ``jax.eval_shape``,
-  which is all that ever sees their copies."""
-  def f32(a):
-    return jnp.zeros(a.shape, jnp.float32) if isinstance(a, jax.ShapeDtypeStruct) else jnp.array(a, jnp.float32)
+def abstract(tree):
+  """The ``jax.ShapeDtypeStruct`` of every array of ``tree``: what shape-only closures (a critic's
+  ``feature_shape``) keep instead of the arrays, so that no closure holds a host copy of a network."""
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), tree)
 
-  def init(rng):
+
+def teacher_copies(network: Callable[[dict], Any]) -> Callable:
+  """``Teacher.init`` of the families whose generator and fake score both start from the teacher
+  (docs/method.md §2): ``(rng, frozen) -> (float32 copy, float32 copy)`` of ``network(frozen)``, the teacher
+  network among the frozen parameters. It closes over no array: the copies come from the ``frozen`` it is
+  given — the arrays on the mesh, as an argument of ``train.Run.init_state``'s jit, so no host copy of the
+  teacher outlives ``train.build`` — or from abstract ones under ``jax.eval_shape`` (``train.build``, the
+  compile-only bench scripts)."""
+  def init(rng, frozen):
     del rng
-    copy = jax.tree.map(f32, teacher_params)
+    copy = jax.tree.map(lambda a: jnp.array(a, jnp.float32, copy=True), network(frozen))
     return copy, jax.tree.map(jnp.copy, copy)
   return init
 
@@ -263,3 +274,13 @@ def distance_params(config, workdir: str | None) -> dict:
     return {}
   from dmd_jax import pretrained
   return pretrained.lpips(config, workdir)
+
+
+def abstract_distance_params(config) -> dict:
+  """:func:`distance_params` as shapes (nothing read): the LPIPS-VGG16 parameters' ``jax.ShapeDtypeStruct``, or
+  ``{}`` for 'l2' / 'mse'."""
+  if config.regression.distance != "lpips":
+    return {}
+  from dmd_jax.models.lpips import LPIPS
+  image = jnp.zeros((1, 16, 16, 3), jnp.float32)
+  return jax.eval_shape(lambda: LPIPS().init(jax.random.PRNGKey(0), image, image))["params"]

@@ -35,14 +35,47 @@ def teacher_dir(config, workdir: str | None) -> str:
 
 
 def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
+  """Reads the converted teacher (``teacher.path``) and the LPIPS weights, then :func:`edm_teacher`."""
   from dmd_jax.convert.edm import load_converted_edm
+  teacher, teacher_params = load_converted_edm(teacher_dir(config, workdir), attention=config.model.attention)
+  return (edm_teacher(config, teacher, teacher_params),
+          {"teacher": teacher_params, "lpips": base.distance_params(config, workdir)})
+
+
+def abstract(config) -> tuple[base.Teacher, dict]:
+  """The EDM teacher from its ``init_kwargs`` alone (:func:`init_kwargs`), frozen parameters as shapes
+  (``teachers.abstract``)."""
+  from dmd_jax.models.edm import edm_module_from_kwargs, init_inputs
+  module = edm_module_from_kwargs(init_kwargs(config), attention=config.model.attention)
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *init_inputs(module)))["params"]
+  return edm_teacher(config, module, shapes), {"teacher": shapes, "lpips": base.abstract_distance_params(config)}
+
+
+def init_kwargs(config) -> dict:
+  """The teacher network's EDM ``init_kwargs``: the converted folder's (``teacher.path``), the random teacher's
+  (``'random'``: ``teacher.random_init_kwargs``), or with no path the published checkpoint's that the config
+  names (``teacher.architecture``)."""
+  from dmd_jax import io
+  t = config.teacher
+  if t.path == "random":
+    return json.loads(t.random_init_kwargs)
+  if t.path:
+    return io.read_json(io.join(t.path, "config.json"))["init_kwargs"]
+  if not t.get("architecture"):
+    raise ValueError("teacher.path is empty and the config names no teacher.architecture (the EDM init_kwargs "
+                     "JSON of the network to plan for)")
+  return json.loads(t.architecture)
+
+
+def edm_teacher(config, teacher, teacher_shapes) -> base.Teacher:
+  """The ``Teacher`` of an EDM network (no I/O): ``teacher`` the float32 ``EDMPrecond`` module,
+  ``teacher_shapes`` its parameters or their shapes (only shapes are kept: ``init`` copies the network from the
+  frozen parameters it is given). The frozen parameters these functions take are ``{'teacher', 'lpips'}``."""
   from dmd_jax.convert.edm import torch_key as edm_torch_key
   schedule = schedules.from_config(config.schedule)
-  path = teacher_dir(config, workdir)
-  attention = config.model.attention
-  teacher, teacher_params = load_converted_edm(path, attention=attention)
-  student, _ = load_converted_edm(path, dtype=base.model_dtype(config), remat=config.model.remat,
-                                  attention=attention)
+  # the trainable network: the same module in the model dtype (the parameters are read once: the frozen teacher's)
+  student = teacher.clone(dtype=base.model_dtype(config), remat=config.model.remat)
+  shapes = base.abstract(teacher_shapes)   # what the closures keep: no host copy of the teacher (base.Teacher)
   res, ch, label_dim = teacher.img_resolution, teacher.img_channels, teacher.label_dim
   sigma_gen = float(config.generator.sigma)
   distance = base.distance(config)
@@ -55,8 +88,8 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
     return apply(student, p, x_t, schedule.sigma(t), cond, return_features=True)[1].astype(jnp.float32)
 
   def feature_shape():
-    return jax.eval_shape(features, teacher_params, jnp.zeros((1, res, res, ch), jnp.float32),
-                          jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32)).shape[1:]
+    return jax.eval_shape(features, shapes, jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32),
+                          jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)).shape[1:]
 
   def generate(params, z, cond):
     return apply(student, params, sigma_gen * z, jnp.full((z.shape[0],), sigma_gen, jnp.float32), cond)
@@ -76,7 +109,7 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
       real_denoise=lambda p, x_t, t, cond: apply(teacher, p, x_t, schedule.sigma(t), cond),
       fake_denoise=lambda p, x_t, t, cond: apply(student, p, x_t, schedule.sigma(t), cond),
       sample_noise=lambda rng, n: jax.random.normal(rng, (n, res, res, ch), jnp.float32),
-      init=base.teacher_copies(teacher_params),
+      init=base.teacher_copies(lambda frozen: frozen["teacher"]),
       conditions=conditions,
       sampler=base.TeacherSampler(sample=teacher_sample, nfe=2 * steps - 1,
                                   spec={"sampler": "edm_heun", "sampler_steps": steps}),
@@ -90,4 +123,4 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
                      module_name=lambda path: edm_torch_key(path).rsplit(".", 1)[0],
                      default_targets=LORA_TARGETS),
   )
-  return out, {"teacher": teacher_params, "lpips": base.distance_params(config, workdir)}
+  return out

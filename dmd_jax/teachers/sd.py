@@ -56,20 +56,22 @@ def check_schedule(schedule, scheduler_config, path):
                        f"(schedule.* must describe the teacher's training schedule)")
 
 
-def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, conditions) -> base.Teacher:
+def sd_teacher(config, unet_config: dict, vae_config: dict, unet_shapes, conditions) -> base.Teacher:
   """The ``Teacher`` of an SD pipeline, built from modules only (no I/O): what ``build`` returns once the
   converted pipeline and the prompts are at hand (``bench/sd_memory.py`` calls it on abstract values).
 
   ``unet_config`` / ``vae_config``: the converted pipeline's ``config.json`` dicts (e.g. ``convert.sd.SD15_UNET``);
   the teacher UNet and the VAE that writes images run in float32, the trainable UNet (generator and fake score,
   rematerialised when ``model.remat``) and the VAE inside the regression loss in ``model.dtype``.
-  ``teacher_params``: the UNet's parameters, copied into both trainable networks by ``init`` (abstract values
-  are fine under ``jax.eval_shape``). ``conditions``: a ``base.PromptConditions``. The frozen parameters these
-  functions take are :func:`sd_frozen`'s.
+  ``unet_shapes``: the UNet's parameters or their shapes (only the shapes are kept: ``init`` copies the UNet
+  from the frozen parameters it is given, ``frozen['teacher']['unet']``, so no closure holds a host copy).
+  ``conditions``: a ``base.PromptConditions``. The frozen parameters these functions take are
+  :func:`sd_frozen`'s.
   """
   from dmd_jax.convert.sd import build_unet, build_vae, torch_key
   from dmd_jax.samplers import ddim_sample, pndm_sample
   schedule = vp_schedule(config)
+  unet_shapes = base.abstract(unet_shapes)
   dtype, attention = base.model_dtype(config), config.model.attention
   teacher = build_unet(unet_config, attention=attention)[0]
   student = build_unet(unet_config, dtype=dtype, remat=bool(config.model.remat), attention=attention)[0]
@@ -98,7 +100,7 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, cond
 
   def feature_shape():
     cond = jax.ShapeDtypeStruct((1, 1, int(teacher.config.cross_attention_dim[0])), jnp.float32)
-    return jax.eval_shape(features, teacher_params, jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32),
+    return jax.eval_shape(features, unet_shapes, jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32),
                           jax.ShapeDtypeStruct((1,), jnp.int32), cond).shape[1:]
 
   sampler = config.regression.get("sampler", "pndm")
@@ -134,7 +136,7 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, teacher_params, cond
       real_denoise=real_denoiser(teacher, schedule, g),
       fake_denoise=fake_denoise,
       sample_noise=lambda rng, n: jax.random.normal(rng, (n, res, res, ch), jnp.float32),
-      init=base.teacher_copies(teacher_params),
+      init=base.teacher_copies(lambda frozen: frozen["teacher"]["unet"]),
       conditions=conditions,
       sampler=base.TeacherSampler(sample=teacher_sample, nfe=nfe,
                                   spec={"sampler": sampler, "sampler_steps": steps, "guidance_scale": g}),
@@ -183,7 +185,54 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
   encoder_id = path if "://" in path else os.path.abspath(path)
   prompts = PromptSet(prompts_from_config(config.data), encoder, workdir, encoder_id, config.data.embedding_dtype)
   conditions = base.PromptConditions(prompts, config.seed, encode_text=encoder)
-  teacher = sd_teacher(config, teacher_sd["configs"]["unet"], teacher_sd["configs"]["vae"], unet_params,
-                       conditions)
+  teacher = sd_teacher(config, teacher_sd["configs"]["unet"], teacher_sd["configs"]["vae"],
+                       base.abstract(unet_params), conditions)
   uncond = encoder([""])                                  # [1, L, D]: the empty prompt (guidance)
   return teacher, sd_frozen(unet_params, uncond, teacher_sd["vae"][1], base.distance_params(config, workdir))
+
+
+class AbstractPrompts:
+  """A prompt set of ``n`` prompts known by the shape of its embedding table only (``[n, L, D]``), standing in
+  for ``data.prompts.PromptSet`` where nothing is embedded (compile-only plans: the training step takes the
+  conditions from its batch)."""
+  key = "abstract"
+
+  def __init__(self, n: int, length: int, width: int):
+    self.table = jax.ShapeDtypeStruct((n, length, width), jnp.float32)
+
+  def __len__(self):
+    return self.table.shape[0]
+
+  def lookup(self, ids):
+    raise NotImplementedError("an abstract prompt set has no embeddings")
+
+  eval_table = lookup
+
+
+def network_configs(config) -> dict:
+  """The ``config.json`` dicts of the UNet, VAE and text encoder: the converted folder's (``teacher.path``),
+  the tiny random pipeline's (``'random'``), or SD 1.5's (no path: the network ``configs/coco.py`` names)."""
+  from dmd_jax import io
+  from dmd_jax.convert import sd as sdc
+  path = config.teacher.path
+  if path == "random":
+    return {"unet": sdc.TINY_UNET, "vae": sdc.TINY_VAE, "text_encoder": sdc.TINY_CLIP}
+  if not path:
+    return {"unet": sdc.SD15_UNET, "vae": sdc.SD15_VAE, "text_encoder": sdc.SD15_TEXT}
+  return {name: io.read_json(io.join(path, name, "config.json")) for name in sdc.NETWORKS}
+
+
+def abstract(config) -> tuple[base.Teacher, dict]:
+  """The SD teacher from the networks' configs alone (:func:`network_configs`), frozen parameters as shapes
+  (``teachers.abstract``)."""
+  from dmd_jax.convert.sd import build_unet, build_vae
+  cfgs = network_configs(config)
+  shapes = lambda module, inputs: jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs))["params"]
+  unet_params, vae_params = shapes(*build_unet(cfgs["unet"])), shapes(*build_vae(cfgs["vae"]))
+  text = cfgs["text_encoder"]
+  length, width = int(text["max_position_embeddings"]), int(text["hidden_size"])
+  n = len(config.data.prompts) or int(config.data.num_prompts) or 1
+  conditions = base.PromptConditions(AbstractPrompts(n, length, width), config.seed, encode_text=None)
+  frozen = sd_frozen(unet_params, jax.ShapeDtypeStruct((1, length, width), jnp.float32), vae_params,
+                     base.abstract_distance_params(config))
+  return sd_teacher(config, cfgs["unet"], cfgs["vae"], unet_params, conditions), frozen

@@ -92,7 +92,8 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
                        schedule.sigma_data)
   generate, generate_at, init_generator = _generator(config, schedule, dim)
 
-  def init(rng):
+  def init(rng, frozen):   # random MLPs: no teacher network to copy
+    del frozen
     r_g, r_f = jax.random.split(rng)
     x = jnp.zeros((1, dim), jnp.float32)
     return init_generator(r_g), fake_net.init(r_f, x, jnp.zeros((1,), jnp.float32))["params"]
@@ -133,3 +134,9 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
       lora=None,            # the generator is its own MLP, not a copy of a teacher network
   )
   return teacher, {"teacher": {}}
+
+
+def abstract(config) -> tuple[base.Teacher, dict]:
+  """The toy teacher (analytic: nothing to read) with its frozen parameters as shapes (``teachers.abstract``)."""
+  teacher, frozen = build(config, None)
+  return teacher, base.abstract(frozen)

@@ -1,0 +1,103 @@
+"""No host copy of the teacher outlives ``train.build`` (issue "Host memory"): the Teacher's functions close over
+shapes only, ``Teacher.init`` copies the teacher from the frozen arrays on the mesh, and the copies are exact and
+distinct buffers (donating the state leaves the frozen teacher intact)."""
+import gc
+import importlib.util
+import os
+import types
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dmd_jax import teachers, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name: str, variant: str):
+  spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(variant)
+  config.regression.distance = "l2"   # no LPIPS network: only the teacher's arrays are at stake
+  return config
+
+
+def reachable_arrays(root) -> list:
+  """Every numpy / jax array reachable from ``root`` through containers, object attributes, bound methods and
+  functions' closures and defaults (not through modules, classes or a function's globals)."""
+  seen, stack, found = set(), [root], []
+  while stack:
+    o = stack.pop()
+    if id(o) in seen:
+      continue
+    seen.add(id(o))
+    if isinstance(o, (np.ndarray, jax.Array)):
+      found.append(o)
+    elif isinstance(o, (types.ModuleType, type)):
+      continue
+    elif isinstance(o, types.FunctionType):
+      stack += [c.cell_contents for c in o.__closure__ or () if c.cell_contents is not None]
+      stack += list(o.__defaults__ or ()) + list((o.__kwdefaults__ or {}).values())
+    else:
+      stack += gc.get_referents(o)
+  return found
+
+
+def _nbytes(arrays) -> int:
+  return sum(int(a.nbytes) for a in arrays)
+
+
+def test_walk_finds_a_closed_over_teacher():
+  """The walk is not vacuous: a function closing over host parameters (the old ``teacher_copies``) reaches them."""
+  params = {"w": np.ones((64, 64), np.float32), "b": [np.zeros(3, np.float32)]}
+
+  def make(p):
+    return lambda rng: jax.tree.map(jnp.array, p)
+  assert _nbytes(reachable_arrays(types.SimpleNamespace(init=make(params)))) == 64 * 64 * 4 + 12
+
+
+def test_teacher_keeps_no_host_copy_and_init_copies_the_placed_teacher(tmp_path, monkeypatch):
+  host = []   # weak references to the host teacher arrays teachers.build hands train.setup
+  build_teacher = teachers.build
+
+  def build(config, workdir):
+    teacher, frozen = build_teacher(config, workdir)
+    host.extend(weakref.ref(a) for a in jax.tree.leaves(frozen["teacher"]))
+    return teacher, frozen
+  monkeypatch.setattr(train.teachers, "build", build)
+  run = train.setup(_config("cifar10", "tiny"), str(tmp_path))
+  jax.block_until_ready(run.frozen)
+  gc.collect()
+  alive = [r for r in host if r() is not None]
+  assert host and not alive, f"{len(alive)} of {len(host)} host teacher arrays outlive train.setup"
+  teacher_leaves = jax.tree.leaves(run.frozen["teacher"])
+  teacher_bytes = _nbytes(teacher_leaves)
+  assert teacher_bytes > 100_000 and all(isinstance(a, jax.Array) for a in teacher_leaves)
+
+  # the Teacher (its closures) and everything of the run but the placed frozen parameters: no array the size of
+  # a teacher array (the schedules' small tables aside), no host numpy array at all in the Teacher
+  held = reachable_arrays([run.teacher, run.hyper, run.lora, run.cache, run.abstract_state, run.state_sharding])
+  assert _nbytes(held) < 0.01 * teacher_bytes, [(type(a).__name__, a.shape) for a in held]
+  assert not [a for a in reachable_arrays(run.teacher) if isinstance(a, np.ndarray) and a.size > 1024]
+
+  # the initial generator and fake score: float32 copies of the teacher on the mesh, bit for bit, in buffers of
+  # their own
+  state = run.init_state()
+  copies = {"generator": state["generator"]["params"], "fake score": state["fake_score"]["params"]}
+  for name, params in copies.items():
+    leaves = jax.tree.leaves(params)
+    assert jax.tree.structure(params) == jax.tree.structure(run.frozen["teacher"]), name
+    for a, t in zip(leaves, teacher_leaves):
+      assert a.dtype == jnp.float32 and a.sharding == t.sharding, name
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(t), err_msg=name)
+      assert a.addressable_shards[0].data.unsafe_buffer_pointer() != \
+          t.addressable_shards[0].data.unsafe_buffer_pointer(), name
+  want = [np.asarray(t).copy() for t in teacher_leaves]
+  bumped = jax.jit(lambda s: jax.tree.map(lambda x: x + 1, s), donate_argnums=0)(state)   # the state donated
+  jax.block_until_ready(bumped)
+  for t, w in zip(jax.tree.leaves(run.frozen["teacher"]), want):
+    assert not t.is_deleted()
+    np.testing.assert_array_equal(np.asarray(t), w)
