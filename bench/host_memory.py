@@ -48,18 +48,20 @@ def rss_text(r: dict | None = None) -> str:
   return f"RSS {r['rss'] / MIB:,.0f} MiB, peak {r['peak_rss'] / MIB:,.0f} MiB"
 
 
-def host_arrays(root) -> list:
-  """The numpy arrays reachable from ``root`` through containers, object attributes, bound methods and
-  functions' closures and defaults (not through modules, classes, functions' globals or jax arrays)."""
+def host_arrays(root, device_arrays: bool = False) -> list:
+  """The numpy arrays (with ``device_arrays`` also the jax arrays) reachable from ``root`` through containers,
+  object attributes, bound methods and functions' closures and defaults (not through modules, classes or
+  functions' globals). ``tests/test_host_memory.py`` uses it too."""
   import jax
   import numpy as np
+  kinds = (np.ndarray, jax.Array) if device_arrays else np.ndarray
   seen, stack, found = set(), [root], []
   while stack:
     o = stack.pop()
     if id(o) in seen:
       continue
     seen.add(id(o))
-    if isinstance(o, np.ndarray):
+    if isinstance(o, kinds):
       found.append(o)
     elif isinstance(o, (types.ModuleType, type, jax.Array)):
       continue

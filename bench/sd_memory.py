@@ -89,66 +89,25 @@ def _set_xla_flags(n: int, fast_compile: bool) -> None:
   os.environ["XLA_FLAGS"] = flags.strip()
 
 
-class AbstractPrompts:
-  """The prompt set ``teachers.base.PromptConditions`` expects, standing in for ``data.prompts.PromptSet``:
-  the shape of the embedding table only (nothing here is ever looked up)."""
-
-  key = "abstract"
-
-  def __init__(self, n: int, length: int, width: int):
-    import jax
-    import numpy as np
-    self.table = jax.ShapeDtypeStruct((n, length, width), np.float32)
-
-  def __len__(self):
-    return self.table.shape[0]
-
-  def lookup(self, ids):
-    raise NotImplementedError("the memory benchmark has no prompt embeddings")
-
-  eval_table = lookup
-
-
 class Model:
-  """The abstract SD networks of one config: configs, abstract frozen parameters, the prompt stand-in."""
+  """The abstract SD networks of one config (``teachers.sd.abstract``: the teacher from the networks' configs,
+  frozen parameters as shapes): configs, abstract frozen parameters, parameter counts."""
 
   def __init__(self, tiny: bool):
-    import jax
-    import jax.numpy as jnp
     from dmd_jax.config_lib import sd_config
-    from dmd_jax.teachers import base, sd
-    from dmd_jax.convert import sd as sdc
-    from dmd_jax.models.lpips import LPIPS
+    from dmd_jax.teachers import sd
     self.tiny = tiny
     self.config = sd_config(tiny=tiny)
-    if tiny:
-      self.unet_cfg, self.vae_cfg, text_cfg = sdc.TINY_UNET, sdc.TINY_VAE, sdc.TINY_CLIP
-    else:
-      self.unet_cfg, self.vae_cfg, text_cfg = sdc.SD15_UNET, sdc.SD15_VAE, sdc.SD15_TEXT
-    abstract = lambda module, inputs: jax.eval_shape(
-        lambda: module.init(jax.random.PRNGKey(0), *inputs))["params"]
-    self.unet_params = abstract(*sdc.build_unet(self.unet_cfg))
-    vae_params = abstract(*sdc.build_vae(self.vae_cfg))
-    image = jnp.zeros((1, 16, 16, 3), jnp.float32)
-    lpips_params = abstract(LPIPS(), (image, image)) if self.config.regression.distance == "lpips" else {}
-    length, width = text_cfg["max_position_embeddings"], text_cfg["hidden_size"]
-    n_prompts = len(self.config.data.prompts) if tiny else self.config.data.num_prompts
-    self.prompts = AbstractPrompts(n_prompts, length, width)
-    uncond = jax.ShapeDtypeStruct((1, length, width), jnp.float32)
-    self.frozen = sd.sd_frozen(self.unet_params, uncond, vae_params, lpips_params)
-    conditions = base.PromptConditions(self.prompts, self.config.seed, encode_text=None)
-    self.teacher = sd.sd_teacher(self.config, self.unet_cfg, self.vae_cfg, self.unet_params, conditions)
+    self.teacher, self.frozen = sd.abstract(self.config)
+    cfgs = sd.network_configs(self.config)
+    self.unet_cfg, self.vae_cfg = cfgs["unet"], cfgs["vae"]
     self.counts = {name: _count(tree) for name, tree in
-                   (("UNet", self.unet_params), ("VAE", vae_params), ("LPIPS VGG16", lpips_params))}
+                   (("UNet", self.frozen["teacher"]["unet"]), ("VAE", self.frozen["vae"]),
+                    ("LPIPS VGG16", self.frozen["lpips"]))}
 
 def _count(tree) -> int:
   import jax
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
-
-
-def _sharded(tree, shardings):
-  from dmd_jax.checkpoint import abstract_with_shardings
-  return abstract_with_shardings(tree, shardings)
 
 
 def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit, lora_rank: int = 0,
@@ -157,9 +116,8 @@ def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit, lora_ra
   ``train.build`` (hyper-parameters, abstract state, shardings) as a training run does, then compiles each
   step. ``lora_rank`` > 0: the generator (with ``lora_fake`` also the fake score) trains LoRA adapters."""
   import jax
-  import jax.numpy as jnp
   from bench import common
-  from dmd_jax import sharding, train
+  from dmd_jax import plan, sharding, train
 
   config = model.config.copy_and_resolve_references()
   rb = -(-b // 2)
@@ -169,19 +127,8 @@ def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit, lora_ra
   t0 = time.perf_counter()
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, devices=jax.devices()[:n])
   run = train.build(config, model.teacher, model.frozen, mesh)
-  nets, hyper, state_sh, frozen_sh = run.teacher, run.hyper, run.state_sharding, run.frozen_sharding
-  key = jax.random.PRNGKey(config.seed)
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  state, frozen = _sharded(run.abstract_state, state_sh), _sharded(model.frozen, frozen_sh)
-
-  f32 = jnp.float32
-  cond_shape = model.prompts.table.shape[1:]
-  rows = lambda k, shape: jax.ShapeDtypeStruct((k,) + tuple(shape), f32, sharding=batch_sh)
+  state_sh = run.state_sharding
   B, RB = config.batch_size, config.regression.batch_size
-  z, cond = rows(B, nets.sample_shape), rows(B, cond_shape)
-  batch = {"reg_z": rows(RB, nets.sample_shape), "reg_x": rows(RB, nets.sample_shape),
-           "reg_cond": rows(RB, cond_shape)}
-  rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=repl)
   base = dict(layout=layout, devices=n, data=config.mesh.data, fsdp=config.mesh.fsdp, batch_per_device=b,
               regression_per_device=rb, global_batch=B, global_regression_batch=RB)
   n_sharded = sum("fsdp" in s.spec for s in jax.tree.leaves(state_sh))
@@ -189,20 +136,17 @@ def compile_rows(model: Model, n: int, layout: str, b: int, steps, emit, lora_ra
         f"{time.perf_counter() - t0:.1f} s ({n_sharded} of {len(jax.tree.leaves(state_sh))} state arrays "
         f"FSDP-sharded)", file=sys.stderr, flush=True)
 
-  gen_sh, fake_sh = state_sh["generator"], state_sh["fake_score"]
+  # the steps jitted as train.py jits its step, on abstract arguments (dmd_jax/plan.py)
+  programs = plan.programs(run, ["fake" if step == "fake" else "generator" for step in steps])
   for step in steps:
     print(f"  compiling the {STEPS[step]} ...", file=sys.stderr, flush=True)
-    if step == "generator":
-      jitted = common.jit_generator_step(nets, hyper, gen_sh, frozen_sh, fake_sh["params"], batch_sh,
-                                         jax.tree.map(lambda _: batch_sh, batch), repl)
-      args = (state["generator"], frozen, state["fake_score"]["params"], z, cond, batch, rng)
-    else:
-      jitted = common.jit_fake_step(nets, hyper, fake_sh, frozen_sh, batch_sh, repl)
-      args = (state["fake_score"], frozen, z, cond, rng)   # z stands for the detached generator samples
-    row, _ = common.measure(jitted, args, None, warmup=0, repeats=0, run=False)
+    jitted, args = programs[step]
+    with jax.set_mesh(mesh):
+      row, _ = common.measure(jitted, args, None, warmup=0, repeats=0, run=False)
     lora = lora_rank and (step == "generator" or lora_fake)
     emit({**base, "step": STEPS[step] + (f" (LoRA r{lora_rank})" if lora else ""), "lora_rank": lora_rank,
-          "trainable_params": _count(state["generator" if step == "generator" else "fake_score"]["params"]),
+          "trainable_params": _count(run.abstract_state["generator" if step == "generator" else
+                                                        "fake_score"]["params"]),
           "compile_s": row["compile_s"], "memory": row["memory"], "flops": row["flops"]})
 
 

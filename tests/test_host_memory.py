@@ -4,6 +4,7 @@ distinct buffers (donating the state leaves the frozen teacher intact)."""
 import gc
 import importlib.util
 import os
+import sys
 import types
 import weakref
 
@@ -14,6 +15,8 @@ import numpy as np
 from dmd_jax import teachers, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.host_memory import host_arrays, nbytes  # noqa: E402  (the benchmark's walk over reachable arrays)
 
 
 def _config(name: str, variant: str):
@@ -26,28 +29,7 @@ def _config(name: str, variant: str):
 
 
 def reachable_arrays(root) -> list:
-  """Every numpy / jax array reachable from ``root`` through containers, object attributes, bound methods and
-  functions' closures and defaults (not through modules, classes or a function's globals)."""
-  seen, stack, found = set(), [root], []
-  while stack:
-    o = stack.pop()
-    if id(o) in seen:
-      continue
-    seen.add(id(o))
-    if isinstance(o, (np.ndarray, jax.Array)):
-      found.append(o)
-    elif isinstance(o, (types.ModuleType, type)):
-      continue
-    elif isinstance(o, types.FunctionType):
-      stack += [c.cell_contents for c in o.__closure__ or () if c.cell_contents is not None]
-      stack += list(o.__defaults__ or ()) + list((o.__kwdefaults__ or {}).values())
-    else:
-      stack += gc.get_referents(o)
-  return found
-
-
-def _nbytes(arrays) -> int:
-  return sum(int(a.nbytes) for a in arrays)
+  return host_arrays(root, device_arrays=True)
 
 
 def test_walk_finds_a_closed_over_teacher():
@@ -56,7 +38,7 @@ def test_walk_finds_a_closed_over_teacher():
 
   def make(p):
     return lambda rng: jax.tree.map(jnp.array, p)
-  assert _nbytes(reachable_arrays(types.SimpleNamespace(init=make(params)))) == 64 * 64 * 4 + 12
+  assert nbytes(reachable_arrays(types.SimpleNamespace(init=make(params)))) == 64 * 64 * 4 + 12
 
 
 def test_teacher_keeps_no_host_copy_and_init_copies_the_placed_teacher(tmp_path, monkeypatch):
@@ -74,13 +56,13 @@ def test_teacher_keeps_no_host_copy_and_init_copies_the_placed_teacher(tmp_path,
   alive = [r for r in host if r() is not None]
   assert host and not alive, f"{len(alive)} of {len(host)} host teacher arrays outlive train.setup"
   teacher_leaves = jax.tree.leaves(run.frozen["teacher"])
-  teacher_bytes = _nbytes(teacher_leaves)
+  teacher_bytes = nbytes(teacher_leaves)
   assert teacher_bytes > 100_000 and all(isinstance(a, jax.Array) for a in teacher_leaves)
 
   # the Teacher (its closures) and everything of the run but the placed frozen parameters: no array the size of
   # a teacher array (the schedules' small tables aside), no host numpy array at all in the Teacher
   held = reachable_arrays([run.teacher, run.hyper, run.lora, run.cache, run.abstract_state, run.state_sharding])
-  assert _nbytes(held) < 0.01 * teacher_bytes, [(type(a).__name__, a.shape) for a in held]
+  assert nbytes(held) < 0.01 * teacher_bytes, [(type(a).__name__, a.shape) for a in held]
   assert not [a for a in reachable_arrays(run.teacher) if isinstance(a, np.ndarray) and a.size > 1024]
 
   # the initial generator and fake score: float32 copies of the teacher on the mesh, bit for bit, in buffers of
