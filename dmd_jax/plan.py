@@ -20,7 +20,9 @@ generator update every N-th step, the fake-score / critic update every step), ``
 time of a full-size network (the SD 1.5 generator step takes many minutes to compile on a 2-core host).
 
 A row is a fit when argument + output − alias + temp (XLA's ``memory_analysis``) is at most the device's memory
-(``HBM_GIB``; the runtime reserves a little of it, so treat a fit within a few percent as marginal).
+(``HBM_GIB``; the runtime reserves a little of it, so treat a fit within a few percent as marginal). libtpu
+itself refuses a program whose temporaries exceed the chip's usable HBM (v5e: 15.75 of 16 GiB); such a row
+reads "no (compiler: out of memory)" with the temporaries the compiler asked for.
 ``--batch_per_device=auto`` searches the largest per-device DM batch whose steps all fit (doubling, then
 bisection; one compile per probe). The regression batch keeps the config's ratio to the DM batch (coco.py:
 2304 : 1152 → ``ceil(b / 2)``).
@@ -219,6 +221,25 @@ def memory(compiled) -> dict:
   return out
 
 
+_UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+
+
+def out_of_memory(error: Exception) -> dict:
+  """The TPU compiler's refusal of a program that does not fit (``RESOURCE_EXHAUSTED: Ran out of memory on
+  HBM, the total memory required for HLO temporaries (30.98G) exceeds available HBM (15.75G)``) as
+  ``{'temp': required bytes, 'available': bytes}`` (what the message states); any other error is raised again."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+    raise error
+  out = {}
+  for key, pattern in (("temp", r"required for HLO temporaries \(([\d.]+)([KMGT])"),
+                       ("available", r"available HBM \(([\d.]+)([KMGT])")):
+    m = re.search(pattern, text)
+    if m:
+      out[key] = int(float(m.group(1)) * _UNITS[m.group(2)])
+  return out
+
+
 def flops(compiled) -> float | None:
   try:
     cost = compiled.cost_analysis()
@@ -270,15 +291,19 @@ def plan_rows(config, topology: Topology, devs, teacher, frozen, b: int | None, 
     log(f"  compiling the {name} step: {dict(mesh.shape)} mesh, global batch {c.batch_size} DM + "
         f"{c.regression.batch_size} regression ...")
     t0 = time.perf_counter()
-    with jax.set_mesh(mesh):
-      compiled = jitted.lower(*args).compile()
-    m = memory(compiled)
+    try:
+      with jax.set_mesh(mesh):
+        compiled = jitted.lower(*args).compile()
+      m, f, fits, note = memory(compiled), flops(compiled), None, ""
+      fits = None if hbm is None or not m else m["total"] <= hbm
+    except Exception as e:  # noqa: BLE001  (the TPU compiler refuses a program that cannot fit)
+      m, f, fits, note = out_of_memory(e), None, False, str(e).strip().splitlines()[0][:300]
     row = dict(step=name, topology=topology.name, target=topology.target, devices=len(devs),
                device_kind=devs[0].device_kind, data=mesh.shape["data"], fsdp=mesh.shape["fsdp"],
                batch_per_device=c.batch_size // len(devs),
                regression_per_device=c.regression.batch_size // len(devs) if c.regression.weight > 0 else 0,
-               global_batch=c.batch_size, compile_s=time.perf_counter() - t0, memory=m, flops=flops(compiled),
-               hbm_bytes=hbm, fits=None if hbm is None or not m else m["total"] <= hbm)
+               global_batch=c.batch_size, compile_s=time.perf_counter() - t0, memory=m, flops=f,
+               hbm_bytes=hbm, fits=fits, note=note)
     log(f"    {format_row(row)}")
     rows.append(row)
   return rows
@@ -323,6 +348,9 @@ def format_row(r: dict) -> str:
   mib = lambda k: f"{m[k] / MIB:,.1f}" if k in m else "n/a"
   hbm = f"{r['hbm_bytes'] / GIB:g}" if r.get("hbm_bytes") else "n/a"
   fits = {True: "yes", False: "**no**", None: "n/a"}[r["fits"]]
+  if r.get("note"):    # refused by the compiler: the temporaries it needed alone
+    fits += " (compiler: out of memory)"
+    m = {"temp": m["temp"]} if "temp" in m else {}
   cells = (r["step"], r["topology"] + (f" ({r['target']})" if r["target"] != r["topology"] else ""),
            f"{r['devices']} ({r['data']} × {r['fsdp']})", f"{r['batch_per_device']} + {r['regression_per_device']}",
            mib("argument"), mib("output"), mib("alias"), mib("temp"),

@@ -9,8 +9,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from test_multihost import COCO_TINY, IMAGENET_TINY, LIMIT, ROOT, _env, _launch, _pairs, _state
+
+# the slow set (README "Tests"): still run by the README test command and CI, after the rest
+pytestmark = pytest.mark.slow
 
 
 def test_imagenet64_tiny_two_processes_equal_one_distributed_process(tmp_path):

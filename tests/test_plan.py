@@ -80,6 +80,16 @@ def test_plan_mode_compiles_for_a_v5e_slice(tmp_path):
   assert row["flops"] > 0 and row["batch_per_device"] == 2 and row["regression_per_device"] == 2
 
 
+def test_a_program_the_compiler_refuses_is_a_row_that_does_not_fit():
+  """libtpu refuses a program whose temporaries exceed the chip's HBM (RESOURCE_EXHAUSTED): the row says so, with
+  the temporaries the compiler asked for (the toy at 2^25 samples per chip: ~110 GiB)."""
+  p = run_main("--mode=plan", "--topology=v5litepod-1", "--batch_per_device=33554432", timeout=300)
+  line = next(l for l in p.stdout.splitlines() if l.startswith("| train |"))
+  assert "**no** (compiler: out of memory)" in line, p.stdout
+  temp_mib = float(line.split("|")[8].replace(",", ""))
+  assert 50 * 1024 < temp_mib < 500 * 1024, line
+
+
 def test_plan_errors():
   p = run_main("--mode=plan", "--topology=v5litepod-3", check=False, timeout=120)
   assert p.returncode == 2 and "v5litepod-N counts chips" in p.stderr

@@ -15,6 +15,7 @@ from helpers import ROOT, run_main
 COCO_TINY = os.path.join(ROOT, "configs", "coco.py:tiny")
 
 
+@pytest.mark.slow
 def test_coco_tiny_train_resume_sample(tmp_path):
   from PIL import Image
   run = lambda *a, **k: run_main(f"--workdir={tmp_path}", *a, config=COCO_TINY, fast_compile=True,

@@ -4,7 +4,12 @@ A flipped DM sign, a fake score that never updates, or a missing 1/w normalisati
 """
 import json
 
+import pytest
+
 from helpers import run_main
+
+# the slow set (README "Tests"): still run by the README test command and CI, after the rest
+pytestmark = pytest.mark.slow
 
 
 def _metrics(workdir):
