@@ -22,7 +22,7 @@ HEAVY_FIRST = ("test_sd_pipeline", "test_multihost_images", "test_digits_pipelin
 
 def pytest_configure(config):
   # The slow set: the longest end-to-end runs (the toy default's quality bars, coco:tiny end to end, the image
-  # multi-process equalities, imagenet64:tiny end to end). The README test command and CI run it after the
+  # multi-process equalities, the EDM :tiny configs end to end, cifar10:tiny DMD2 end to end). The README test command and CI run it after the
   # rest (`-m "not slow"`, then `-m slow`); README "Tests and benchmarks" gives both times.
   config.addinivalue_line("markers", "slow: the longest end-to-end runs, run as a second set (README)")
   if hasattr(config.option, "loadscopereorder"):

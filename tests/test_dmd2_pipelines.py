@@ -24,6 +24,7 @@ def _runner(workdir, config, tfds_dir):
   return run
 
 
+@pytest.mark.slow
 def test_cifar10_dmd2_tiny(tmp_path, tfds_dir):
   """GAN head on the DDPM++ encoder output, real CIFAR-10 images and labels, two time-scale rule 5."""
   run = _runner(tmp_path, "cifar10.py:tiny,dmd2", tfds_dir)
