@@ -193,7 +193,8 @@ def programs(run, steps) -> dict[str, tuple[Callable, tuple]]:
                             out_shardings=(state_sh, repl), donate_argnums=(0,)),
                     (state, frozen, batch, rng))
   z = jax.ShapeDtypeStruct((hyper.batch_size,) + tuple(nets.sample_shape), jax.numpy.float32, sharding=batch_sh)
-  cond = batch.get("cond") or jax.ShapeDtypeStruct((hyper.batch_size,), jax.numpy.int32, sharding=batch_sh)
+  cond = (batch["cond"] if "cond" in batch else
+          jax.ShapeDtypeStruct((hyper.batch_size,), jax.numpy.int32, sharding=batch_sh))
   gen_sh, fake_sh = state_sh["generator"], state_sh["fake_score"]
   if "generator" in steps:
     def generator(gen_state, frozen, fake_params, z, cond, batch, rng):
