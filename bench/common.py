@@ -9,24 +9,21 @@ import time
 import jax
 import numpy as np
 
-from dmd_jax import dmd
+from dmd_jax import dmd, plan
+from dmd_jax.plan import flops   # XLA's flop count per device, one definition (dmd_jax/plan.py)
 
 MIB = 2.0 ** 20
 GIB = 2.0 ** 30
-MEMORY_KEYS = ("temp", "argument", "output", "alias", "generated_code")
 
 
 def memory(compiled) -> dict:
-  """XLA's ``memory_analysis()`` of a compiled program, per device, in bytes: ``{temp, argument, output, alias,
-  generated_code}`` (``{}`` on a backend without it)."""
+  """XLA's ``memory_analysis()`` of a compiled program, per device, in bytes (``dmd_jax.plan.memory``: temp,
+  argument, output, alias, generated code and their total); ``{}`` on a backend without it."""
   try:
-    m = compiled.memory_analysis()
+    return plan.memory(compiled)
   except Exception as e:  # noqa: BLE001  (a backend without it)
     print(f"memory_analysis unavailable: {e}", file=sys.stderr)
     return {}
-  if m is None:
-    return {}
-  return {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in MEMORY_KEYS}
 
 
 def total_bytes(m: dict) -> int | None:
@@ -34,16 +31,6 @@ def total_bytes(m: dict) -> int | None:
   if not {"argument", "output", "alias", "temp"} <= set(m):
     return None
   return m["argument"] + m["output"] - m["alias"] + m["temp"]
-
-
-def flops(compiled) -> float | None:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # noqa: BLE001
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def measure(jitted, args, feed, *, warmup: int, repeats: int, run: bool = True) -> tuple[dict, tuple]:

@@ -62,10 +62,6 @@ class Topology:
   hbm_bytes: float | None      # per device; None where unknown (a CPU host)
   kwargs: tuple = ()           # extra get_topology_desc arguments
 
-  @property
-  def chip(self) -> str:
-    return self.target.split(":")[0]
-
 
 def parse_topology(name: str) -> Topology:
   """A product name (``v5litepod-32``, ``v5e-8``, ``v5p-64``, ``v4-32``, ``v6e-16``), a compiler topology name

@@ -19,17 +19,19 @@ def build(config, workdir: str | None = None) -> tuple[Teacher, dict]:
   """The teacher named by ``config.model.family`` and its frozen parameters (host arrays, to hand to
   ``train.build``, which places them on the mesh; the Teacher keeps no reference to them). ``workdir`` is
   where ``:tiny`` configs write random-weight networks and text teachers cache prompt embeddings."""
-  family = config.model.family
-  if family not in FAMILIES:
-    raise ValueError(f"model.family {family!r} is not known; expected one of: {', '.join(map(repr, FAMILIES))}")
-  return importlib.import_module(FAMILIES[family]).build(config, workdir)
+  return _family(config).build(config, workdir)
 
 
 def abstract(config) -> tuple[Teacher, dict]:
   """The teacher of ``config`` built from its architecture alone, with abstract frozen parameters
   (``jax.ShapeDtypeStruct``): nothing is read but the networks' configs, nothing the size of a network is
   allocated and nothing is written. What compile-only memory plans use (``dmd_jax/plan.py``)."""
+  return _family(config).abstract(config)
+
+
+def _family(config):
+  """The module of ``config.model.family`` (a clear error naming the known ones otherwise)."""
   family = config.model.family
   if family not in FAMILIES:
     raise ValueError(f"model.family {family!r} is not known; expected one of: {', '.join(map(repr, FAMILIES))}")
-  return importlib.import_module(FAMILIES[family]).abstract(config)
+  return importlib.import_module(FAMILIES[family])
