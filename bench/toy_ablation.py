@@ -30,7 +30,11 @@ RUNS = {
                                                     "--config.gan.generator_weight=0", "--config.gan.critic_weight=0"]),
     "dmd2_critic_only": ("configs/toy2d.py:dmd2", ["--config.gan.generator_weight=0"]),
     "dmd2_gan_only": ("configs/toy2d.py:dmd2", ["--config.dmd.dm_weight=0", "--config.gan.generator_weight=1"]),
-    "dmd2_4step": ("configs/toy2d.py:dmd2", ["--config.generator.steps=(999,749,499,249)"]),
+    # four steps with backward simulation: the toy's timesteps (:steps4, sigma 80, 0.32, 0.085, 0.04), the image
+    # recipes' (sigma 80, 17.5, 2.5, 0.17), and two steps
+    "dmd2_4step": ("configs/toy2d.py:dmd2,steps4", []),
+    "dmd2_4step_image_timesteps": ("configs/toy2d.py:dmd2", ["--config.generator.steps=(999,749,499,249)"]),
+    "dmd2_2step": ("configs/toy2d.py:dmd2", ["--config.generator.steps=(999,200)"]),
     "grid25": ("configs/toy2d.py:grid25", []),
 }
 

@@ -10,6 +10,10 @@ Variants (``--config=configs/toy2d.py:VARIANT``):
   grid25    a 5×5 grid, spacing 0.5, std 0.02 (hard at this budget: a report, not a gate)
   dmd2      (with any of the above, e.g. ``:dmd2`` or ``:unequal,dmd2``) DMD2: no regression pairs, the GAN
             critic on the fake score's last hidden layer against draws from the true mixture
+  steps4    (with dmd2: ``:dmd2,steps4``) DMD2's four-step generator with backward simulation at the toy's
+            timesteps 999, 300, 200, 150 (sigma 80, 0.32, 0.085, 0.040): the first step is the one-step MLP of
+            z, the later ones the teacher's denoiser plus a trained residual that starts at zero (README: why
+            these timesteps and not the image recipes' 999, 749, 499, 249)
 """
 import ml_collections
 
@@ -19,10 +23,14 @@ from dmd_jax.data.toy import circle_means, grid_means
 
 def get_config(arg: str = ""):
   names = [a for a in (arg or "").split(",") if a]
-  dmd2 = "dmd2" in names
-  names = [a for a in names if a != "dmd2"]
+  dmd2, steps4 = "dmd2" in names, "steps4" in names
+  names = [a for a in names if a not in ("dmd2", "steps4")]
   if len(names) > 1:
-    raise ValueError(f"toy2d takes one mixture variant (default, unequal, grid25) plus optionally dmd2, got {arg!r}")
+    raise ValueError(f"toy2d takes one mixture variant (default, unequal, grid25) plus optionally dmd2 and "
+                     f"steps4, got {arg!r}")
+  if steps4 and not dmd2:
+    raise ValueError(f"toy2d: steps4 is a DMD2 variant (a multi-step generator without regression pairs): "
+                     f"use dmd2,steps4, got {arg!r}")
   variant = names[0] if names else "default"
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -63,6 +71,7 @@ def get_config(arg: str = ""):
   c.generator = ml_collections.ConfigDict(dict(
       hidden=(128, 128, 128),
       steps=()))            # DMD2 multi-step: Karras-table timesteps t_0 = 999 > t_1 > ...; () = one step
+                            # (several steps: the later ones are the teacher's denoiser + a residual MLP)
   c.fake_score = ml_collections.ConfigDict(dict(hidden=(128, 128, 128), num_fourier=64, fourier_scale=2.0))
 
   c.dmd = ml_collections.ConfigDict(dict(
@@ -96,4 +105,8 @@ def get_config(arg: str = ""):
     c.dmd.fake_updates_per_generator_update = 1
     c.gan.generator_weight = 3e-2
     c.gan.critic_weight = 1e-2
+  if steps4:
+    # Re-noising a 2-D sample at the image recipes' sigma 17.5 / 2.5 erases which mode it was on, and the
+    # steps then split the modes among themselves (the fake score models the mixture over steps; README)
+    c.generator.steps = (999, 300, 200, 150)
   return c

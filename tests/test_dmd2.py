@@ -217,6 +217,28 @@ def test_one_step_toy_generator_rejects_generate_at():
     run.teacher.generate_at(params, jnp.zeros((2, 2)), jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32))
 
 
+def test_multistep_toy_generator_starts_as_the_teacher():
+  """``:dmd2,steps4``: the first step is the one-step MLP of z; the later steps start as the teacher's exact
+  mixture denoiser (the residual's output layer is zero), as DMD2's generators start as teacher copies."""
+  config, run = _toy("dmd2,steps4")
+  assert tuple(config.generator.steps) == (999, 300, 200, 150)
+  nets = run.teacher
+  params = run.init_state()["generator"]["params"]
+  assert set(params) == {"first", "refine"}
+  x_t = jax.random.normal(jax.random.PRNGKey(0), (64, 2))
+  for t in config.generator.steps[1:]:
+    tt = jnp.full((64,), t)
+    got = nets.generate_at(params, x_t, tt, None)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(nets.real_denoise(None, x_t, tt, None)))
+  z = jax.random.normal(jax.random.PRNGKey(1), (64, 2))
+  one_step = _toy("dmd2")[1].teacher
+  np.testing.assert_array_equal(np.asarray(nets.generate(params, z, None)),
+                                np.asarray(one_step.generate(params["first"], z, None)))
+  assert float(jnp.std(nets.generate(params, z, None))) > 0.05     # spread from the start, not one point
+  with pytest.raises(ValueError, match="steps4 is a DMD2 variant"):
+    _toy("steps4")
+
+
 def test_generator_steps_are_checked():
   for bad in [(500, 200), (999, 999), (999, 1200), (999, 300, 400)]:
     with pytest.raises(ValueError, match="generator.steps"):

@@ -297,12 +297,28 @@ def test_to_torch_inverts_from_torch():
     assert np.array_equal(to_torch(leaf, flax), w) and to_torch(leaf, flax).flags["C_CONTIGUOUS"]
 
 
-def _numpy_mlp(w: dict, h: np.ndarray, n_hidden: int) -> np.ndarray:
+def _numpy_mlp(w: dict, h: np.ndarray, n_hidden: int, prefix: str = "") -> np.ndarray:
   """The toy MLP as the export's json describes it, from the npz arrays alone."""
   silu = lambda x: x / (1.0 + np.exp(-x))
   for i in range(n_hidden):
-    h = silu(h @ w[f"mlp/dense{i}/kernel"] + w[f"mlp/dense{i}/bias"])
-  return h @ w["mlp/out/kernel"] + w["mlp/out/bias"]
+    h = silu(h @ w[f"{prefix}mlp/dense{i}/kernel"] + w[f"{prefix}mlp/dense{i}/bias"])
+  return h @ w[f"{prefix}mlp/out/kernel"] + w[f"{prefix}mlp/out/bias"]
+
+
+def _numpy_later_step(w: dict, x_t: np.ndarray, s: float, sd: float) -> np.ndarray:
+  """A later step of the multi-step toy generator as the json describes it: the mixture's exact denoiser plus
+  c_out times the residual MLP of (u, its Fourier features, the noise embedding)."""
+  m, std = w["teacher/means"], float(w["teacher/std"])
+  v = std ** 2 + s ** 2
+  logits = np.log(w["teacher/weights"])[None] - ((x_t[:, None] - m[None]) ** 2).sum(-1) / (2 * v)
+  r = np.exp(logits - logits.max(1, keepdims=True))
+  r /= r.sum(1, keepdims=True)
+  d = (r[..., None] * (m[None] + std ** 2 / v * (x_t[:, None] - m[None]))).sum(1)
+  u = x_t / np.sqrt(s ** 2 + sd ** 2)
+  proj = 2 * np.pi * u @ w["refine/fourier_B"]
+  arg = np.full((len(u), 1), np.log(s) / 4) * w["refine/noise_freqs"][None]
+  h = np.concatenate([u, np.cos(proj), np.sin(proj), np.cos(arg), np.sin(arg)], axis=1)
+  return d + s * sd / np.sqrt(s ** 2 + sd ** 2) * _numpy_mlp(w, h, 2, "refine/")
 
 
 @pytest.mark.parametrize("steps", [(), (999, 499)])
@@ -319,15 +335,18 @@ def test_toy_json_describes_the_network(tmp_path, steps):
   if not steps:
     assert m["num_steps"] == 1 and "ToyGenerator" in m["network"]
     got = _numpy_mlp(w, z, 2)
-  else:   # the first step: net(c_in x, c_noise) at sigmas[0] on x = sigmas[0] z (and the later ones likewise)
-    assert m["num_steps"] == 2 and m["karras_timesteps"] == [999, 499] and "ToyDenoiserNet" in m["network"]
-    assert m["sigmas"][0] == 80.0 and 0.002 < m["sigmas"][1] < 80.0
-    s, sd = m["sigmas"][0], m["sigma_data"]
-    c_noise = np.full((5, 1), np.log(s) / 4) * np.array([[1.0, 100.0]])
-    got = _numpy_mlp(w, np.concatenate([s * z / np.sqrt(s ** 2 + sd ** 2), np.cos(c_noise), np.sin(c_noise)],
-                                       axis=1), 2)
-  # float32 there: cos / sin of arguments near 110 (100 ln(80) / 4) carry ~1e-5 of rounding
-  assert rel_err(got, want) < (1e-5 if not steps else 1e-4)
+    assert rel_err(got, want) < 1e-5
+    return
+  assert m["num_steps"] == 2 and m["karras_timesteps"] == [999, 499] and "ToyDenoiserNet" in m["network"]
+  assert m["sigmas"][0] == 80.0 and 0.002 < m["sigmas"][1] < 80.0
+  assert rel_err(_numpy_mlp(w, z, 2, "first/"), want) < 1e-5      # the first step: an MLP of z
+  # a later step, at a trained (non-zero) residual: the checkpoint's random weights, not the zero init
+  assert np.abs(w["refine/mlp/out/kernel"]).max() > 0
+  s, sd = m["sigmas"][1], m["sigma_data"]
+  x_t = np.random.default_rng(1).normal(size=(5, 2))
+  want = np.asarray(run.teacher.generate_at(params, jnp.asarray(x_t, jnp.float32), jnp.full((5,), 499), None))
+  got = _numpy_later_step(w, x_t, s, sd)
+  assert rel_err(got, want) < 1e-5
 
 
 def test_multistep_timesteps_and_sigmas():

@@ -49,13 +49,12 @@ def gaussian_mixture_denoiser(weights, means, std) -> Callable:
   return denoise
 
 
-def _generator(config, schedule, dim: int):
+def _generator(config, schedule, dim: int, teacher_denoise: Callable):
   """``(generate, generate_at, init)`` of the toy generator. One step (``generator.steps`` empty): an MLP
-  ``G(z)``. Several steps: an MLP of the noise-level-normalised input and the noise level,
-  ``x0 = F(x_t / sqrt(sigma^2 + sigma_data^2), ln(sigma) / 4)`` (the fake score's architecture without its
-  Fourier features and without EDM's skip connection: like the one-step MLP, it starts from outputs spread as
-  its input, where a skip-dominated denoiser starts every sample near 0 and collapses onto one mode);
-  ``G(z)`` is its first step, at sigma_max."""
+  ``G(z)`` from random weights. Several steps (DMD2): like DMD2's image generators, a copy of the teacher to
+  start from — here the teacher's exact mixture denoiser plus a trained residual that starts at zero,
+  ``x0 = D_teacher(x_t, sigma) + c_out(sigma) F(c_in x_t, ln(sigma) / 4)`` (``F``: the fake score's MLP
+  architecture with a zero output layer); ``G(z)`` is its first step, at sigma_max (docs/method.md §7)."""
   hidden = tuple(config.generator.hidden)
   x1 = jnp.zeros((1, dim), jnp.float32)
   if len(config.generator.steps) <= 1:
@@ -66,16 +65,23 @@ def _generator(config, schedule, dim: int):
                        "to several timesteps for a multi-step generator")
     return (lambda p, z, cond: net.apply({"params": p}, z), not_multistep,
             lambda rng: net.init(rng, x1)["params"])
-  net = mlp.ToyDenoiserNet(hidden=hidden, dim=dim, num_fourier=0, noise_embed_dim=4)
+  first = mlp.ToyGenerator(hidden=hidden, dim=dim)
+  refine = mlp.ToyDenoiserNet(hidden=hidden, dim=dim, num_fourier=config.fake_score.num_fourier,
+                              fourier_scale=config.fake_score.fourier_scale, zero_out=True)
 
   def at_sigma(p, x_t, sigma):
-    _, _, c_in, c_noise = edm_precond_coefficients(sigma, schedule.sigma_data)
-    return net.apply({"params": p}, bcast(c_in, x_t) * x_t, c_noise)
+    _, c_out, c_in, c_noise = edm_precond_coefficients(sigma, schedule.sigma_data)
+    return teacher_denoise(x_t, sigma) + bcast(c_out, x_t) * refine.apply({"params": p["refine"]},
+                                                                           bcast(c_in, x_t) * x_t, c_noise)
 
-  s_max = schedule.sigma_max
-  return (lambda p, z, cond: at_sigma(p, s_max * z, jnp.full(z.shape[:1], s_max, jnp.float32)),
+  def init(rng):
+    r1, r2 = jax.random.split(rng)
+    return {"first": first.init(r1, x1)["params"],
+            "refine": refine.init(r2, x1, jnp.zeros((1,), jnp.float32))["params"]}
+
+  return (lambda p, z, cond: first.apply({"params": p["first"]}, z),
           lambda p, x_t, t, cond: at_sigma(p, x_t, schedule.sigma(t)),
-          lambda rng: net.init(rng, x1, jnp.zeros((1,), jnp.float32))["params"])
+          init)
 
 
 def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
@@ -90,7 +96,7 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
                                 fourier_scale=config.fake_score.fourier_scale)
   fake_D = edm_precond(lambda p, x, c_noise, cond: fake_net.apply({"params": p}, x, c_noise),
                        schedule.sigma_data)
-  generate, generate_at, init_generator = _generator(config, schedule, dim)
+  generate, generate_at, init_generator = _generator(config, schedule, dim, mog)
 
   def init(rng, frozen):   # random MLPs: no teacher network to copy
     del frozen
