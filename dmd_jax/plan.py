@@ -285,8 +285,8 @@ def plan_rows(config, topology: Topology, devs, teacher, frozen, b: int | None, 
   hbm = topology.hbm_bytes or (local_hbm_bytes(devs) if topology.target == "local" else None)
   rows = []
   for name, (jitted, args) in programs(run, steps).items():
-    log(f"  compiling the {name} step: {dict(mesh.shape)} mesh, global batch {c.batch_size} DM + "
-        f"{c.regression.batch_size} regression ...")
+    reg = f" + {c.regression.batch_size} regression" if c.regression.weight > 0 else ""
+    log(f"  compiling the {name} step: {dict(mesh.shape)} mesh, global batch {c.batch_size} DM{reg} ...")
     t0 = time.perf_counter()
     try:
       with jax.set_mesh(mesh):

@@ -128,6 +128,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
   return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
 
 
+def batch_shards_in_scope():
+  """``(mesh, n)``: the mesh in scope (``jax.set_mesh``, possibly empty) and how many ways its batch axes split a
+  batch; ``n`` is None with no mesh, inside ``shard_map`` (manual axes) or when the mesh lacks the batch axes.
+  What ``constrain_batch`` and the splash kernel's placement (``models/attention.py``) decide by."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.manual_axes or not set(BATCH_AXES) <= set(mesh.axis_names):
+    return mesh, None
+  return mesh, int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def constrain_batch(x):
   """Activation sharding: ``x`` split along its leading (batch) dimension over the batch axes of the mesh in
   scope (``with jax.set_mesh(mesh)`` around the lowering, as ``train.py`` and ``dmd_jax.plan`` do), every other
@@ -136,11 +146,8 @@ def constrain_batch(x):
   SD 1.5's generator step on 32 devices did 3.6× the flops that way); weights are gathered instead.
   The identity without such a mesh (or with one device), inside ``shard_map`` and for a batch that does not
   divide over the devices."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.manual_axes or any(a not in mesh.axis_names for a in BATCH_AXES):
-    return x
-  n = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-  if n == 1 or not getattr(x, "ndim", 0) or x.shape[0] % n:
+  _, n = batch_shards_in_scope()
+  if n is None or n == 1 or not getattr(x, "ndim", 0) or x.shape[0] % n:
     return x
   return jax.lax.with_sharding_constraint(x, P(BATCH_AXES))
 

@@ -47,13 +47,11 @@ so splash is placed as follows:
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dmd_jax.sharding import BATCH_AXES
+from dmd_jax.sharding import BATCH_AXES, batch_shards_in_scope
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 # 'auto' on a TPU takes splash for self-attention over at least this many tokens.
@@ -109,18 +107,17 @@ def _splash_placement(b: int, strict: bool) -> str | None:
   device, a one-device mesh, or inside a ``shard_map``), ``'shard_map'`` (a mesh over several devices with the
   batch axes: the batch split over them), or None for the XLA path under ``'auto'`` (where ``'splash'``,
   ``strict``, raises or, with no mesh in scope, calls it as it is). XLA does not partition Mosaic kernels."""
-  mesh = jax.sharding.get_abstract_mesh()
+  mesh, shards = batch_shards_in_scope()
   if mesh.empty:
     # No mesh: the program's devices are unknown while tracing; several devices → 'auto' keeps XLA's path.
     return "plain" if strict or jax.device_count() == 1 else None
   if mesh.manual_axes or mesh.size == 1:
     return "plain"
-  if not set(BATCH_AXES) <= set(mesh.axis_names):
+  if shards is None:
     if strict:
       raise ValueError(f"attention='splash' under a mesh of {mesh.size} devices needs its batch axes "
                        f"{BATCH_AXES} (the mesh has {mesh.axis_names}); use attention='auto' or 'xla'")
     return None
-  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if b % shards:
     if strict:
       raise ValueError(f"attention='splash': a batch of {b} does not split over the {shards} devices of the "
