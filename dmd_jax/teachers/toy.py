@@ -51,10 +51,12 @@ def gaussian_mixture_denoiser(weights, means, std) -> Callable:
 
 def _generator(config, schedule, dim: int, teacher_denoise: Callable):
   """``(generate, generate_at, init)`` of the toy generator. One step (``generator.steps`` empty): an MLP
-  ``G(z)`` from random weights. Several steps (DMD2): like DMD2's image generators, a copy of the teacher to
-  start from — here the teacher's exact mixture denoiser plus a trained residual that starts at zero,
-  ``x0 = D_teacher(x_t, sigma) + c_out(sigma) F(c_in x_t, ln(sigma) / 4)`` (``F``: the fake score's MLP
-  architecture with a zero output layer); ``G(z)`` is its first step, at sigma_max (docs/method.md §7)."""
+  ``G(z)`` from random weights. Several steps (DMD2, ``:dmd2,steps4``): the first step is that MLP of z
+  (parameters ``first``); each later step starts, like DMD2's image generators, as the teacher — its exact
+  mixture denoiser plus a trained residual whose output layer starts at zero (parameters ``refine``):
+  ``x0 = D_teacher(x_t, sigma) + c_out(sigma) F(c_in x_t, ln(sigma) / 4)``, ``F`` the fake score's MLP
+  architecture. The teacher's x0 at sigma_max would start every z within 0.03 of the origin, a start the DM
+  gradient collapses onto one mode, hence the MLP of z first (docs/method.md §7)."""
   hidden = tuple(config.generator.hidden)
   x1 = jnp.zeros((1, dim), jnp.float32)
   if len(config.generator.steps) <= 1:
