@@ -104,6 +104,9 @@ def test_coco_tiny_train_resume_sample(tmp_path):
   assert json.load(open(dmd2_dir / "metrics.json"))["steps"] == 5
   stage(",dmd2,stage2", "--mode=sample", "--prompt=a red bus", "--num_samples=4", f"--output={out}")
   assert Image.open(out).size == (2 * 18 + 2, 2 * 18 + 2)
+  stage(",dmd2,stage2", "--mode=eval", "--config.eval.num_samples=4", "--config.eval.grid_samples=0")
+  e = json.load(open(dmd2_dir / "eval_step5.json"))
+  assert e["num_samples"] == 4 and np.isfinite(e["fid"]) and 0 < e["clip_score"] <= 100
 
 
 def _fast_jit(f, *args):
