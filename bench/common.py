@@ -1,6 +1,6 @@
-"""Pieces shared by the DMD step benchmarks (``bench/edm_step.py``, ``bench/sd_memory.py``): the generator and
-fake-score steps jitted as ``train.py`` jits its step (in / out shardings, the updated state donated), compile
-and time, and XLA's per-device memory and flop counts of a compiled program."""
+"""Pieces shared by the DMD step benchmarks (``bench/edm_step.py``, ``bench/sd_memory.py``): compile and time a
+jitted step (``train.Run.jit_train_step`` / ``jit_generator_step`` / ``jit_fake_step``), and XLA's per-device
+memory and flop counts of a compiled program."""
 from __future__ import annotations
 
 import sys
@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from dmd_jax import dmd, plan
+from dmd_jax import plan
 from dmd_jax.plan import flops   # XLA's flop count per device, one definition (dmd_jax/plan.py)
 
 MIB = 2.0 ** 20
@@ -55,25 +55,3 @@ def measure(jitted, args, feed, *, warmup: int, repeats: int, run: bool = True) 
   row["times"] = times
   row["median_s"] = float(np.median(times)) if times else float("nan")
   return row, args
-
-
-def jit_generator_step(nets, hyper, gen_sh, frozen_sh, fake_params_sh, batch_sh, batch_tree_sh, repl):
-  """``dmd.generator_update`` as ``(gen_state, frozen, fake_params, z, cond, batch, rng) -> (gen_state, x,
-  metrics)``, the generator state donated. ``batch_sh`` shards ``z`` / ``cond``, ``batch_tree_sh`` the regression
-  batch dict."""
-  def gen_step(gen_state, frozen, fake_params, z, cond, batch, rng):
-    return dmd.generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch, rng)
-
-  return jax.jit(gen_step, in_shardings=(gen_sh, frozen_sh, fake_params_sh, batch_sh, batch_sh, batch_tree_sh,
-                                         repl),
-                 out_shardings=(gen_sh, batch_sh, repl), donate_argnums=(0,))
-
-
-def jit_fake_step(nets, hyper, fake_sh, frozen_sh, batch_sh, repl):
-  """``dmd.fake_score_update`` as ``(fake_state, frozen, x, cond, rng) -> (fake_state, metrics)``, the state
-  donated (``frozen``: the teacher's arrays a LoRA fake score adapts)."""
-  def fake_step(fake_state, frozen, x, cond, rng):
-    return dmd.fake_score_update(fake_state, nets, hyper, frozen, x, cond, {}, rng)   # no GAN: no real batch
-
-  return jax.jit(fake_step, in_shardings=(fake_sh, frozen_sh, batch_sh, batch_sh, repl),
-                 out_shardings=(fake_sh, repl), donate_argnums=(0,))

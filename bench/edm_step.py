@@ -27,7 +27,6 @@ Prints a Markdown table (rows as they finish) and, with ``--out``, writes it to 
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import importlib.util
 import json
@@ -46,7 +45,7 @@ import numpy as np  # noqa: E402
 from bench import common as bench_common  # noqa: E402
 from bench.common import MIB, measure  # noqa: E402
 from bench.host_memory import host_arrays, nbytes, rss, rss_text  # noqa: E402
-from dmd_jax import dmd, sharding, streams, train  # noqa: E402
+from dmd_jax import sharding, streams, train  # noqa: E402
 from dmd_jax.convert import edm as edm_convert  # noqa: E402
 from dmd_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 
@@ -105,7 +104,7 @@ def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
   config = make_config(args, dtype, remat, workdir)
   t0 = time.perf_counter()
   setup = train.setup(config, os.path.join(workdir, f"run-{args.config}"))
-  nets, hyper, mesh = setup.teacher, setup.hyper, setup.mesh
+  nets, mesh = setup.teacher, setup.mesh
   print(f"[{dtype}, remat={remat}] after train.setup: {rss_text()}; host arrays reachable from the teacher: "
         f"{nbytes(host_arrays(setup.teacher)) / MIB:,.1f} MiB", file=sys.stderr, flush=True)
   state = setup.init_state()
@@ -114,9 +113,7 @@ def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
         flush=True)
 
   B = config.batch_size
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  state_sh, frozen_sh = setup.state_sharding, setup.frozen_sharding
-  gen_sh, fake_sh = state_sh["generator"], state_sh["fake_score"]
+  batch_sh = sharding.batch_sharding(mesh)
 
   # Per-step inputs, drawn as train_step draws them (fold_in(key, step), split 4).
   step_key = streams.key(config.seed, "train")
@@ -129,7 +126,6 @@ def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
     rb = config.regression.batch_size
     batch = {"reg_z": put(nets.sample_noise(r_rz, rb)), "reg_x": put(0.5 * nets.sample_noise(r_rx, rb)),
              "reg_cond": put(nets.conditions.draw(r_rc, rb))}
-  batch_tree_sh = jax.tree.map(lambda _: batch_sh, batch)
   x_fake = put(jnp.clip(0.5 * nets.sample_noise(r_fake, B), -1, 1))   # stands for detached generator samples
 
   common = dict(warmup=args.warmup, repeats=args.repeats)
@@ -137,21 +133,18 @@ def bench_one(args, dtype: str, remat: bool, workdir: str, emit) -> None:
 
   # ---- generator step ----
   if "generator" in args.steps:
-    _gen_row(args, nets, hyper, setup, state, gen_sh, frozen_sh, fake_sh, batch_sh, batch_tree_sh, repl,
-             z, cond, batch, r_dm, common, base, emit)
+    _gen_row(setup, state, z, cond, batch, r_dm, common, base, emit)
   if "fake_score" in args.steps:
-    _fake_row(nets, hyper, state, fake_sh, batch_sh, repl, x_fake, cond, r_fake, common, base, emit)
+    _fake_row(setup, state, x_fake, cond, r_fake, common, base, emit)
   if "full" in args.steps:
-    jitted = jax.jit(functools.partial(dmd.train_step, nets=nets, hyper=hyper),
-                     in_shardings=(state_sh, frozen_sh, batch_tree_sh, repl), out_shardings=(state_sh, repl),
-                     donate_argnums=(0,))
+    jitted = setup.jit_train_step(batch)
     full_args = (state, setup.frozen, batch, step_key)
     del state
     row, full_args = measure(_reporting_rss(jitted, STEPS[2]), full_args, lambda a, out: (out[0],) + a[1:], **common,
                              run=not args.full_compile_only)
     del full_args, jitted
     emit({**base, "step": STEPS[2], **row})
-  del setup, nets, hyper
+  del setup, nets
   gc.collect()
 
 
@@ -172,10 +165,8 @@ class _reporting_rss:
     return type("Lowered", (), {"compile": staticmethod(compile_)})()
 
 
-def _gen_row(args, nets, hyper, setup, state, gen_sh, frozen_sh, fake_sh, batch_sh, batch_tree_sh, repl,
-             z, cond, batch, r_dm, common, base, emit):
-  jitted = _reporting_rss(bench_common.jit_generator_step(nets, hyper, gen_sh, frozen_sh, fake_sh["params"],
-                                                          batch_sh, batch_tree_sh, repl), STEPS[0])
+def _gen_row(setup, state, z, cond, batch, r_dm, common, base, emit):
+  jitted = _reporting_rss(setup.jit_generator_step(batch), STEPS[0])
   gen_args = (state["generator"], setup.frozen, state["fake_score"]["params"], z, cond, batch, r_dm)
   del state["generator"]
   row, gen_args = measure(jitted, gen_args, lambda a, out: (out[0],) + a[1:], **common)
@@ -184,10 +175,9 @@ def _gen_row(args, nets, hyper, setup, state, gen_sh, frozen_sh, fake_sh, batch_
   emit({**base, "step": STEPS[0], **row})
 
 
-def _fake_row(nets, hyper, state, fake_sh, batch_sh, repl, x_fake, cond, r_fake, common, base, emit):
-  jitted = _reporting_rss(bench_common.jit_fake_step(nets, hyper, fake_sh, {}, batch_sh, repl),  # no LoRA: no
-                          STEPS[1])                                                       # frozen arrays
-  fake_args = (state.pop("fake_score"), {}, x_fake, cond, r_fake)
+def _fake_row(setup, state, x_fake, cond, r_fake, common, base, emit):
+  jitted = _reporting_rss(setup.jit_fake_step({}), STEPS[1])   # no GAN: no real batch
+  fake_args = (state.pop("fake_score"), setup.frozen, x_fake, cond, {}, r_fake)
   row, fake_args = measure(jitted, fake_args, lambda a, out: (out[0],) + a[1:], **common)
   state["fake_score"] = fake_args[0]
   del fake_args, jitted

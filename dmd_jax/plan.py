@@ -168,43 +168,28 @@ def abstract_batch(run, sharding) -> dict:
 
 
 def programs(run, steps) -> dict[str, tuple[Callable, tuple]]:
-  """``step name -> (jitted function, abstract arguments)`` for the named steps, jitted as ``train.py`` jits
-  its step (shardings, the state donated)."""
-  import functools
+  """``step name -> (jitted function, abstract arguments)`` for the named steps, jitted by the ``Run`` as
+  training jits its step (``Run.jit_train_step``; the halves ``jit_generator_step`` / ``jit_fake_step``)."""
   import jax
-  from dmd_jax import checkpoint, dmd, sharding, streams
-  mesh, hyper, nets = run.mesh, run.hyper, run.teacher
-  state_sh, frozen_sh = run.state_sharding, run.frozen_sharding
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  state = checkpoint.abstract_with_shardings(run.abstract_state, state_sh)
-  frozen = checkpoint.abstract_with_shardings(run.frozen, frozen_sh)
+  from dmd_jax import checkpoint, sharding, streams
+  hyper, nets = run.hyper, run.teacher
+  batch_sh, repl = sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh)
+  state = checkpoint.abstract_with_shardings(run.abstract_state, run.state_sharding)
+  frozen = checkpoint.abstract_with_shardings(run.frozen, run.frozen_sharding)
   batch = abstract_batch(run, batch_sh)
-  batch_tree_sh = jax.tree.map(lambda _: batch_sh, batch)
   key = streams.key(run.config.seed, "train")
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=repl)
-  out = {}
-  if "train" in steps:
-    out["train"] = (jax.jit(functools.partial(dmd.train_step, nets=nets, hyper=hyper),
-                            in_shardings=(state_sh, frozen_sh, batch_tree_sh, repl),
-                            out_shardings=(state_sh, repl), donate_argnums=(0,)),
-                    (state, frozen, batch, rng))
   z = jax.ShapeDtypeStruct((hyper.batch_size,) + tuple(nets.sample_shape), jax.numpy.float32, sharding=batch_sh)
   cond = (batch["cond"] if "cond" in batch else
           jax.ShapeDtypeStruct((hyper.batch_size,), jax.numpy.int32, sharding=batch_sh))
-  gen_sh, fake_sh = state_sh["generator"], state_sh["fake_score"]
+  out = {}
+  if "train" in steps:
+    out["train"] = (run.jit_train_step(batch), (state, frozen, batch, rng))
   if "generator" in steps:
-    def generator(gen_state, frozen, fake_params, z, cond, batch, rng):
-      return dmd.generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch, rng)
-    out["generator"] = (jax.jit(generator, in_shardings=(gen_sh, frozen_sh, fake_sh["params"], batch_sh, batch_sh,
-                                                         batch_tree_sh, repl),
-                                out_shardings=(gen_sh, batch_sh, repl), donate_argnums=(0,)),
+    out["generator"] = (run.jit_generator_step(batch),
                         (state["generator"], frozen, state["fake_score"]["params"], z, cond, batch, rng))
   if "fake" in steps:
-    def fake(fake_state, frozen, x, cond, batch, rng):
-      return dmd.fake_score_update(fake_state, nets, hyper, frozen, x, cond, batch, rng)
-    out["fake"] = (jax.jit(fake, in_shardings=(fake_sh, frozen_sh, batch_sh, batch_sh, batch_tree_sh, repl),
-                           out_shardings=(fake_sh, repl), donate_argnums=(0,)),
-                   (state["fake_score"], frozen, z, cond, batch, rng))
+    out["fake"] = (run.jit_fake_step(batch), (state["fake_score"], frozen, z, cond, batch, rng))
   return out
 
 
@@ -291,7 +276,7 @@ def plan_rows(config, topology: Topology, devs, teacher, frozen, b: int | None, 
     try:
       with jax.set_mesh(mesh):
         compiled = jitted.lower(*args).compile()
-      m, f, fits, note = memory(compiled), flops(compiled), None, ""
+      m, f, note = memory(compiled), flops(compiled), ""
       fits = None if hbm is None or not m else m["total"] <= hbm
     except Exception as e:  # noqa: BLE001  (the TPU compiler refuses a program that cannot fit)
       m, f, fits, note = out_of_memory(e), None, False, str(e).strip().splitlines()[0][:300]

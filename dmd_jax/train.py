@@ -54,6 +54,40 @@ class Run:
     return jax.jit(self._init, in_shardings=(sharding.replicated(self.mesh), self.frozen_sharding),
                    out_shardings=self.state_sharding)(key, self.frozen)
 
+  def jit_train_step(self, batch):
+    """``dmd.train_step`` jitted as training runs it: the state (sharded as ``state_sharding``) donated, the
+    frozen arrays as placed, the per-step ``batch`` (arrays or ShapeDtypeStructs: its structure sets the
+    shardings) over the batch axes, the key replicated. ``(state, frozen, batch, key) -> (state, metrics)``."""
+    repl = sharding.replicated(self.mesh)
+    batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(self.mesh), batch)
+    return jax.jit(functools.partial(dmd.train_step, nets=self.teacher, hyper=self.hyper),
+                   in_shardings=(self.state_sharding, self.frozen_sharding, batch_sh, repl),
+                   out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
+
+  def jit_generator_step(self, batch):
+    """``dmd.generator_update`` alone, jitted with the same shardings (the generator state donated):
+    ``(gen_state, frozen, fake_params, z, cond, batch, rng) -> (gen_state, x, metrics)``."""
+    gen_sh, fake_sh = self.state_sharding["generator"], self.state_sharding["fake_score"]
+    rows, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+
+    def generator(gen_state, frozen, fake_params, z, cond, batch, rng):
+      return dmd.generator_update(gen_state, self.teacher, self.hyper, frozen, fake_params, z, cond, batch, rng)
+    return jax.jit(generator, in_shardings=(gen_sh, self.frozen_sharding, fake_sh["params"], rows, rows,
+                                            jax.tree.map(lambda _: rows, batch), repl),
+                   out_shardings=(gen_sh, rows, repl), donate_argnums=(0,))
+
+  def jit_fake_step(self, batch):
+    """``dmd.fake_score_update`` alone, jitted with the same shardings (the fake-score state donated):
+    ``(fake_state, frozen, x, cond, batch, rng) -> (fake_state, metrics)``."""
+    fake_sh = self.state_sharding["fake_score"]
+    rows, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+
+    def fake(fake_state, frozen, x, cond, batch, rng):
+      return dmd.fake_score_update(fake_state, self.teacher, self.hyper, frozen, x, cond, batch, rng)
+    return jax.jit(fake, in_shardings=(fake_sh, self.frozen_sharding, rows, rows, jax.tree.map(lambda _: rows, batch),
+                                       repl),
+                   out_shardings=(fake_sh, repl), donate_argnums=(0,))
+
   def sample(self, params, z, cond, keys):
     """The generator's samples with the configured ``generator.steps`` (``dmd.sample_generator``; ``keys`` [N]
     seed each sample's fresh noise between steps)."""
@@ -315,11 +349,7 @@ def train(config, workdir: str) -> dict | None:
   # ---- compile once ----
   example = batch_for(start)
   step_key = streams.key(config.seed, "train")
-  batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(run.mesh), example)
-  repl = sharding.replicated(run.mesh)
-  step_fn = jax.jit(functools.partial(dmd.train_step, nets=run.teacher, hyper=run.hyper),
-                    in_shardings=(run.state_sharding, run.frozen_sharding, batch_sh, repl),
-                    out_shardings=(run.state_sharding, repl), donate_argnums=(0,))
+  step_fn = run.jit_train_step(example)
   t_compile = time.time()
   with jax.set_mesh(run.mesh):   # the mesh in scope: activation sharding and TPU flash attention (docs/attention.md)
     step_fn = step_fn.lower(state, run.frozen, example, step_key).compile()
