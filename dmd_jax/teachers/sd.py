@@ -186,7 +186,7 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
   prompts = PromptSet(prompts_from_config(config.data), encoder, workdir, encoder_id, config.data.embedding_dtype)
   conditions = base.PromptConditions(prompts, config.seed, encode_text=encoder)
   teacher = sd_teacher(config, teacher_sd["configs"]["unet"], teacher_sd["configs"]["vae"],
-                       base.abstract(unet_params), conditions)
+                       unet_params, conditions)   # sd_teacher keeps only their shapes
   uncond = encoder([""])                                  # [1, L, D]: the empty prompt (guidance)
   return teacher, sd_frozen(unet_params, uncond, teacher_sd["vae"][1], base.distance_params(config, workdir))
 
