@@ -167,7 +167,8 @@ class _reporting_rss:
 
 def _gen_row(setup, state, z, cond, batch, r_dm, common, base, emit):
   jitted = _reporting_rss(setup.jit_generator_step(batch), STEPS[0])
-  gen_args = (state["generator"], setup.frozen, state["fake_score"]["params"], z, cond, batch, r_dm)
+  gen_args = (state["generator"], setup.frozen, state["fake_score"]["params"], z, cond, batch, r_dm,
+              jax.numpy.asarray(1_000, jax.numpy.int32))   # past the warm-up: the step at full learning rate
   del state["generator"]
   row, gen_args = measure(jitted, gen_args, lambda a, out: (out[0],) + a[1:], **common)
   state["generator"] = gen_args[0]
@@ -177,7 +178,7 @@ def _gen_row(setup, state, z, cond, batch, r_dm, common, base, emit):
 
 def _fake_row(setup, state, x_fake, cond, r_fake, common, base, emit):
   jitted = _reporting_rss(setup.jit_fake_step({}), STEPS[1])   # no GAN: no real batch
-  fake_args = (state.pop("fake_score"), setup.frozen, x_fake, cond, {}, r_fake)
+  fake_args = (state.pop("fake_score"), setup.frozen, x_fake, cond, {}, r_fake, jax.numpy.asarray(1_000, jax.numpy.int32))
   row, fake_args = measure(jitted, fake_args, lambda a, out: (out[0],) + a[1:], **common)
   state["fake_score"] = fake_args[0]
   del fake_args, jitted

@@ -5,11 +5,17 @@ Variants (``--config=configs/coco.py:VARIANTS``):
              on the real score, lambda_reg 0.25 (LPIPS on VAE-decoded images), bf16 activations, rematerialised
              UNet blocks, batch 2304 DM + 1152 regression, 20k iterations, 500k prompts, regression pairs from
              PNDM 50 steps with guidance 3
-  dmd2       DMD2 SD 1.5 stage 1 (docs/method.md §7): guidance 1.75, no regression pairs, two time-scale rule 10,
-             lr 1e-5, global batch 2048, no GAN, 40k iterations; then stage 2 in the same workdir
-  dmd2,stage2  stage 2: resume stage 1 with the GAN (1e-3 generator / 1e-2 critic, head on the 1280 × 8 × 8
-             mid-block output; real COCO train images VAE-encoded once with their captions) at lr 5e-7 for
-             another 5k iterations. Paper: COCO-30k FID 8.35
+  dmd2       DMD2 SD 1.5 stage 1 (docs/method.md §7; the official experiments/sdv1.5/
+             laion6.25_sd_baseline_8node_guidance1.75_lr1e-5_seed10_dfake10_from_scratch.sh): real guidance 1.75,
+             no regression pairs, two time-scale rule 10, lr 1e-5 for both networks, batch 32 on each of 64 GPUs
+             = 2048, 500 warm-up scheduler steps over 64 processes (≈ 8 iterations), no GAN, 39,000 iterations
+             (experiments/sdv1.5/README.md: checkpoint_model_039000, FID 9.28)
+  dmd2,stage2  stage 2 (..._lr5e-7_seed10_dfake10_diffusion1000_gan1e-3_noode_resume_fixdata.sh): a NEW run
+             initialised from stage 1 (--ckpt_only_path: networks only, new optimisers and warm-up; our
+             ``init_from.workdir``) with the GAN (--gen_cls_loss_weight 1e-3, --guidance_cls_loss_weight 1e-2,
+             --diffusion_gan_max_timestep 1000; head on the 1280 × 8 × 8 mid-block output; real COCO train images
+             VAE-encoded once with their captions) at lr 5e-7 for 2,000 more iterations (checkpoint_model_041000:
+             COCO-30k FID 8.35)
   lora       the generator trains LoRA adapters (rank 64, alpha 8; the official DMD2 SDXL LoRA run's targets:
              attention q/k/v/out, proj_in/out, feed-forward, resnet convs and shortcut, time-embedding projection,
              down/up-sampler convs) on the teacher's own frozen arrays (docs/lora.md); rank 4 with tiny
@@ -23,6 +29,9 @@ Variants (``--config=configs/coco.py:VARIANTS``):
   python -m dmd_jax.main --config=configs/coco.py --workdir=runs/coco --config.teacher.path=teachers/sd15 \\
       --config.regression.lpips_path=nets/lpips --config.data.prompts_file=prompts.txt \\
       --mode=sample --prompt="a red bus" --num_samples=4 --output=bus.png
+  python -m dmd_jax.main --config=configs/coco.py:dmd2 ... --workdir=runs/coco_stage1
+  python -m dmd_jax.main --config=configs/coco.py:dmd2,stage2 ... --workdir=runs/coco_stage2 \
+      --config.init_from.workdir=runs/coco_stage1
 
 Prompts: ``data.prompts_file`` (one a line; the first ``data.num_prompts``); their CLIP embeddings are computed
 once and cached in the workdir (``dmd_jax/data/prompts.py``; 500k × 77 × 768 float32 is 118 GB on disk,
@@ -59,12 +68,13 @@ def get_config(arg: str = ""):
   if "dmd2" in v:
     stage2 = "stage2" in v
     c.guidance_scale = 1.75
-    dmd2(c, ttur=10, lr=5e-7 if stage2 else 1e-5, batch_size=2048, num_train_steps=45_000 if stage2 else 40_000,
-         gan_generator=1e-3 if stage2 else 0.0, gan_critic=1e-2, source="coco_latents", dataset="coco_captions",
-         num_images=82_783)   # every image of coco_captions/2014 train
+    dmd2(c, ttur=10, lr=5e-7 if stage2 else 1e-5, batch_size=2048, num_train_steps=2_000 if stage2 else 39_000,
+         gan_generator=1e-3 if stage2 else 0.0, gan_critic=1e-2, warmup_processes=64, source="coco_latents",
+         dataset="coco_captions", num_images=82_783)   # every image of coco_captions/2014 train
     if tiny:
       c.batch_size = c.regression.batch_size = 4
-      c.num_train_steps = 6 if stage2 else 4
+      c.num_train_steps = 2 if stage2 else 4
+      c.optim.warmup_steps, c.optim.warmup_processes = 2, 1
       c.gan.real_data.num_images = 6     # the test suite's prepared coco_captions train split has 7
       c.gan.real_data.shard_size = 3
   if "lora" in v:

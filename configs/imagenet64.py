@@ -3,15 +3,25 @@
 Variants (``--config=configs/imagenet64.py:VARIANTS``):
   (default)  edm-imagenet-64x64-cond-adm (DhariwalUNet, 296M parameters), lr 2e-6, batch 336, 350k steps,
              lambda_reg 0.25, 25k pairs from 256-step EDM Heun, bf16 activations
-  dmd2       DMD2 (docs/method.md §7): no regression pairs, two time-scale rule (5 fake-score updates per
-             generator update), lr 2e-6 for both, global batch 280, GAN 3e-3 (generator) / 1e-2 (critic) with the
-             head on the 768 × 8 × 8 encoder output, real images + labels from tfds imagenet_resized/64x64, 400k
-             iterations. Paper: FID 1.51 (no regression 3.48, + TTUR 2.61, + GAN 1.51)
-  dmd2,stage2  the paper's longer run: resume the dmd2 run at lr 5e-7 for another 150k iterations (FID 1.28)
+  ttur       DMD2 without the GAN (the official experiments/imagenet/imagenet_lr2e-6_scratch.sh): no regression
+             pairs, two time-scale rule 5 (--dfake_gen_update_ratio 5), lr 2e-6 for both networks, batch 40 on
+             each of 7 GPUs = 280, 500 warm-up scheduler steps over 7 processes (≈ 72 iterations), 405,500
+             iterations (the model zoo's checkpoint_model_405500 of experiments/imagenet/README.md: FID 2.61)
+  dmd2       the same with the GAN from scratch (imagenet_gan_classifier_genloss3e-3_diffusion1000_lr2e-6_scratch.sh):
+             --gen_cls_loss_weight 3e-3, --cls_loss_weight 1e-2, --diffusion_gan_max_timestep 1000, the head on
+             the 768 × 8 × 8 encoder output, real images + labels from tfds imagenet_resized/64x64; 193,500
+             iterations (checkpoint_model_193500: FID 1.51)
+  dmd2,stage2  the model zoo's FID-1.28 run (..._lr5e-7_resume.sh): a NEW run initialised from a ``:ttur``
+             checkpoint (--ckpt_only_path imagenet_lr2e-6_scratch_fid2.61_checkpoint_model_405500: networks only,
+             new optimisers and warm-up; our ``init_from.workdir``), the GAN head added, lr 5e-7, 142,500 more
+             iterations (checkpoint_model_548000 − 405,500; "an additional 140,000 iterations")
   tiny       the same pipeline with a small random-weight ADM teacher, CPU-sized (the test suite)
 
   python -m dmd_jax.convert edm --src=edm-imagenet-64x64-cond-adm.pkl --dst=teachers/imagenet64
   python -m dmd_jax.main --config=configs/imagenet64.py --config.teacher.path=teachers/imagenet64 --workdir=...
+  python -m dmd_jax.main --config=configs/imagenet64.py:ttur ... --workdir=runs/in64_ttur
+  python -m dmd_jax.main --config=configs/imagenet64.py:dmd2,stage2 ... --workdir=runs/in64_stage2 \
+      --config.init_from.workdir=runs/in64_ttur
 """
 from dmd_jax.config_lib import dmd2, edm_config, parse_variants
 
@@ -27,7 +37,7 @@ ADM = dict(
 
 
 def get_config(arg: str = ""):
-  v = parse_variants(arg, {"tiny", "dmd2", "stage2"})
+  v = parse_variants(arg, {"tiny", "ttur", "dmd2", "stage2"})
   c = edm_config(
       lr=2e-6, batch_size=336, num_train_steps=350_000,
       regression_weight=0.25,
@@ -37,11 +47,16 @@ def get_config(arg: str = ""):
       architecture=ADM)
   if "stage2" in v and "dmd2" not in v:
     raise ValueError("configs/imagenet64.py: 'stage2' is a stage of 'dmd2' (use :dmd2,stage2)")
-  if "dmd2" in v:
+  if "ttur" in v and "dmd2" in v:
+    raise ValueError("configs/imagenet64.py: 'ttur' is DMD2 without the GAN; 'dmd2' adds it (pick one)")
+  if "ttur" in v or "dmd2" in v:
     stage2 = "stage2" in v
-    dmd2(c, ttur=5, lr=5e-7 if stage2 else 2e-6, batch_size=280, num_train_steps=550_000 if stage2 else 400_000,
-         gan_generator=3e-3, gan_critic=1e-2, source="tfds", dataset="imagenet_resized/64x64")
+    steps = 142_500 if stage2 else 193_500 if "dmd2" in v else 405_500
+    dmd2(c, ttur=5, lr=5e-7 if stage2 else 2e-6, batch_size=280, num_train_steps=steps,
+         gan_generator=3e-3 if "dmd2" in v else 0.0, gan_critic=1e-2, warmup_processes=7,
+         source="tfds", dataset="imagenet_resized/64x64")
     if "tiny" in v:
       c.batch_size = c.regression.batch_size = 8
-      c.num_train_steps = 8 if stage2 else 6
+      c.num_train_steps = 6
+      c.optim.warmup_steps, c.optim.warmup_processes = 2, 1
   return c

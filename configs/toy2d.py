@@ -17,7 +17,7 @@ Variants (``--config=configs/toy2d.py:VARIANT``):
 """
 import ml_collections
 
-from dmd_jax.config_lib import gan_config
+from dmd_jax.config_lib import gan_config, init_from_config, optim_config
 from dmd_jax.data.toy import circle_means, grid_means
 
 
@@ -86,11 +86,9 @@ def get_config(arg: str = ""):
       batch_size=256,
       sampler_steps=18))    # teacher EDM Heun steps per pair (35 NFE)
 
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=1e-3, warmup_steps=500, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0,
-      decay="cosine",       # 'constant' (the papers' image recipes) or 'cosine' to zero
-      max_consecutive_skips=10))   # steps with non-finite gradients are skipped; this many in a row stop the run
+  c.optim = optim_config(lr=1e-3, decay="cosine")   # cosine to zero (the papers' image recipes: constant)
   c.gan = gan_config(source="mixture")   # DMD2's GAN terms, off unless :dmd2 (weights 0)
+  c.init_from = init_from_config()
 
   c.ema = ml_collections.ConfigDict(dict(decay=0.0))   # EMA of the generator; 0 = off
 

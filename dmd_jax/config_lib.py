@@ -27,12 +27,33 @@ def base_config(seed: int = 0) -> ml_collections.ConfigDict:
       kind="edm", sigma_min=0.002, sigma_max=80.0, rho=7.0, sigma_data=0.5,
       num_timesteps=1000, dm_t_min=20, dm_t_max=980))
   # docs/method.md §6: AdamW (0.9, 0.999), wd 0.01, eps 1e-8, 500 warm-up steps then constant, clipping at 10
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=5e-5, warmup_steps=500, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0,
-      decay="constant",
-      max_consecutive_skips=10))   # steps with non-finite gradients are skipped; this many in a row stop the run
+  c.optim = optim_config(lr=5e-5)
   c.gan = gan_config()
+  c.init_from = init_from_config()
   return c
+
+
+def optim_config(lr: float, warmup_steps: int = 500, **kw) -> ml_collections.ConfigDict:
+  """AdamW with a linear warm-up, on one iteration clock for both networks (``dmd.learning_rate_schedule``)."""
+  o = dict(
+      lr=lr,
+      warmup_steps=warmup_steps,   # the official --warmup_step (diffusers' constant_with_warmup)
+      # the official run's process count: accelerate steps its scheduler once per process and iteration, so
+      # the warm-up lasts warmup_steps / warmup_processes iterations (DMD2 ImageNet-64: 500 / 7 GPUs)
+      warmup_processes=1,
+      b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, clip_norm=10.0,
+      decay="constant",            # or 'cosine' (to 0 at num_train_steps)
+      max_consecutive_skips=10)    # steps with non-finite gradients are skipped; this many in a row stop the run
+  o.update(kw)
+  return ml_collections.ConfigDict(o)
+
+
+def init_from_config() -> ml_collections.ConfigDict:
+  """Start a run from another run's networks (the official ``--ckpt_only_path``; ``train.init_from_run``): used
+  only while this workdir has no checkpoint of its own, so the new run resumes itself afterwards."""
+  return ml_collections.ConfigDict(dict(
+      workdir="",   # the other run's workdir ('' = start from the teacher)
+      step=0))      # its checkpoint (0 = the latest)
 
 
 def lora_config() -> ml_collections.ConfigDict:
@@ -70,13 +91,18 @@ def gan_config(**real_data) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       generator_weight=0.0,   # softplus(-D(F(G(z), t))) in the generator loss
       critic_weight=0.0,      # softplus(D(fake)) + softplus(-D(real)) added to the fake-score loss
+      # the critic's inputs are noised at t ~ U[0, max_timestep) (the official --diffusion_gan_max_timestep, 1000
+      # in every official recipe; 1 = clean inputs, the official code without --diffusion_gan; 0 = all)
+      max_timestep=1000,
       real_data=ml_collections.ConfigDict(rd)))
 
 
 def dmd2(c, *, ttur: int, lr: float, batch_size: int, num_train_steps: int, gan_generator: float,
-         gan_critic: float = 1e-2, **real_data) -> ml_collections.ConfigDict:
+         gan_critic: float = 1e-2, warmup_processes: int = 1, **real_data) -> ml_collections.ConfigDict:
   """Turns a DMD config into a DMD2 recipe (docs/method.md §7): no regression pairs, ``ttur`` fake-score updates
-  per generator update, the same ``lr`` for both networks, and the GAN terms (0 = none)."""
+  per generator update, the same ``lr`` for both networks, the warm-up's scheduler steps spread over
+  ``warmup_processes`` (the official run's GPU count: ``optim_config``), and the GAN terms (0 = none)."""
+  c.optim.warmup_processes = warmup_processes
   c.regression.weight = 0.0
   c.dmd.fake_updates_per_generator_update = ttur
   c.optim.lr = lr

@@ -50,7 +50,11 @@ def dm_loss(x, real_x0, fake_x0):
 
 
 def distribution_matching_loss(nets, teacher_params, fake_params, x, cond, rng):
-  """Noises the generated ``x`` at t ~ U[dm_t_min, dm_t_max] and evaluates ``dm_loss``."""
+  """Noises the generated ``x`` at t ~ U[dm_t_min, dm_t_max] and evaluates ``dm_loss``. The metrics name the
+  normalised gradient ``grad`` (docs/method.md §3): ``dm_grad_batch_norm`` is ``||grad||`` over the whole global
+  batch (the official code's ``dmtrain_gradient_norm``, which it takes over one GPU's batch), and
+  ``dm_grad_sample_rms`` the root mean square over samples of each sample's ``||grad_i||``
+  (``dm_grad_batch_norm / sqrt(batch)``)."""
   r_t, r_eps = jax.random.split(rng)
   t = nets.schedule.sample_dm_t(r_t, x.shape[0])
   eps = jax.random.normal(r_eps, x.shape, jnp.float32)
@@ -58,8 +62,9 @@ def distribution_matching_loss(nets, teacher_params, fake_params, x, cond, rng):
   real_x0 = nets.real_denoise(teacher_params, x_t, t, cond)
   fake_x0 = nets.fake_denoise(fake_params, x_t, t, cond)
   loss, grad = dm_loss(x, real_x0, fake_x0)
-  return loss, {"dm_loss": loss, "dm_grad_norm": jnp.sqrt(jnp.mean(jnp.sum(
-      grad.reshape(grad.shape[0], -1) ** 2, axis=-1)))}
+  sq = jnp.sum(grad.reshape(grad.shape[0], -1) ** 2, axis=-1)
+  return loss, {"dm_loss": loss, "dm_grad_batch_norm": jnp.sqrt(jnp.sum(sq)),
+                "dm_grad_sample_rms": jnp.sqrt(jnp.mean(sq))}
 
 
 def fake_score_loss(nets, fake_params, x, cond, rng):
@@ -78,35 +83,37 @@ def fake_score_loss(nets, fake_params, x, cond, rng):
   return jnp.mean(weight * _per_sample_mean((pred - x) ** 2))
 
 
-def gan_noise(nets, x, rng):
-  """Diffusion-GAN noising (docs/method.md §7): each sample at its own t uniform over the schedule's whole
-  range [0, num_timesteps) (EDM: the Karras table). Returns ``(x_t, t)``."""
+def gan_noise(nets, x, rng, max_timestep: int = 0):
+  """Diffusion-GAN noising (docs/method.md §7): each sample at its own t uniform over [0, ``max_timestep``) of the
+  schedule's table (the official ``--diffusion_gan_max_timestep``; 0 = the whole range, ``num_timesteps``; 1 = t
+  = 0 only, the official code without ``--diffusion_gan``). Returns ``(x_t, t)``."""
   r_t, r_eps = jax.random.split(rng)
-  t = jax.random.randint(r_t, (x.shape[0],), 0, nets.schedule.num_timesteps)
+  t = jax.random.randint(r_t, (x.shape[0],), 0, max_timestep or nets.schedule.num_timesteps)
   eps = jax.random.normal(r_eps, x.shape, jnp.float32)
   return nets.schedule.add_noise(x.astype(jnp.float32), eps, t), t
 
 
-def critic_logits(nets, critic_params, x, cond, rng):
-  """``D(F(x_t, t, cond))``: the GAN head on the fake network's bottleneck at a diffusion-GAN noising of ``x``."""
-  x_t, t = gan_noise(nets, x, rng)
+def critic_logits(nets, critic_params, x, cond, rng, max_timestep: int = 0):
+  """``D(F(x_t, t, cond))``: the GAN head on the fake network's bottleneck at a diffusion-GAN noising of ``x``
+  (t below ``max_timestep``, :func:`gan_noise`)."""
+  x_t, t = gan_noise(nets, x, rng, max_timestep)
   return nets.critic.logits(critic_params["head"], nets.critic.features(critic_params["score"], x_t, t, cond))
 
 
-def gan_generator_loss(nets, critic_params, x, cond, rng):
+def gan_generator_loss(nets, critic_params, x, cond, rng, max_timestep: int = 0):
   """Non-saturating generator term ``mean softplus(-D(F(G(z), t)))`` (docs/method.md §7). The gradient flows
   through the fake network into ``x``; the critic's parameters are not updated by the generator step."""
-  return jnp.mean(jax.nn.softplus(-critic_logits(nets, critic_params, x, cond, rng)))
+  return jnp.mean(jax.nn.softplus(-critic_logits(nets, critic_params, x, cond, rng, max_timestep)))
 
 
-def gan_critic_loss(nets, critic_params, fake_x, fake_cond, real_x, real_cond, rng):
+def gan_critic_loss(nets, critic_params, fake_x, fake_cond, real_x, real_cond, rng, max_timestep: int = 0):
   """Critic term ``mean softplus(D(fake)) + mean softplus(-D(real))`` on detached inputs, each sample noised at
   its own t (docs/method.md §7; both halves go through the network as one batch). Returns ``(loss, metrics)``."""
   n = fake_x.shape[0]
   x = jnp.concatenate([jax.lax.stop_gradient(fake_x).astype(jnp.float32),
                        jax.lax.stop_gradient(real_x).astype(jnp.float32)])
   logits = critic_logits(nets, critic_params, x, jnp.concatenate([fake_cond, real_cond.astype(fake_cond.dtype)]),
-                         rng)
+                         rng, max_timestep)
   fake, real = logits[:n], logits[n:]
   loss = jnp.mean(jax.nn.softplus(fake)) + jnp.mean(jax.nn.softplus(-real))
   return loss, {"gan_critic_loss": loss, "critic_logit_fake": jnp.mean(fake), "critic_logit_real": jnp.mean(real)}
@@ -189,15 +196,29 @@ def generator_forward(nets, steps, params, z, cond, rng):
 # Optimisation (docs/method.md §6): AdamW per network, warm-up then constant (or cosine), clipping.
 # ---------------------------------------------------------------------------------------------------
 
-def learning_rate_schedule(lr: float, warmup_steps: int, decay: str = "constant", total_steps: int = 0):
-  warm = optax.linear_schedule(0.0, lr, max(warmup_steps, 1))
-  if decay == "constant":
-    rest = optax.constant_schedule(lr)
-  elif decay == "cosine":
-    rest = optax.cosine_decay_schedule(lr, max(total_steps - warmup_steps, 1))
-  else:
+def learning_rate_schedule(lr: float, warmup_steps: int, decay: str = "constant", total_steps: int = 0,
+                           warmup_processes: int = 1) -> Callable:
+  """``iteration -> learning rate``, the same clock for both networks (docs/method.md §6): a linear warm-up from 0,
+  then constant (or cosine to 0 at ``total_steps``). The official code steps diffusers' ``constant_with_warmup``
+  (``lr · min(1, s / warmup_steps)``) after **every iteration**, whether or not the generator was updated, and
+  accelerate steps a prepared scheduler once per process, so ``s = iteration × processes``: with
+  ``warmup_processes`` set to the official run's process count the warm-up ends after ``warmup_steps /
+  warmup_processes`` iterations, as there (ImageNet-64: 500 / 7 ≈ 72)."""
+  if decay not in ("constant", "cosine"):
     raise ValueError(f"optim.decay must be 'constant' or 'cosine', got {decay!r}")
-  return optax.join_schedules([warm, rest], [warmup_steps])
+  if warmup_steps < 0 or warmup_processes < 1:
+    raise ValueError(f"optim.warmup_steps must be >= 0 and optim.warmup_processes >= 1, got {warmup_steps} and "
+                     f"{warmup_processes}")
+  warm = warmup_steps / warmup_processes    # iterations
+  rest = (optax.cosine_decay_schedule(lr, max(int(round(total_steps - warm)), 1)) if decay == "cosine"
+          else optax.constant_schedule(lr))
+
+  def schedule(iteration):
+    i = jnp.asarray(iteration, jnp.float32)
+    if warm == 0:
+      return jnp.asarray(rest(i), jnp.float32)
+    return jnp.where(i < warm, lr * i / warm, rest(jnp.maximum(i - warm, 0.0))).astype(jnp.float32)
+  return schedule
 
 
 # Leaves that are buffers in the reference code (never trained) but live in our parameter trees with a stopped
@@ -214,12 +235,22 @@ def weight_decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(lr, warmup_steps, b1, b2, eps, weight_decay, clip_norm, decay="constant",
-                   total_steps=0) -> optax.GradientTransformation:
+def make_optimizer(b1, b2, eps, weight_decay, clip_norm) -> optax.GradientTransformation:
+  """AdamW at learning rate 1 (clipping at ``clip_norm`` first): :func:`apply_update` scales its update by the
+  iteration's learning rate, so the schedule runs on the iteration clock, not on the optimiser's own count."""
   return optax.chain(
       optax.clip_by_global_norm(clip_norm),
-      optax.adamw(learning_rate_schedule(lr, warmup_steps, decay, total_steps),
-                  b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=weight_decay_mask))
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+      optax.scale(-1.0))
+
+
+def apply_update(optimizer, params, opt_state, grads, lr):
+  """One optimiser step at learning rate ``lr``: ``params + lr · optimizer.update(grads)``. Returns
+  ``(params, opt_state)``."""
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  updates = jax.tree.map(lambda u: (lr * u).astype(u.dtype), updates)
+  return optax.apply_updates(params, updates), opt_state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,8 +261,11 @@ def make_optimizer(lr, warmup_steps, b1, b2, eps, weight_decay, clip_norm, decay
 class DMDHyper:
   """Static hyper-parameters of one DMD iteration."""
   batch_size: int
-  generator_optimizer: optax.GradientTransformation
+  generator_optimizer: optax.GradientTransformation    # at learning rate 1 (make_optimizer)
   fake_score_optimizer: optax.GradientTransformation
+  # ``iteration -> learning rate`` of both networks (learning_rate_schedule): the generator's update at iteration
+  # i is taken at ``learning_rate(i)``, as the official code's per-iteration scheduler has it
+  learning_rate: Callable = lambda iteration: 1.0
   dm_weight: float = 1.0
   regression_weight: float = 0.0
   fake_updates_per_generator_update: int = 1   # 1 = DMD; 5 or 10 = DMD2's two time-scale rule
@@ -240,6 +274,7 @@ class DMDHyper:
   generator_steps: tuple = ()                  # DMD2 multi-step generator: t_0 > t_1 > ...; () = one step
   gan_generator_weight: float = 0.0            # DMD2 GAN terms (docs/method.md §7); both 0 = no critic head
   gan_critic_weight: float = 0.0
+  gan_max_timestep: int = 0                    # GAN noise t in [0, this); 0 = the whole schedule (gan_noise)
   # ``(trainable parameters, frozen) -> the network's parameters``: the identity, or LoRA's base + adapters
   # (dmd_jax/lora.py), formed inside the step so that only the trainable part is differentiated and stored
   generator_network: Callable = trainable_is_network
@@ -285,43 +320,55 @@ def _generator_keys(rng):
   return jax.random.fold_in(rng, 1), jax.random.fold_in(rng, 2)
 
 
-def generator_loss(gen_params, nets, hyper: DMDHyper, frozen, fake_params, z, cond, batch, rng):
-  """``L_G = dm_weight L_DM + regression_weight L_reg + gan_generator_weight L_GAN`` (DMD Eq. 10, DMD2).
-  Returns ``(loss, (x, metrics))``."""
+def _norm(x):
+  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
+
+
+def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch, rng, step):
+  """One optimiser step of the generator on ``L_G = dm_weight L_DM + gan_generator_weight L_GAN +
+  regression_weight L_reg`` (DMD Eq. 10, DMD2) at ``hyper.learning_rate(step)``. The generator's forward is
+  differentiated once (``jax.vjp``): the DM and GAN terms are differentiated w.r.t. its output ``x`` and their
+  sum pulled back, so each term's gradient w.r.t. ``x`` is logged at no extra cost (``dm_output_grad_norm``,
+  ``gan_output_grad_norm``: L2 norms over the batch of the weighted terms' gradients; their ratio is what one
+  watches while tuning the GAN weight). The regression term has its own inputs and its own backward.
+  Returns ``(gen_state, x, metrics)`` (x before the update)."""
   r_dm, r_gen, r_gan = rng, *_generator_keys(rng)
-  net = hyper.generator_network(gen_params, frozen)
   score, critic = fake_networks(hyper, frozen, fake_params)
-  x, k = generator_forward(nets, hyper.generator_steps, net, z, cond, r_gen)
-  x = hyper.constrain_batch(x)
-  loss, metrics = distribution_matching_loss(nets, frozen["teacher"], score, x, cond, r_dm)
-  loss = hyper.dm_weight * loss
+  params = gen_state["params"]
+
+  def forward(p):
+    x, k = generator_forward(nets, hyper.generator_steps, hyper.generator_network(p, frozen), z, cond, r_gen)
+    return hyper.constrain_batch(x), k
+
+  x, pullback, k = jax.vjp(forward, params, has_aux=True)
+  (dm, metrics), g_dm = jax.value_and_grad(
+      lambda x: distribution_matching_loss(nets, frozen["teacher"], score, x, cond, r_dm), has_aux=True)(x)
+  g_x = hyper.dm_weight * g_dm
+  loss = hyper.dm_weight * dm
+  metrics["dm_output_grad_norm"] = _norm(g_x)
   if len(hyper.generator_steps) > 1:
     metrics["generator_step_index"] = k
   if hyper.gan_generator_weight > 0:
-    gan = gan_generator_loss(nets, critic, x, cond, r_gan)
-    metrics["gan_generator_loss"] = gan
+    gan, g_gan = jax.value_and_grad(
+        lambda x: gan_generator_loss(nets, critic, x, cond, r_gan, hyper.gan_max_timestep))(x)
+    g_gan = hyper.gan_generator_weight * g_gan
+    metrics.update(gan_generator_loss=gan, gan_output_grad_norm=_norm(g_gan))
+    metrics["gan_dm_grad_ratio"] = metrics["gan_output_grad_norm"] / jnp.maximum(metrics["dm_output_grad_norm"],
+                                                                                 1e-30)
     loss = loss + hyper.gan_generator_weight * gan
+    g_x = g_x + g_gan
+  (grads,) = pullback(g_x.astype(x.dtype))
   if hyper.regression_weight > 0:
-    x_reg = nets.generate(net, batch["reg_z"], batch["reg_cond"])
-    reg = regression_loss(nets.regression_distance, frozen, x_reg, batch["reg_x"])
+    def regression(p):
+      x_reg = nets.generate(hyper.generator_network(p, frozen), batch["reg_z"], batch["reg_cond"])
+      return regression_loss(nets.regression_distance, frozen, x_reg, batch["reg_x"])
+    reg, g_reg = jax.value_and_grad(regression)(params)
+    grads = jax.tree.map(lambda a, b: a + hyper.regression_weight * b, grads, g_reg)
     metrics["regression_loss"] = reg
     loss = loss + hyper.regression_weight * reg
-  metrics["generator_loss"] = loss
-  return loss, (x, metrics)
-
-
-def _adam_update(optimizer, params, opt_state, grads):
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  return optax.apply_updates(params, updates), opt_state
-
-
-def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch, rng):
-  """One optimiser step of the generator. Returns ``(gen_state, x, metrics)`` (x before the update)."""
-  (_, (x, metrics)), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-      gen_state["params"], nets, hyper, frozen, fake_params, z, cond, batch, rng)
-  metrics["generator_grad_norm"] = optax.tree.norm(grads)
-  params, opt_state = _adam_update(hyper.generator_optimizer, gen_state["params"],
-                                   gen_state["opt_state"], grads)
+  lr = hyper.learning_rate(step)
+  metrics.update(generator_loss=loss, generator_grad_norm=optax.tree.norm(grads), generator_lr=lr)
+  params, opt_state = apply_update(hyper.generator_optimizer, params, gen_state["opt_state"], grads, lr)
   new = {"params": params, "opt_state": opt_state}
   if "ema_params" in gen_state:
     d = hyper.ema_decay
@@ -338,33 +385,38 @@ def critic_loss(fake_params, nets, hyper: DMDHyper, frozen, x, cond, batch, rng)
   metrics = {"fake_score_loss": loss}
   if hyper.gan:
     gan, gan_metrics = gan_critic_loss(nets, critic, x, cond, batch["real_x"], batch["real_cond"],
-                                       jax.random.fold_in(rng, 1))
+                                       jax.random.fold_in(rng, 1), hyper.gan_max_timestep)
     metrics.update(gan_metrics)
     loss = loss + hyper.gan_critic_weight * gan
   return loss, metrics
 
 
-def fake_score_update(fake_state, nets, hyper, frozen, x, cond, batch, rng):
-  """One optimiser step of the fake score (and its GAN head) on detached generator samples."""
+def fake_score_update(fake_state, nets, hyper, frozen, x, cond, batch, rng, step):
+  """One optimiser step of the fake score (and its GAN head) on detached generator samples, at
+  ``hyper.learning_rate(step)``."""
   (_, metrics), grads = jax.value_and_grad(critic_loss, has_aux=True)(
       fake_state["params"], nets, hyper, frozen, x, cond, batch, rng)
-  params, opt_state = _adam_update(hyper.fake_score_optimizer, fake_state["params"],
-                                   fake_state["opt_state"], grads)
-  return {"params": params, "opt_state": opt_state}, {**metrics, "fake_score_grad_norm": optax.tree.norm(grads)}
+  lr = hyper.learning_rate(step)
+  params, opt_state = apply_update(hyper.fake_score_optimizer, fake_state["params"], fake_state["opt_state"],
+                                   grads, lr)
+  return {"params": params, "opt_state": opt_state}, {**metrics, "fake_score_grad_norm": optax.tree.norm(grads),
+                                                      "fake_lr": lr}
 
 
 # The metrics of the generator update: zeros on the steps without one (two time-scale rule); the trainer logs
 # them from the last step that had one.
-GENERATOR_METRICS = ("dm_loss", "dm_grad_norm", "regression_loss", "gan_generator_loss", "generator_loss",
-                     "generator_grad_norm", "generator_step_index")
+GENERATOR_METRICS = ("dm_loss", "dm_grad_batch_norm", "dm_grad_sample_rms", "dm_output_grad_norm",
+                     "regression_loss", "gan_generator_loss", "gan_output_grad_norm", "gan_dm_grad_ratio",
+                     "generator_loss", "generator_grad_norm", "generator_lr", "generator_step_index")
 
 
 def _no_generator_metrics(hyper: DMDHyper) -> dict:
   """Zeros in the structure ``generator_update``'s metrics have under ``hyper`` (float32 scalars, the step
   index int32), for the steps without a generator update; ``lax.cond`` rejects any mismatch when it traces."""
-  names = ["dm_loss", "dm_grad_norm", "generator_loss", "generator_grad_norm"]
+  names = ["dm_loss", "dm_grad_batch_norm", "dm_grad_sample_rms", "dm_output_grad_norm", "generator_loss",
+           "generator_grad_norm", "generator_lr"]
   names += ["generator_step_index"] if len(hyper.generator_steps) > 1 else []
-  names += ["gan_generator_loss"] if hyper.gan_generator_weight > 0 else []
+  names += ["gan_generator_loss", "gan_output_grad_norm", "gan_dm_grad_ratio"] if hyper.gan_generator_weight > 0 else []
   names += ["regression_loss"] if hyper.regression_weight > 0 else []
   return {k: jnp.zeros((), jnp.int32 if k == "generator_step_index" else jnp.float32) for k in names}
 
@@ -386,7 +438,7 @@ def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
 
   def with_update(gen_state):
     return generator_update(gen_state, nets, hyper, frozen, state["fake_score"]["params"], z, cond,
-                            batch, r_dm)
+                            batch, r_dm, step)
 
   def without_update(gen_state):
     x, _ = generator_forward(nets, hyper.generator_steps, hyper.generator_network(gen_state["params"], frozen),
@@ -400,7 +452,7 @@ def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
     gen_state, x, gen_metrics = jax.lax.cond(step % n == 0, with_update, without_update,
                                              state["generator"])
   fake_state, fake_metrics = fake_score_update(state["fake_score"], nets, hyper, frozen,
-                                               jax.lax.stop_gradient(x), cond, batch, r_fake)
+                                               jax.lax.stop_gradient(x), cond, batch, r_fake, step)
   # A step whose gradients are not finite is skipped: the networks and optimiser states stay as they were
   # (docs/method.md §7); the trainer stops after too many in a row.
   finite = jnp.isfinite(gen_metrics["generator_grad_norm"]) & jnp.isfinite(fake_metrics["fake_score_grad_norm"])

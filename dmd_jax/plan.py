@@ -182,14 +182,15 @@ def programs(run, steps) -> dict[str, tuple[Callable, tuple]]:
   z = jax.ShapeDtypeStruct((hyper.batch_size,) + tuple(nets.sample_shape), jax.numpy.float32, sharding=batch_sh)
   cond = (batch["cond"] if "cond" in batch else
           jax.ShapeDtypeStruct((hyper.batch_size,), jax.numpy.int32, sharding=batch_sh))
+  step = jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=repl)
   out = {}
   if "train" in steps:
     out["train"] = (run.jit_train_step(batch), (state, frozen, batch, rng))
   if "generator" in steps:
     out["generator"] = (run.jit_generator_step(batch),
-                        (state["generator"], frozen, state["fake_score"]["params"], z, cond, batch, rng))
+                        (state["generator"], frozen, state["fake_score"]["params"], z, cond, batch, rng, step))
   if "fake" in steps:
-    out["fake"] = (run.jit_fake_step(batch), (state["fake_score"], frozen, z, cond, batch, rng))
+    out["fake"] = (run.jit_fake_step(batch), (state["fake_score"], frozen, z, cond, batch, rng, step))
   return out
 
 

@@ -66,26 +66,27 @@ class Run:
 
   def jit_generator_step(self, batch):
     """``dmd.generator_update`` alone, jitted with the same shardings (the generator state donated):
-    ``(gen_state, frozen, fake_params, z, cond, batch, rng) -> (gen_state, x, metrics)``."""
+    ``(gen_state, frozen, fake_params, z, cond, batch, rng, step) -> (gen_state, x, metrics)``."""
     gen_sh, fake_sh = self.state_sharding["generator"], self.state_sharding["fake_score"]
     rows, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
 
-    def generator(gen_state, frozen, fake_params, z, cond, batch, rng):
-      return dmd.generator_update(gen_state, self.teacher, self.hyper, frozen, fake_params, z, cond, batch, rng)
+    def generator(gen_state, frozen, fake_params, z, cond, batch, rng, step):
+      return dmd.generator_update(gen_state, self.teacher, self.hyper, frozen, fake_params, z, cond, batch, rng,
+                                  step)
     return jax.jit(generator, in_shardings=(gen_sh, self.frozen_sharding, fake_sh["params"], rows, rows,
-                                            jax.tree.map(lambda _: rows, batch), repl),
+                                            jax.tree.map(lambda _: rows, batch), repl, repl),
                    out_shardings=(gen_sh, rows, repl), donate_argnums=(0,))
 
   def jit_fake_step(self, batch):
     """``dmd.fake_score_update`` alone, jitted with the same shardings (the fake-score state donated):
-    ``(fake_state, frozen, x, cond, batch, rng) -> (fake_state, metrics)``."""
+    ``(fake_state, frozen, x, cond, batch, rng, step) -> (fake_state, metrics)``."""
     fake_sh = self.state_sharding["fake_score"]
     rows, repl = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
 
-    def fake(fake_state, frozen, x, cond, batch, rng):
-      return dmd.fake_score_update(fake_state, self.teacher, self.hyper, frozen, x, cond, batch, rng)
+    def fake(fake_state, frozen, x, cond, batch, rng, step):
+      return dmd.fake_score_update(fake_state, self.teacher, self.hyper, frozen, x, cond, batch, rng, step)
     return jax.jit(fake, in_shardings=(fake_sh, self.frozen_sharding, rows, rows, jax.tree.map(lambda _: rows, batch),
-                                       repl),
+                                       repl, repl),
                    out_shardings=(fake_sh, repl), donate_argnums=(0,))
 
   def sample(self, params, z, cond, keys):
@@ -138,8 +139,14 @@ def make_hyper(config, mesh) -> dmd.DMDHyper:
   if g.generator_weight < 0 or g.critic_weight < 0:
     raise ValueError(f"gan.generator_weight and gan.critic_weight must be >= 0, got {g.generator_weight} and "
                      f"{g.critic_weight}")
-  make = functools.partial(dmd.make_optimizer, warmup_steps=o.warmup_steps, b1=o.b1, b2=o.b2, eps=o.eps,
-                           weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay=o.decay)
+  num_timesteps = config.schedule.num_timesteps
+  max_t = int(g.get("max_timestep", 0))
+  if not 0 <= max_t <= num_timesteps:
+    raise ValueError(f"gan.max_timestep must be in [1, schedule.num_timesteps={num_timesteps}] (0 = all), got "
+                     f"{max_t}")
+  lr = dmd.learning_rate_schedule(o.lr, o.warmup_steps, o.decay, config.num_train_steps,
+                                  o.get("warmup_processes", 1))
+  make = lambda: dmd.make_optimizer(o.b1, o.b2, o.eps, o.weight_decay, o.clip_norm)
   batch = sharding.batch_sharding(mesh)
   n_dev = mesh.devices.size
   for name, b in (("batch_size", config.batch_size), ("regression.batch_size", config.regression.batch_size)):
@@ -147,8 +154,9 @@ def make_hyper(config, mesh) -> dmd.DMDHyper:
       raise ValueError(f"{name}={b} must be divisible by the number of devices ({n_dev})")
   return dmd.DMDHyper(
       batch_size=config.batch_size,
-      generator_optimizer=make(o.lr, total_steps=config.num_train_steps // n),
-      fake_score_optimizer=make(o.lr, total_steps=config.num_train_steps),
+      generator_optimizer=make(),
+      fake_score_optimizer=make(),
+      learning_rate=lr,
       dm_weight=config.dmd.dm_weight,
       regression_weight=config.regression.weight,
       fake_updates_per_generator_update=n,
@@ -157,6 +165,7 @@ def make_hyper(config, mesh) -> dmd.DMDHyper:
       generator_steps=steps,
       gan_generator_weight=float(g.generator_weight),
       gan_critic_weight=float(g.critic_weight),
+      gan_max_timestep=max_t,
   )
 
 
@@ -316,13 +325,16 @@ def train(config, workdir: str) -> dict | None:
   writer = writers.create_writer(workdir, run.is_main)
   ckpt = checkpoint.Checkpointer(workdir)
 
-  # ---- state: resume from the latest checkpoint, or start fresh ----
+  # ---- state: resume from the latest checkpoint, or start from another run's networks, or fresh ----
   latest = ckpt.latest_step()
-  meta_restored, new_stage = {}, False
+  meta_restored = {}
+  init_from = config.get("init_from", {}).get("workdir", "")
   if latest is not None:
-    new_stage = run.hyper.gan and not checkpoint_has_gan(ckpt, latest)
-    state, meta_restored = restore_adding_critic(run, ckpt, latest) if new_stage else run.restore(ckpt, latest)
+    check_same_stage(run, ckpt, latest)
+    state, meta_restored = run.restore(ckpt, latest)
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
+  elif init_from:
+    state = init_from_run(run, init_from, int(config.init_from.get("step", 0)))
   else:
     state = run.init_state()
   start = int(jax.device_get(state["step"]))
@@ -341,7 +353,7 @@ def train(config, workdir: str) -> dict | None:
   if run.hyper.gan:
     from dmd_jax.data.real import make_real_data
     real = make_real_data(run, config.gan.real_data)
-    if latest is not None and not new_stage:
+    if latest is not None:
       real.restore(meta_restored["real_data"])
   batch_for = batches(run, pairs, real)
   evaluators = evaluators_lib.build(run, writer)
@@ -418,32 +430,63 @@ def save_or_stop(ckpt: checkpoint.Checkpointer, preemption: Preemption, state, s
     raise Preempted(f"preempted: {what} of step {step} saved in {ckpt.directory}; rerun to resume")
 
 
-def checkpoint_has_gan(ckpt: checkpoint.Checkpointer, step: int) -> bool:
-  """Whether the checkpoint of ``step`` was written by a run with DMD2's GAN critic (its config says)."""
-  config = json.loads(ckpt.restore_meta(step).get("config", "{}"))
-  gan = config.get("gan", {})
+def config_has_gan(config_json: str) -> bool:
+  """Whether a checkpoint's recorded config (JSON) trained DMD2's GAN critic head."""
+  gan = json.loads(config_json or "{}").get("gan", {})
   return gan.get("generator_weight", 0) > 0 or gan.get("critic_weight", 0) > 0
 
 
-def restore_adding_critic(run: Run, ckpt: checkpoint.Checkpointer, step: int):
-  """A GAN stage started on a checkpoint without the critic head (``configs/coco.py:dmd2`` stage 1 →
-  ``:dmd2,stage2`` in the same workdir, docs/method.md §7): the generator (parameters and optimiser state), the
-  fake score's parameters and the counters come from the checkpoint; the head is initialised and the fake
-  score's optimiser starts afresh (it now also trains the head), as the official stage 2 starts new optimisers."""
-  hyper0 = dataclasses.replace(run.hyper, gan_generator_weight=0.0, gan_critic_weight=0.0)
+def check_same_stage(run: Run, ckpt: checkpoint.Checkpointer, step: int) -> None:
+  """A run resumes only checkpoints of its own kind: one written with the GAN head (or without it) cannot go on
+  as a run without it (or with it). A new stage is a new workdir initialised from this one (``init_from``)."""
+  had = config_has_gan(ckpt.restore_meta(step).get("config", ""))
+  if had != run.hyper.gan:
+    raise ValueError(
+        f"checkpoint {step} in {ckpt.directory} was written {'with' if had else 'without'} DMD2's GAN critic head, "
+        f"but this config {'has' if run.hyper.gan else 'has no'} GAN terms (gan.generator_weight / "
+        f"gan.critic_weight). To start a new stage from that run (e.g. configs/imagenet64.py:dmd2,stage2 after "
+        f":ttur), use a new --workdir with --config.init_from.workdir={run.workdir}")
+
+
+def init_from_run(run: Run, workdir: str, step: int = 0):
+  """The initial state from another run's checkpoint (``config.init_from``; the official ``--ckpt_only_path``):
+  the generator's and the fake score's parameters (and the generator's EMA, where both runs keep one) come from
+  checkpoint ``step`` (0 = the latest) of ``workdir``; the GAN head too when that run had one (else it is new);
+  the optimiser states, the step counter and with them the learning-rate warm-up start afresh at 0."""
+  src = checkpoint.Checkpointer(workdir, read_only=True)
+  steps = src.all_steps()
+  if not steps:
+    raise FileNotFoundError(f"init_from.workdir={workdir} holds no checkpoint")
+  step = step or steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"init_from.step={step}: {workdir} holds checkpoints {steps}")
+  src_config = json.loads(src.restore_meta(step).get("config", "{}"))
+  src_gan = config_has_gan(json.dumps(src_config))
+  src_ema = float(src_config.get("ema", {}).get("decay", 0.0))
+  hyper_src = dataclasses.replace(run.hyper, gan_generator_weight=1.0 if src_gan else 0.0,
+                                  gan_critic_weight=1.0 if src_gan else 0.0, ema_decay=src_ema)
+  run.check_lora_base(src, step)
   key = streams.key(run.config.seed, "init")
-  run.check_lora_base(ckpt, step)
-  abstract0 = jax.eval_shape(lambda k, f: init_state(run.teacher, hyper0, k, f, run.lora), key, run.frozen)
-  sharding0 = sharding.tree_sharding(run.mesh, abstract0, run.config.mesh.min_shard_size)
-  old, meta = ckpt.restore(step, checkpoint.abstract_with_shardings(abstract0, sharding0))
-  fake_sh = run.state_sharding["fake_score"]
-  head = jax.jit(run.teacher.critic.init, out_shardings=fake_sh["params"]["head"])(jax.random.fold_in(key, 1))
-  fake_params = {"score": old["fake_score"]["params"], "head": head}   # the head as init_state makes it
-  fake = jax.jit(lambda p: {"params": p, "opt_state": run.hyper.fake_score_optimizer.init(p)},
-                 out_shardings=fake_sh)(fake_params)
-  logging.warning("step %d in %s was written without the GAN critic: added a new head and restarted the fake "
-                  "score's optimiser for this stage", step, ckpt.directory)
-  return {**old, "fake_score": fake}, meta
+  abstract = jax.eval_shape(lambda k, f: init_state(run.teacher, hyper_src, k, f, run.lora), key, run.frozen)
+  shardings = sharding.tree_sharding(run.mesh, abstract, run.config.mesh.min_shard_size)
+  old, _ = src.restore(step, checkpoint.abstract_with_shardings(abstract, shardings))
+  src.close()
+  state = run.init_state()   # fresh optimiser states (Adam's are zeros, whatever the parameters) and GAN head
+  gen = dict(state["generator"], params=old["generator"]["params"])
+  if "ema_params" in gen:
+    gen["ema_params"] = old["generator"].get("ema_params", old["generator"]["params"])
+  score = dmd.score_params(hyper_src, old["fake_score"]["params"])
+  if run.hyper.gan:
+    head = old["fake_score"]["params"]["head"] if src_gan else state["fake_score"]["params"]["head"]
+    fake_params = {"score": score, "head": head}
+  else:
+    fake_params = score
+  state = {**state, "generator": gen, "fake_score": dict(state["fake_score"], params=fake_params)}
+  state = jax.device_put(state, run.state_sharding)
+  logging.info("initialised from checkpoint %d of %s: the generator's and fake score's parameters%s; new optimiser "
+               "states, starting at step 0", step, workdir,
+               " and the GAN head" if run.hyper.gan and src_gan else (", a new GAN head" if run.hyper.gan else ""))
+  return state
 
 
 def check_skips(consecutive: int, config, ckpt) -> None:

@@ -10,9 +10,14 @@ Features are cast to float32 first; every conv keeps the feature width (the last
 is initialised like PyTorch's ``nn.Conv2d`` (weights and biases uniform in ``±1/sqrt(fan_in)``, which is what
 its kaiming-uniform with ``a = sqrt(5)`` amounts to). Bottlenecks other than 8 × 8 (the ``:tiny`` configs, other
 resolutions): the second conv's kernel and stride are ``min(4, side)`` of its input, and a map larger than 1 × 1
-at the end is averaged into one logit; features narrower than 64 channels (only the ``:tiny`` networks') get
-``C / 2`` groups, since a GroupNorm group of one channel on a 1 × 1 map normalises every input to the same
-value. At 8 × 8 and ≥ 64 channels this is exactly the official head.
+at the end is averaged into one logit.
+
+Group count (:func:`head_groups`): the official 32 groups where every group then has at least 4 channels (≥ 128
+channels: ImageNet's 768, SD's 1280, CIFAR's 256 unchanged), else ``C // 4`` groups (EDM's own GroupNorm rule,
+``min(32, C // 4)``). The second GroupNorm sees a 1 × 1 map, so a group of g channels normalises g numbers: with
+g = 2 every output is exactly ±1 whatever the input (the official head on the digits' 32-channel bottleneck,
+16 groups of 2), the head's logit is then nearly constant over samples and the generator's GAN gradient
+vanishes for most of them (tests/test_dmd2.py measures both). With g ≥ 4 the normalised values spread.
 
 :class:`MLPGANHead` is the toy's head on the fake-score MLP's last hidden layer.
 """
@@ -42,10 +47,25 @@ def _conv(features: int, kernel: int, stride: int, padding: int, fan_in: int, na
                  param_dtype=jnp.float32, name=name)
 
 
+MIN_CHANNELS_PER_GROUP = 4
+
+
+def head_groups(channels: int, num_groups: int = 32) -> int:
+  """The head's GroupNorm group count: ``num_groups`` (official), lowered until every group has at least
+  ``MIN_CHANNELS_PER_GROUP`` channels (and divides ``channels``); 1 for features narrower than that."""
+  g = max(min(num_groups, channels // MIN_CHANNELS_PER_GROUP), 1)
+  while channels % g:
+    g -= 1
+  return g
+
+
 class ConvGANHead(nn.Module):
   """NHWC features ``[N, H, W, C]`` (H = W ≥ 4) → logits ``[N]`` float32. Parameter names follow the
-  official ``nn.Sequential`` indices (``conv0``, ``norm1``, ``conv3``, ``norm4``, ``conv6``)."""
+  official ``nn.Sequential`` indices (``conv0``, ``norm1``, ``conv3``, ``norm4``, ``conv6``). ``groups`` > 0
+  overrides :func:`head_groups` (diagnostics); the second GroupNorm's output is sown as
+  ``intermediates/norm4_out`` (read with ``mutable=['intermediates']``)."""
   num_groups: int = 32
+  groups: int = 0
 
   @nn.compact
   def __call__(self, features):
@@ -53,12 +73,14 @@ class ConvGANHead(nn.Module):
     if x.ndim != 4 or x.shape[1] < 4 or x.shape[2] < 4:
       raise ValueError(f"ConvGANHead needs NHWC features of at least 4 × 4, got shape {x.shape}")
     c = x.shape[-1]
-    groups = min(self.num_groups, max(c // 2, 1))
+    groups = self.groups or head_groups(c, self.num_groups)
     x = _conv(c, 4, 2, 1, c * 16, "conv0")(x)
     x = nn.silu(GroupNorm(groups, 1e-5, name="norm1")(x))
     k = min(4, x.shape[1], x.shape[2])
     x = _conv(c, k, k, 0, c * k * k, "conv3")(x)
-    x = nn.silu(GroupNorm(groups, 1e-5, name="norm4")(x))
+    x = GroupNorm(groups, 1e-5, name="norm4")(x)
+    self.sow("intermediates", "norm4_out", x)
+    x = nn.silu(x)
     x = _conv(1, 1, 1, 0, c, "conv6")(x)
     return jnp.mean(x, axis=(1, 2, 3))
 
