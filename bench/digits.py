@@ -1,149 +1,262 @@
-"""The image-space proof on one CPU (docs/digits.md): trains the digits teacher, distils it with DMD and DMD2 (one
-and four steps), and prints the table of README.md / docs/benchmarks.md.
+"""The digits study (docs/digits.md): one trained teacher, then DMD, DMD2 and their controls distilled from it on
+one CPU, each run evaluated every 250 iterations, compared at equal generator updates and at equal training time.
 
-    python bench/digits.py --out=runs/digits [--only=teacher,dmd,...] [--tiny]
+    python bench/digits.py --out=runs/digits [--only=ROW,...] [--tiny] [--list]
 
-Every stage is a user command (printed as it runs) in its own workdir under ``--out``, so a rerun resumes what
-a killed one left and skips what is finished:
+Every row is a user command (printed as it runs) in its own workdir under ``--out``; a killed study resumes
+where it stopped (the trainer resumes its checkpoint; a finished row is skipped), so the study can be run in
+parts (``--only``). Run one part at a time: each run uses both cores of the 2-core machine it was sized for.
 
-  teacher        python -m dmd_jax.main --config=configs/digits.py --mode=teacher_train --workdir=OUT/teacher
-  dmd            python -m dmd_jax.main --config=configs/digits.py:dmd --config.teacher.path=OUT/teacher/teacher
-                     --config.eval.digits_teacher=True --workdir=OUT/dmd      (also the teacher's Heun-18 row)
-  teacher_1step  python -m dmd_jax.main --config=configs/digits.py:dmd ... --workdir=OUT/dmd --mode=eval --at_init
-  dmd2           python -m dmd_jax.main --config=configs/digits.py:dmd2 ... --workdir=OUT/dmd2
-  dmd2_4step     python -m dmd_jax.main --config=configs/digits.py:dmd2,steps4 ... --workdir=OUT/dmd2_4step
+The rows (``ROWS``; seeds ``_s0`` / ``_s1`` of the headline rows):
 
-``--tiny`` runs the same stages with the ``:tiny`` sizes (a check of the script in a few minutes, not a result).
-The table: FID in the digits classifier's features against the 1,797 real digits, class accuracy, k-NN
-precision / recall (k = 3), near-copies of training images, NFE, wall time of the stage's training, with the
-CPU's flags.
+  teacher          python -m dmd_jax.main --config=configs/digits.py --mode=teacher_train --workdir=OUT/teacher
+  dmd_s*           :dmd — DM + regression on 1,000 teacher pairs, TTUR 1
+  dm_ttur1         :dmd2 with both GAN weights 0, TTUR 1 — DM alone, the generator updated every iteration
+  dm_ttur5         :dmd2 with both GAN weights 0 — DM alone under DMD2's two time-scale rule (the control)
+  dmd2_s*          :dmd2 — DM + GAN (generator weight 3e-3, critic 1e-2), TTUR 5
+  gan3e-2, gan1e-1 :dmd2 at generator GAN weights 3e-2 and 1e-1 (the official 3e-3 is dmd2_s0)
+  dmd2_ttur2       :dmd2 at TTUR 2
+  steps4_s*        :dmd2,steps4 initialised from dmd2_s* (``--config.init_from.workdir``), lr 2e-5
+
+All one-step rows train 1,250 iterations (TTUR 5: 250 generator updates); the four-step rows 600. The tables
+read each row's ``eval_curve.json``: FID (digits classifier features, 898 samples against the held-out half)
+at 250 generator updates, and at the shortest one-step row's training time. ``--tiny`` runs the same rows at
+the ``:tiny`` sizes (a check of the script, not a result). The plot needs matplotlib (``pip install -e
+'.[bench]'``).
 """
 import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ("teacher", "dmd", "teacher_1step", "dmd2", "dmd2_4step")
-ABLATIONS = ("dmd2_ttur1",)     # run only when named in --only
 CONFIG = os.path.join(ROOT, "configs", "digits.py")
+EVAL_EVERY = 250
+NO_GAN = ["--config.gan.generator_weight=0", "--config.gan.critic_weight=0"]
+
+# name -> (variant, extra flags, seed, the row it is initialised from)
+ROWS = {
+    "dmd2_s0": ("dmd2", [], 0, None),
+    "dmd_s0": ("dmd", ["--config.eval.digits_teacher=True"], 0, None),   # also the teacher's Heun-18 row
+    "dm_ttur5": ("dmd2", NO_GAN, 0, None),
+    "gan3e-2": ("dmd2", ["--config.gan.generator_weight=3e-2"], 0, None),
+    "gan1e-1": ("dmd2", ["--config.gan.generator_weight=1e-1"], 0, None),
+    "steps4_s0": ("dmd2,steps4", [], 0, "dmd2_s0"),
+    "dm_ttur1": ("dmd2", NO_GAN + ["--config.dmd.fake_updates_per_generator_update=1"], 0, None),
+    "dmd2_ttur2": ("dmd2", ["--config.dmd.fake_updates_per_generator_update=2"], 0, None),
+    "dmd2_s1": ("dmd2", [], 1, None),
+    "dmd_s1": ("dmd", [], 1, None),
+    "steps4_s1": ("dmd2,steps4", [], 1, "dmd2_s1"),
+}
+LABELS = {
+    "dmd": "DMD (DM + regression, TTUR 1)", "dm_ttur1": "DM only, TTUR 1", "dm_ttur5": "DM only, TTUR 5",
+    "dmd2": "DMD2 (DM + GAN 3e-3, TTUR 5)", "gan3e-2": "DMD2, GAN 3e-2", "gan1e-1": "DMD2, GAN 1e-1",
+    "dmd2_ttur2": "DMD2, TTUR 2", "steps4": "DMD2 four steps, from DMD2 one step",
+}
 
 
 def cpu_flags() -> str:
   try:
-    flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0]
+    text = open("/proc/cpuinfo").read()
+    flags = text.split("flags")[1].split("\n")[0]
   except (OSError, IndexError):
     return platform.processor() or "unknown CPU"
   have = [f for f in ("avx512f", "avx512_bf16", "avx2", "fma") if f" {f} " in flags + " "]
-  model = ""
-  for line in open("/proc/cpuinfo"):
-    if line.startswith("model name"):
-      model = line.split(":", 1)[1].strip()
-      break
+  model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
   return f"{model}, {os.cpu_count()} cores, flags: {' '.join(have) or 'none of avx2/avx512'}"
 
 
-def run(cmd: list[str], log: str) -> float:
-  print("$", " ".join(cmd[1:]), flush=True)
-  t = time.time()
-  with open(log, "a") as f:
+def base(name: str) -> str:
+  return name.rsplit("_s", 1)[0] if name[-3:-1] == "_s" else name
+
+
+def command(name: str, out: str, tiny: bool) -> list[str]:
+  t = ",tiny" if tiny else ""
+  if name == "teacher":
+    return ["--config=" + CONFIG + (":tiny" if tiny else ""), "--mode=teacher_train", f"--workdir={out}/teacher"]
+  variant, extra, seed, parent = ROWS[name]
+  cmd = [f"--config={CONFIG}:{variant}{t}", f"--config.teacher.path={out}/teacher/teacher",
+         f"--config.seed={seed}", f"--config.eval.every_steps={2 if tiny else EVAL_EVERY}", *extra,
+         f"--workdir={out}/{name}"]
+  if parent:
+    cmd.append(f"--config.init_from.workdir={out}/{parent}")
+  return cmd
+
+
+def run(name: str, out: str, tiny: bool, times: dict) -> None:
+  done = os.path.join(out, name, "metrics.json" if name != "teacher" else "teacher_train.json")
+  if os.path.exists(done):
+    print(f"{name}: done ({done})", flush=True)
+    return
+  cmd = [sys.executable, "-m", "dmd_jax.main"] + command(name, out, tiny)
+  print("$ python -m dmd_jax.main", " ".join(cmd[3:]), flush=True)
+  t, cpu = time.time(), _children_cpu()
+  with open(os.path.join(out, f"{name}.log"), "a") as f:
     p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+  times.setdefault(name, {"wall": 0.0, "cpu": 0.0})
+  times[name]["wall"] += time.time() - t
+  times[name]["cpu"] += _children_cpu() - cpu
+  json.dump(times, open(os.path.join(out, "study_times.json"), "w"), indent=1)
   if p.returncode != 0:
-    sys.exit(f"failed (exit {p.returncode}); see {log}")
-  return time.time() - t
+    sys.exit(f"{name} failed (exit {p.returncode}); see {out}/{name}.log")
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--out", default="runs/digits")
-  ap.add_argument("--only", default=",".join(STAGES),
-                  help=f"comma-separated subset of {','.join(STAGES + ABLATIONS)}")
-  ap.add_argument("--tiny", action="store_true", help="the :tiny sizes (checks the script; not a result)")
-  args = ap.parse_args()
-  out = os.path.abspath(args.out)
-  os.makedirs(out, exist_ok=True)
-  only = [s for s in args.only.split(",") if s]
-  bad = sorted(set(only) - set(STAGES) - set(ABLATIONS))
-  if bad:
-    sys.exit(f"unknown stages {bad}; known: {', '.join(STAGES + ABLATIONS)}")
-  tiny = ",tiny" if args.tiny else ""
-  teacher = os.path.join(out, "teacher", "teacher")
-  main_cmd = [sys.executable, "-m", "dmd_jax.main"]
-  with_teacher = [f"--config.teacher.path={teacher}"]
-  commands = {
-      "teacher": [f"--config={CONFIG}{tiny.replace(',', ':', 1)}", "--mode=teacher_train",
-                  f"--workdir={out}/teacher"],
-      "dmd": [f"--config={CONFIG}:dmd{tiny}", *with_teacher, "--config.eval.digits_teacher=True",
-              f"--workdir={out}/dmd"],
-      "teacher_1step": [f"--config={CONFIG}:dmd{tiny}", *with_teacher, "--mode=eval", "--at_init",
-                        f"--workdir={out}/dmd"],
-      "dmd2": [f"--config={CONFIG}:dmd2{tiny}", *with_teacher, f"--workdir={out}/dmd2"],
-      "dmd2_4step": [f"--config={CONFIG}:dmd2,steps4{tiny}", *with_teacher, f"--workdir={out}/dmd2_4step"],
-      # DMD2 with one fake-score update per generator update (5x the generator updates of :dmd2)
-      "dmd2_ttur1": [f"--config={CONFIG}:dmd2{tiny}", *with_teacher, "--config.dmd.fake_updates_per_generator_update=1",
-                     f"--workdir={out}/dmd2_ttur1"],
-  }
-  wall = {}
-  for stage in STAGES + ABLATIONS:
-    if stage in only:
-      wall[stage] = run(main_cmd + commands[stage], os.path.join(out, f"{stage}.log"))
-  table = collect(out)
-  table["cpu"] = cpu_flags()
-  table["stage_wall_seconds"] = wall
-  with open(os.path.join(out, "table.json"), "w") as f:
-    json.dump(table, f, indent=1)
-  print(markdown(table))
+def _children_cpu() -> float:
+  r = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return r.ru_utime + r.ru_stime
 
 
 def _read(path):
   return json.load(open(path)) if os.path.exists(path) else None
 
 
-def collect(out: str) -> dict:
-  """The rows from the stages' result files (whatever exists)."""
-  rows = {}
-  t = _read(os.path.join(out, "teacher", "teacher_train.json"))
-  dmd = _read(os.path.join(out, "dmd", "metrics.json"))
-  if dmd:
-    d = dmd["digits"]
-    rows["real digits (split halves)"] = dict(d["real_floor"], nfe=None, seconds=None)
-    if "teacher" in d:
-      rows[f"teacher, EDM Heun ({dmd['teacher_nfe']} NFE)"] = dict(d["teacher"], nfe=dmd["teacher_nfe"],
-                                          seconds=t["train_seconds"] if t else None,
-                                          total_seconds=t["total_seconds"] if t else None)
-  init = _read(os.path.join(out, "dmd", "eval_init.json"))
-  if init:
-    rows["teacher, 1 Euler step"] = dict(init["digits"], nfe=1, seconds=None)
-  for name, folder in (("DMD, 1 step", "dmd"), ("DMD2, 1 step", "dmd2"), ("DMD2, 4 steps", "dmd2_4step"),
-                       ("DMD2, 1 step, TTUR 1 (ablation)", "dmd2_ttur1")):
-    m = _read(os.path.join(out, folder, "metrics.json"))
-    if m:
-      rows[name] = dict(m["digits"], nfe=m["generator_nfe"], seconds=m["train_seconds"],
-                        total_seconds=m["total_seconds"], steps=m["steps"])
-  extra = {}
-  if dmd:
-    extra["classifier_held_out_accuracy"] = dmd["digits"].get("classifier_held_out_accuracy")
-  return {"rows": rows, **extra}
+def curves(out: str) -> dict:
+  """name -> the rows of its eval_curve.json (step, generator_updates, train_seconds, digits metrics)."""
+  got = {}
+  for name in ROWS:
+    c = _read(os.path.join(out, name, "eval_curve.json"))
+    if c:
+      got[name] = [dict(r["digits"], step=r["step"], updates=r["generator_updates"], seconds=r["train_seconds"])
+                   for r in c if "digits" in r]
+  return got
 
 
-def _fmt(v, spec):
+def at_updates(curve, updates):
+  rows = [r for r in curve if r["updates"] <= updates]
+  return rows[-1] if rows and rows[-1]["updates"] == updates else None
+
+
+def at_seconds(curve, seconds):
+  rows = [r for r in curve if r["seconds"] <= seconds * 1.0001]
+  return rows[-1] if rows else None
+
+
+def _mean(values):
+  values = [v for v in values if v is not None]
+  if not values:
+    return None, None, 0
+  m = sum(values) / len(values)
+  return m, (max(values) - min(values)) / 2 if len(values) > 1 else None, len(values)
+
+
+def tables(out: str) -> dict:
+  c = curves(out)
+  one_step = {n: v for n, v in c.items() if not n.startswith("steps4") and v}
+  finished = [v[-1]["seconds"] for n, v in one_step.items() if _read(os.path.join(out, n, "metrics.json"))]
+  budget = min(finished) if finished else None
+  groups = {}
+  for name, curve in c.items():
+    groups.setdefault(base(name), []).append((name, curve))
+  result = {"wall_budget_seconds": budget, "updates": 250, "rows": {}}
+  for group, members in groups.items():
+    final = [m[-1] for _, m in members if _read(os.path.join(out, _, "metrics.json"))]
+    row = {"label": LABELS.get(group, group), "seeds": len(members), "final": {}, "at_updates": {},
+           "at_seconds": {}}
+    for key, picks in (("final", final),
+                       ("at_updates", [at_updates(m, 250) for _, m in members]),
+                       ("at_seconds", [at_seconds(m, budget) for _, m in members] if budget else [])):
+      for metric in ("fid", "precision", "recall", "class_accuracy", "step", "updates", "seconds"):
+        mean, spread, n = _mean([p[metric] if p else None for p in picks])
+        row[key][metric] = mean
+        if metric == "fid":
+          row[key]["fid_spread"], row[key]["n"] = spread, n
+    result["rows"][group] = row
+  dmd = _read(os.path.join(out, "dmd_s0", "metrics.json"))
+  if dmd and "teacher" in dmd.get("digits", {}):
+    result["teacher"] = dmd["digits"]["teacher"]
+  if dmd:
+    result["real_floor"] = dmd["digits"]["real_floor"]
+  return result
+
+
+def _f(v, spec=".2f"):
   return "–" if v is None else format(v, spec)
 
 
-def markdown(table: dict) -> str:
-  lines = [f"CPU: {table.get('cpu', '?')}; classifier held-out accuracy "
-           f"{_fmt(table.get('classifier_held_out_accuracy'), '.3f')}", "",
-           "| | FID | class acc. | precision | recall | near-copies | NFE | train s | command s |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for name, r in table["rows"].items():
-    lines.append(f"| {name} | {_fmt(r.get('fid'), '.2f')} | {_fmt(r.get('class_accuracy'), '.3f')} | "
-                 f"{_fmt(r.get('precision'), '.3f')} | {_fmt(r.get('recall'), '.3f')} | "
-                 f"{_fmt(r.get('near_copies'), '.3f')} | {_fmt(r.get('nfe'), 'd')} | "
-                 f"{_fmt(r.get('seconds'), '.0f')} | {_fmt(r.get('total_seconds'), '.0f')} |")
+def _fid(r):
+  if r.get("fid") is None:
+    return "–"
+  return f"{r['fid']:.2f}" + (f" ± {r['fid_spread']:.2f}" if r.get("fid_spread") is not None else "")
+
+
+def markdown(t: dict) -> str:
+  lines = [f"CPU: {t.get('cpu', '?')}; study time so far: {_f(t.get('study_wall_seconds'), '.0f')} s wall, "
+           f"{_f(t.get('study_cpu_seconds'), '.0f')} s CPU", ""]
+  if t.get("teacher"):
+    lines.append(f"teacher (EDM Heun, 35 NFE): FID {t['teacher']['fid']:.2f}; real floor {t['real_floor']['fid']:.2f}")
+    lines.append("")
+  lines += ["| row | seeds | FID at 250 gen. updates | FID at "
+            f"{_f(t.get('wall_budget_seconds'), '.0f')} s training (step) | final FID (step, s) | precision | recall |",
+            "|---|---|---|---|---|---|---|"]
+  for name, r in t["rows"].items():
+    u, s, f = r["at_updates"], r["at_seconds"], r["final"]
+    lines.append(f"| {r['label']} | {r['seeds']} | {_fid(u)} | {_fid(s)} ({_f(s.get('step'), '.0f')}) | "
+                 f"{_fid(f)} ({_f(f.get('step'), '.0f')}, {_f(f.get('seconds'), '.0f')}) | "
+                 f"{_f(f.get('precision'), '.3f')} | {_f(f.get('recall'), '.3f')} |")
   return "\n".join(lines)
+
+
+def plot(out: str, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  c = curves(out)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for name, curve in c.items():
+    label = LABELS.get(base(name), name) + (f" (seed {name[-1]})" if name[-3:-1] == "_s" else "")
+    style = "--" if name.endswith("_s1") else "-"
+    axes[0].plot([r["updates"] for r in curve], [r["fid"] for r in curve], style, marker="o", ms=3, label=label)
+    axes[1].plot([r["seconds"] for r in curve], [r["fid"] for r in curve], style, marker="o", ms=3, label=label)
+  for ax, x in zip(axes, ("generator updates", "training seconds (2-core CPU)")):
+    ax.set_xlabel(x)
+    ax.set_ylabel("FID (digits features)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=7, loc="upper right")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--out", default="runs/digits")
+  ap.add_argument("--only", default="", help="comma-separated rows (default: the teacher and every row)")
+  ap.add_argument("--tiny", action="store_true", help="the :tiny sizes (checks the script; not a result)")
+  ap.add_argument("--list", action="store_true", help="print the rows' commands and stop")
+  ap.add_argument("--plot", default="", help="also write the FID curves to this PNG")
+  args = ap.parse_args()
+  out = os.path.abspath(args.out)
+  os.makedirs(out, exist_ok=True)
+  names = ["teacher", *ROWS]
+  only = [s for s in args.only.split(",") if s] or names
+  bad = sorted(set(only) - set(names))
+  if bad:
+    sys.exit(f"unknown rows {bad}; known: {', '.join(names)}")
+  if args.list:
+    for n in names:
+      print(f"{n}: python -m dmd_jax.main {' '.join(command(n, out, args.tiny))}")
+    return
+  times = _read(os.path.join(out, "study_times.json")) or {}
+  for name in names:
+    if name in only:
+      parent = ROWS.get(name, (None,) * 4)[3]
+      if parent and not os.path.exists(os.path.join(out, parent, "metrics.json")):
+        sys.exit(f"{name} starts from {parent}: run that row first")
+      run(name, out, args.tiny, times)
+  t = tables(out)
+  t["cpu"] = cpu_flags()
+  t["study_wall_seconds"] = sum(v["wall"] for v in times.values())
+  t["study_cpu_seconds"] = sum(v["cpu"] for v in times.values())
+  t["row_times"] = times
+  json.dump(t, open(os.path.join(out, "study.json"), "w"), indent=1)
+  print(markdown(t))
+  if args.plot:
+    plot(out, args.plot)
+    print(f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

@@ -10,16 +10,20 @@ bilinearly resized to 16 × 16 in [-1, 1], class-conditional. A small EDM teache
   python -m dmd_jax.main --config=configs/digits.py:dmd2 --config.teacher.path=runs/digits_teacher/teacher \\
       --workdir=runs/digits_dmd2
 
-``bench/digits.py`` runs the whole table (teacher, DMD, DMD2 one and four steps, with the digits metrics of
-``evaluation/digits.py``).
+``bench/digits.py`` runs the study (docs/digits.md): teacher, DMD, DMD2 and their controls, with the digits
+metrics of ``evaluation/digits.py`` every 250 iterations.
 
 Variants (comma-separated):
   dmd (default)  DMD: distribution matching + regression on teacher Heun pairs, L2 distance (LPIPS-VGG at
                  16 px would look at 224 px bilinear blow-ups of 16 px grey digits: features VGG never saw)
-  dmd2           DMD2: no regression, two time-scale rule 5, GAN 3e-3 / 1e-2 on the SongUNet encoder output,
-                 real data: the 1,797 digits with their labels
-  steps4         DMD2's multi-step generator: timesteps 999, 749, 499, 249 with backward simulation, 600
-                 iterations (120 generator updates)
+  dmd2           DMD2: no regression, two time-scale rule 5, GAN 3e-3 / 1e-2 (the ImageNet-64 recipe's weights)
+                 on the SongUNet encoder output (32 × 4 × 4: the head's GroupNorms at 8 groups of 4 channels,
+                 models/gan_head.py), GAN noise t in [0, 1000), real data: the 1,797 digits with their labels;
+                 lr 2e-4, 100 warm-up iterations, 1,250 iterations (250 generator updates)
+  steps4         DMD2's four-step generator: timesteps 999, 749, 499, 249 with backward simulation, lr 2e-5,
+                 600 iterations; meant to start from a one-step run's networks:
+                 --config.init_from.workdir=runs/digits_dmd2 (docs/digits.md: at 2e-4 the low-sigma steps
+                 coarsen)
   tiny           CPU-minutes sizes for the test suite (small teacher and step counts); everything else equal
 """
 import json
@@ -74,7 +78,8 @@ def get_config(arg: str = ""):
          source="digits")
   if "steps4" in v:
     c.generator.steps = (999, 749, 499, 249)
-    c.num_train_steps = 600                  # the bench's 40-minute budget (docs/digits.md: what it costs)
+    c.optim.lr = 2e-5
+    c.num_train_steps = 600
   if tiny:
     c.teacher_train.init_kwargs = json.dumps(TINY_TEACHER)
     c.teacher_train.update(steps=40, batch_size=32, checkpoint_every=20, log_every=10, lr_rampup_images=320)

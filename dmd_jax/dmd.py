@@ -353,8 +353,9 @@ def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch
         lambda x: gan_generator_loss(nets, critic, x, cond, r_gan, hyper.gan_max_timestep))(x)
     g_gan = hyper.gan_generator_weight * g_gan
     metrics.update(gan_generator_loss=gan, gan_output_grad_norm=_norm(g_gan))
-    metrics["gan_dm_grad_ratio"] = metrics["gan_output_grad_norm"] / jnp.maximum(metrics["dm_output_grad_norm"],
-                                                                                 1e-30)
+    dm_norm = metrics["dm_output_grad_norm"]   # exactly 0 while the fake score equals the teacher (the start)
+    metrics["gan_dm_grad_ratio"] = jnp.where(dm_norm > 0, metrics["gan_output_grad_norm"] / jnp.where(
+        dm_norm > 0, dm_norm, 1.0), 0.0)
     loss = loss + hyper.gan_generator_weight * gan
     g_x = g_x + g_gan
   (grads,) = pullback(g_x.astype(x.dtype))

@@ -373,6 +373,8 @@ def train(config, workdir: str) -> dict | None:
   meta = run.checkpoint_meta()
   t_loop, last_log, last_step = time.time(), time.time(), start
   n_fake = run.hyper.fake_updates_per_generator_update
+  curve = EvalCurve(workdir, start, n_fake, run.is_main)
+  eval_seconds = 0.0
   gen_metrics = None     # the metrics of the last step that updated the generator (two time-scale rule)
   step = start
   try:
@@ -397,24 +399,58 @@ def train(config, workdir: str) -> dict | None:
         logging.info("step %d/%d  %.1f steps/s  ETA %.0f s", step, total, rate, (total - step) / rate)
         last_log, last_step = now, step
       if eval_every and step % eval_every == 0 and step < total:
-        evaluators_lib.run_all(run, evaluators, run.generator_params(state["generator"]), step, final=False)
+        t_eval = time.time()
+        periodic = evaluators_lib.run_all(run, evaluators, run.generator_params(state["generator"]), step,
+                                          final=False)
+        curve.add(step, time.time() - t_loop - eval_seconds, periodic)
+        eval_seconds += time.time() - t_eval
+        last_log += time.time() - t_eval
       save_or_stop(ckpt, preemption, state, step, total, config.checkpoint_every,
                    lambda: {**meta, "step": step, **({"real_data": real.state()} if real else {})})
   finally:
     preemption.restore()
     ckpt.wait()
-  train_seconds = time.time() - t_loop
+  train_seconds = time.time() - t_loop - eval_seconds   # the loop's time less its periodic evaluations
   writer.flush()
 
   # ---- final evaluation and pictures ----
   results = evaluators_lib.run_all(run, evaluators, run.generator_params(state["generator"]), step, final=True)
-  results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start, steps=step)
+  results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start, steps=step,
+                 generator_updates=generator_updates(step, n_fake))
+  curve.add(step, train_seconds, results)
   if run.is_main:
     io.write_json(io.join(workdir, "metrics.json"), results)
   writer.flush()
   ckpt.close()
   print(json.dumps(evaluators_lib.summary(results), indent=1))
   return results
+
+
+def generator_updates(step: int, n: int) -> int:
+  """How many of iterations 0 .. step−1 updated the generator (every n-th, from 0: the two time-scale rule)."""
+  return (step + n - 1) // n
+
+
+class EvalCurve:
+  """``<workdir>/eval_curve.json``: a row for every periodic evaluation (``eval.every_steps``) and the final one
+  — step, generator updates, training seconds so far (the loop's time since the compiled step started, without
+  the evaluations) and the evaluators' results. A resumed run keeps the rows up to its checkpoint's step and
+  adds its own (train seconds continue from the last kept row)."""
+
+  def __init__(self, workdir: str, start: int, n_fake: int, is_main: bool):
+    self.path, self.n_fake, self.is_main = io.join(workdir, "eval_curve.json"), n_fake, is_main
+    rows = io.read_json(self.path) if io.exists(self.path) else []
+    self.rows = [r for r in rows if r["step"] <= start]
+    self.offset = self.rows[-1]["train_seconds"] if self.rows else 0.0
+
+  def add(self, step: int, train_seconds: float, results: dict) -> None:
+    results = {k: v for k, v in results.items() if k not in ("step", "train_seconds", "total_seconds", "steps")}
+    if not results or not self.is_main:
+      return
+    self.rows = [r for r in self.rows if r["step"] < step]
+    self.rows.append({"step": step, "generator_updates": generator_updates(step, self.n_fake),
+                      "train_seconds": self.offset + train_seconds, **results})
+    io.write_json(self.path, self.rows)
 
 
 def save_or_stop(ckpt: checkpoint.Checkpointer, preemption: Preemption, state, step: int, total: int, every: int,

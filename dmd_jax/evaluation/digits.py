@@ -56,7 +56,8 @@ Samples are clipped to [-1, 1] first (what they are as images). ``φ`` = penulti
 and as the "training set" (near-copies, with ``τ`` of that half) — the floor row of a results table. Its
 class accuracy is mostly on digits the classifier trained on, so it is near 1 by construction.
 
-``DigitsEvaluator`` (registered as ``'digits'`` in ``evaluators.py``) runs all of it on the final generator.
+``DigitsEvaluator`` (registered as ``'digits'`` in ``evaluators.py``) runs all of it on the final generator, and
+the generator's metrics alone every ``eval.every_steps`` (the trainer's ``eval_curve.json``).
 """
 from __future__ import annotations
 
@@ -546,8 +547,6 @@ class DigitsEvaluator:
     from dmd_jax import streams
     from dmd_jax.evaluation import sampling
     run = self.ctx
-    if not final:
-      return {}
     n = int(run.config.eval.num_samples)
     if n <= K_NEAREST:
       raise ValueError(f"the digits evaluator needs eval.num_samples > {K_NEAREST}, got {n}")
@@ -555,6 +554,11 @@ class DigitsEvaluator:
     x, cond = sampling.generate(run, params, n, streams.key(run.config.seed, "fid"))
     results = dict(self._metrics(x, cond))
     scalars = {f"eval/digits/{k}": v for k, v in results.items() if v is not None}
+    if not final:   # eval.every_steps: the generator's metrics alone, the same samples' count and noise
+      self.writer.write_scalars(step, scalars)
+      logging.info("digits metrics at step %d (%d samples): FID %.3f, precision %.3f, recall %.3f", step, n,
+                   results["fid"], results["precision"], results["recall"])
+      return {"digits": results}
     if run.config.eval.get("digits_teacher", False):
       results["teacher"] = self._teacher(n)
       scalars.update({f"eval/digits/teacher/{k}": v for k, v in results["teacher"].items() if v is not None})
