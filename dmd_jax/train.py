@@ -376,6 +376,7 @@ def train(config, workdir: str) -> dict | None:
   curve = EvalCurve(workdir, start, n_fake, run.is_main)
   eval_seconds = 0.0
   gen_metrics = None     # the metrics of the last step that updated the generator (two time-scale rule)
+  last_metrics = {}      # the last logged train metrics (metrics.json's 'train_metrics')
   step = start
   try:
     in_flight = collections.deque()
@@ -396,6 +397,7 @@ def train(config, workdir: str) -> dict | None:
         rate = (step - last_step) / max(now - last_log, 1e-9)
         metrics["steps_per_sec"] = rate
         writer.write_scalars(step, metrics)
+        last_metrics = {"step": step, **metrics}
         logging.info("step %d/%d  %.1f steps/s  ETA %.0f s", step, total, rate, (total - step) / rate)
         last_log, last_step = now, step
       if eval_every and step % eval_every == 0 and step < total:
@@ -418,6 +420,7 @@ def train(config, workdir: str) -> dict | None:
   results.update(train_seconds=train_seconds, total_seconds=time.time() - t_start, steps=step,
                  generator_updates=generator_updates(step, n_fake))
   curve.add(step, train_seconds, results)
+  results["train_metrics"] = last_metrics
   if run.is_main:
     io.write_json(io.join(workdir, "metrics.json"), results)
   writer.flush()

@@ -47,20 +47,28 @@ def test_cifar10_dmd2_tiny(tmp_path, tfds_dir):
 
 @pytest.mark.slow
 def test_imagenet64_dmd2_tiny_stages(tmp_path, tfds_dir):
-  """``:dmd2`` then ``:dmd2,stage2`` (lr 5e-7) in the same workdir, on the ADM encoder output (the official
-  768×8×8 at full size) with real ImageNet-64 images resized to the tiny teacher's 16 px: train → resume as the
-  second stage → sample → eval. (The stage change of a GAN-less checkpoint is the COCO test's.)"""
-  run = _runner(tmp_path, "imagenet64.py:tiny", tfds_dir)
-  p = run("--config.num_train_steps=2", "--config.eval.evaluators=()", variant=",dmd2")
+  """The model zoo's FID-1.28 path at :tiny sizes: ``:ttur`` (no GAN, TTUR 5), then ``:dmd2,stage2`` as a new
+  run initialised from its checkpoint (the head on the ADM encoder output — the official 768×8×8 at full size —
+  new, real ImageNet-64 images resized to the tiny teacher's 16 px) → sample → eval; ``:dmd2`` (GAN from
+  scratch) trains too."""
+  ttur, stage2, gan = tmp_path / "ttur", tmp_path / "stage2", tmp_path / "dmd2"
+  p = _runner(ttur, "imagenet64.py:tiny", tfds_dir)("--config.num_train_steps=2", "--config.eval.evaluators=()",
+                                                   variant=",ttur")
+  assert "gan_generator_loss=" not in p.stderr and "skipped_steps=0" in p.stderr
+  run = _runner(stage2, "imagenet64.py:tiny", tfds_dir)
+  p = run("--config.num_train_steps=3", "--config.eval.evaluators=()", f"--config.init_from.workdir={ttur}",
+          variant=",dmd2,stage2")
+  assert f"initialised from checkpoint 2 of {ttur}" in p.stderr and "a new GAN head" in p.stderr
   assert "imagenet_resized/64x64[train], 10 records (64x64 images, resized to 16x16)" in p.stderr
   assert "gan_generator_loss=" in p.stderr and "skipped_steps=0" in p.stderr
-  p = run("--config.num_train_steps=3", "--config.eval.evaluators=()", variant=",dmd2,stage2")
-  assert "resumed from" in p.stderr and "at step 2" in p.stderr and "added a new head" not in p.stderr
-  assert json.load(open(tmp_path / "metrics.json"))["steps"] == 3
+  assert json.load(open(stage2 / "metrics.json"))["steps"] == 3
   out = tmp_path / "s.npz"
   run("--mode=sample", "--num_samples=3", f"--output={out}", variant=",dmd2,stage2")
   with np.load(out) as f:
     assert f["samples"].shape == (3, 16, 16, 3) and int(f["step"]) == 3 and f["labels"].max() < 1000
   run("--mode=eval", variant=",dmd2,stage2")
-  res = json.load(open(tmp_path / "eval_step3.json"))
+  res = json.load(open(stage2 / "eval_step3.json"))
   assert np.isfinite(res["fid"]) and res["generator_nfe"] == 1
+  p = _runner(gan, "imagenet64.py:tiny", tfds_dir)("--config.num_train_steps=2", "--config.eval.evaluators=()",
+                                                  variant=",dmd2")
+  assert "gan_generator_loss=" in p.stderr and "initialised from" not in p.stderr

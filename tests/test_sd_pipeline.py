@@ -80,32 +80,33 @@ def test_coco_tiny_train_resume_sample(tmp_path):
   p = run("--mode=sample", "--num_samples=4", f"--output={out}", check=False)
   assert p.returncode == 2 and "needs --prompt" in p.stderr
 
-  # DMD2 as a user runs it (coco.py:dmd2 stage 1, then :dmd2,stage2 in the same workdir). Stage 1: guidance
-  # 1.75, no regression pairs, TTUR 10, no GAN. Stage 2 on its headless checkpoint: the head is added, the COCO
-  # train images of the prepared tfds split are VAE-encoded once into the workdir with their captions, and the
-  # GAN trains; then a prompt's images.
-  dmd2_dir = tmp_path / "dmd2"
-  stage = lambda variant, *a, **k: run_main(f"--workdir={dmd2_dir}", f"--config.gan.real_data.data_dir={data_dir}",
-                                            *a, config=COCO_TINY + variant, timeout=900, fast_compile=True, **k)
-  p = stage(",dmd2", "--config.num_train_steps=3", "--config.eval.evaluators=()")
+  # DMD2 as a user runs it (coco.py:dmd2 stage 1, then :dmd2,stage2 as a new run initialised from it). Stage 1:
+  # guidance 1.75, no regression pairs, TTUR 10, no GAN. Stage 2 from its headless checkpoint: the networks are
+  # taken, the head is new, the COCO train images of the prepared tfds split are VAE-encoded once into the
+  # stage's workdir with their captions, and the GAN trains; then a prompt's images.
+  dmd2_dir, stage2_dir = tmp_path / "dmd2", tmp_path / "dmd2_stage2"
+  stage = lambda workdir, variant, *a, **k: run_main(
+      f"--workdir={workdir}", f"--config.gan.real_data.data_dir={data_dir}", *a, config=COCO_TINY + variant,
+      timeout=900, fast_compile=True, **k)
+  p = stage(dmd2_dir, ",dmd2", "--config.num_train_steps=3", "--config.eval.evaluators=()")
   assert "compiled the train step" in p.stderr and "gan_critic_loss" not in p.stderr
   assert not os.path.exists(dmd2_dir / "pairs") and not os.path.exists(dmd2_dir / "real_latents")
   m = json.load(open(dmd2_dir / "metrics.json"))
   assert m["steps"] == 3 and "regression_loss" not in p.stderr
-  p = stage(",dmd2,stage2", "--config.num_train_steps=5", "--config.eval.evaluators=()")
-  assert "resumed from" in p.stderr and "at step 3" in p.stderr
-  assert "written without the GAN critic: added a new head" in p.stderr
+  from_stage1 = f"--config.init_from.workdir={dmd2_dir}"
+  p = stage(stage2_dir, ",dmd2,stage2", "--config.num_train_steps=2", "--config.eval.evaluators=()", from_stage1)
+  assert f"initialised from checkpoint 3 of {dmd2_dir}" in p.stderr and "a new GAN head" in p.stderr
   assert "real latents: 2 shards of 6 coco_captions[train] images at 16px built" in p.stderr
-  shards = sorted(glob.glob(str(dmd2_dir / "real_latents" / "shard-*.npz")))
+  shards = sorted(glob.glob(str(stage2_dir / "real_latents" / "shard-*.npz")))
   assert len(shards) == 2
   with np.load(shards[0]) as f:
     assert f["x"].shape == (3, 8, 8, 4) and np.all(np.isfinite(f["x"]))
   assert "gan_critic_loss=" in p.stderr and "skipped_steps=0" in p.stderr
-  assert json.load(open(dmd2_dir / "metrics.json"))["steps"] == 5
-  stage(",dmd2,stage2", "--mode=sample", "--prompt=a red bus", "--num_samples=4", f"--output={out}")
+  assert json.load(open(stage2_dir / "metrics.json"))["steps"] == 2
+  stage(stage2_dir, ",dmd2,stage2", "--mode=sample", "--prompt=a red bus", "--num_samples=4", f"--output={out}")
   assert Image.open(out).size == (2 * 18 + 2, 2 * 18 + 2)
-  stage(",dmd2,stage2", "--mode=eval", "--config.eval.num_samples=4", "--config.eval.grid_samples=0")
-  e = json.load(open(dmd2_dir / "eval_step5.json"))
+  stage(stage2_dir, ",dmd2,stage2", "--mode=eval", "--config.eval.num_samples=4", "--config.eval.grid_samples=0")
+  e = json.load(open(stage2_dir / "eval_step2.json"))
   assert e["num_samples"] == 4 and np.isfinite(e["fid"]) and 0 < e["clip_score"] <= 100
 
 
