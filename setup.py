@@ -48,6 +48,8 @@ setup(
         ],
         # configs/digits.py: scikit-learn's 8x8 digits (shipped inside its wheel; nothing is downloaded).
         "digits": ["scikit-learn>=1.3"],
+        # bench/digits.py --plot: the study's FID curves
+        "bench": ["matplotlib>=3.8"],
         # Stable Diffusion teachers (configs/coco.py): the CLIP tokenizer (no torch needed).
         "sd": ["transformers>=5"],
         # gs:// workdirs, converted networks and datasets: etils.epath's Cloud Storage backend (gcsfs), and
