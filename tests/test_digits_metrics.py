@@ -162,7 +162,10 @@ def test_evaluator(clf_dir, tmp_path, monkeypatch):
   run = types.SimpleNamespace(config=config, workdir=str(workdir), teacher=teacher, cache={}, is_main=True)
   writer = _Writer()
   ev = evaluators.EVALUATORS["digits"](run, writer)
-  assert ev.run(None, 5, final=False) == {}
+  periodic = ev.run(None, 5, final=False)["digits"]   # eval.every_steps: the generator's metrics alone
+  assert "teacher" not in periodic and "real_floor" not in periodic and periodic["num_samples"] == 400
+  assert set(writer.scalars) == {(5, f"eval/digits/{k}") for k in periodic}
+  writer.scalars.clear()
   out = ev.run(None, 7, final=True)
   json.dumps(out, allow_nan=False)
   d = out["digits"]
@@ -174,9 +177,9 @@ def test_evaluator(clf_dir, tmp_path, monkeypatch):
   assert writer.scalars[(7, "eval/digits/fid")] == d["fid"]
   cache = workdir / "digits_teacher_metrics_400.json"
   assert json.loads(cache.read_text()) == d["teacher"]
-  assert calls == {"generate": 1, "teacher": 1}
+  assert calls == {"generate": 2, "teacher": 1}
   out2 = evaluators.EVALUATORS["digits"](run, _Writer()).run(None, 8, final=True)
-  assert calls == {"generate": 2, "teacher": 1}   # the teacher's metrics came from the cache
+  assert calls == {"generate": 3, "teacher": 1}   # the teacher's metrics came from the cache
   assert out2["digits"]["teacher"] == d["teacher"]
   assert "digits_classifier" in run.cache
   assert not (workdir / "digits_classifier" / dm.CHECKPOINT_FILE).exists()
