@@ -16,6 +16,12 @@ The rows (``ROWS``; seeds ``_s0`` / ``_s1`` of the headline rows):
   dmd2_s*          :dmd2 — DM + GAN (generator weight 3e-3, critic 1e-2), TTUR 5
   gan3e-2, gan1e-1 :dmd2 at generator GAN weights 3e-2 and 1e-1 (the official 3e-3 is dmd2_s0)
   dmd2_ttur2       :dmd2 at TTUR 2
+  g3e-3_t500       :dmd2 with the critic's inputs noised at t < 500 (sigma <= 2.5) instead of the whole range
+  g3e-3_c1_t500    the same with critic weight 1 (the official 1e-2 trains the head at the same Adam rate
+                   but leaves the shared encoder to the denoising loss); g3e-2_c1_t500: and generator GAN 3e-2
+  g0_c1_t500       the critic of g3e-3_c1_t500 trained, but the generator's GAN weight 0: the critic's cost to the
+                   fake score that it shares its network with, apart from the GAN gradient
+  steps4_from_dmd  :dmd2,steps4 initialised from dmd_s0 (DMD's one-step generator and fake score, a new head)
   steps4_s*        :dmd2,steps4 initialised from dmd2_s* (``--config.init_from.workdir``), lr 2e-5
 
 All one-step rows train 1,250 iterations (TTUR 5: 250 generator updates); the four-step rows 600. The tables
@@ -37,6 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "digits.py")
 EVAL_EVERY = 250
 NO_GAN = ["--config.gan.generator_weight=0", "--config.gan.critic_weight=0"]
+T500 = ["--config.gan.max_timestep=500"]
+C1 = ["--config.gan.critic_weight=1"]
 
 # name -> (variant, extra flags, seed, the row it is initialised from)
 ROWS = {
@@ -51,11 +59,21 @@ ROWS = {
     "dmd2_s1": ("dmd2", [], 1, None),
     "dmd_s1": ("dmd", [], 1, None),
     "steps4_s1": ("dmd2,steps4", [], 1, "dmd2_s1"),
+    # a critic that separates (bench/digits_critic.py): its inputs noised at t < 500 (sigma <= 2.5), and weight 1
+    "g3e-3_t500": ("dmd2", T500, 0, None),
+    "g3e-3_c1_t500": ("dmd2", T500 + C1, 0, None),
+    "g3e-2_c1_t500": ("dmd2", T500 + C1 + ["--config.gan.generator_weight=3e-2"], 0, None),
+    "steps4_from_dmd": ("dmd2,steps4", [], 0, "dmd_s0"),
+    # the critic at weight 1 on t < 500 without the generator's GAN term: what the critic costs the fake score
+    "g0_c1_t500": ("dmd2", T500 + C1 + ["--config.gan.generator_weight=0"], 0, None),
 }
 LABELS = {
     "dmd": "DMD (DM + regression, TTUR 1)", "dm_ttur1": "DM only, TTUR 1", "dm_ttur5": "DM only, TTUR 5",
     "dmd2": "DMD2 (DM + GAN 3e-3, TTUR 5)", "gan3e-2": "DMD2, GAN 3e-2", "gan1e-1": "DMD2, GAN 1e-1",
     "dmd2_ttur2": "DMD2, TTUR 2", "steps4": "DMD2 four steps, from DMD2 one step",
+    "g3e-3_t500": "DMD2, critic t < 500", "g3e-3_c1_t500": "DMD2, critic 1 on t < 500",
+    "g3e-2_c1_t500": "DMD2, critic 1 on t < 500, GAN 3e-2", "steps4_from_dmd": "DMD2 four steps, from DMD one step",
+    "g0_c1_t500": "critic 1 on t < 500, generator GAN 0",
 }
 
 
@@ -228,6 +246,8 @@ def main():
   ap.add_argument("--tiny", action="store_true", help="the :tiny sizes (checks the script; not a result)")
   ap.add_argument("--list", action="store_true", help="print the rows' commands and stop")
   ap.add_argument("--plot", default="", help="also write the FID curves to this PNG")
+  ap.add_argument("--record", default="", help="also write the tables, every row's curve and the times to this "
+                  "JSON (docs/digits_study.json keeps the measured study)")
   args = ap.parse_args()
   out = os.path.abspath(args.out)
   os.makedirs(out, exist_ok=True)
@@ -252,7 +272,10 @@ def main():
   t["study_wall_seconds"] = sum(v["wall"] for v in times.values())
   t["study_cpu_seconds"] = sum(v["cpu"] for v in times.values())
   t["row_times"] = times
+  t["curves"] = curves(out)
   json.dump(t, open(os.path.join(out, "study.json"), "w"), indent=1)
+  if args.record:
+    json.dump(t, open(args.record, "w"), indent=1)
   print(markdown(t))
   if args.plot:
     plot(out, args.plot)
