@@ -4,7 +4,7 @@ training run.
     python bench/toy_ablation.py --out=runs/ablation [--only=default,no_regression] [--steps=N]
 
 Prints a markdown table (TV, precision, smallest mode share, MMD² / floor, seconds) with the teacher's
-Heun-18 samples for reference; the README's table comes from this script.
+Heun-18 samples for reference; the tables of docs/toy.md come from this script.
 """
 import argparse
 import json

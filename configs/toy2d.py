@@ -12,7 +12,7 @@ Variants (``--config=configs/toy2d.py:VARIANT``):
             critic on the fake score's last hidden layer against draws from the true mixture
   steps4    (with dmd2: ``:dmd2,steps4``) DMD2's four-step generator with backward simulation at the toy's
             timesteps 999, 300, 200, 150 (sigma 80, 0.32, 0.085, 0.040): the first step is the one-step MLP of
-            z, the later ones the teacher's denoiser plus a trained residual that starts at zero (README: why
+            z, the later ones the teacher's denoiser plus a trained residual that starts at zero (docs/toy.md: why
             these timesteps and not the image recipes' 999, 749, 499, 249)
 """
 import ml_collections
@@ -34,7 +34,7 @@ def get_config(arg: str = ""):
   variant = names[0] if names else "default"
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.num_train_steps = 12_000          # ~1 min on a 2-core AVX-512 CPU, < 3 min on AVX2 (README)
+  c.num_train_steps = 12_000          # ~1 min on a 2-core AVX-512 CPU (docs/benchmarks.md)
   c.batch_size = 512                  # generator / fake-score batch per iteration (global)
   c.checkpoint_every = 4_000
   c.log_every = 2_000
@@ -98,13 +98,13 @@ def get_config(arg: str = ""):
   if dmd2:
     # DMD2 (docs/method.md §7): no regression pairs, GAN on real mixture draws (generator 3e-2, critic 1e-2).
     # The two time-scale rule stays at 1 here: at this budget 5 fake-score updates per generator update leave
-    # the generator with 2.4k updates, which the toy does not make up for (README: the ablation).
+    # the generator with 2.4k updates, which the toy does not make up for (docs/toy.md: the ablation).
     c.regression.weight = 0.0
     c.dmd.fake_updates_per_generator_update = 1
     c.gan.generator_weight = 3e-2
     c.gan.critic_weight = 1e-2
   if steps4:
     # Re-noising a 2-D sample at the image recipes' sigma 17.5 / 2.5 erases which mode it was on, and the
-    # steps then split the modes among themselves (the fake score models the mixture over steps; README)
+    # steps then split the modes among themselves (the fake score models the mixture over steps; docs/toy.md)
     c.generator.steps = (999, 300, 200, 150)
   return c

@@ -23,8 +23,8 @@ HEAVY_FIRST = ("test_sd_pipeline", "test_multihost_images", "test_digits_pipelin
 def pytest_configure(config):
   # The slow set: the longest end-to-end runs (the toy default's quality bars, coco:tiny end to end, the image
   # multi-process equalities, the EDM :tiny configs end to end, cifar10:tiny DMD2 end to end). The README test command and CI run it after the
-  # rest (`-m "not slow"`, then `-m slow`); README "Tests and benchmarks" gives both times.
-  config.addinivalue_line("markers", "slow: the longest end-to-end runs, run as a second set (README)")
+  # rest (`-m "not slow"`, then `-m slow`); docs/status.md "The tests" gives both times.
+  config.addinivalue_line("markers", "slow: the longest end-to-end runs, run as a second set (docs/status.md)")
   if hasattr(config.option, "loadscopereorder"):
     config.option.loadscopereorder = False
 

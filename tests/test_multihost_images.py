@@ -13,7 +13,7 @@ import pytest
 
 from test_multihost import COCO_TINY, IMAGENET_TINY, LIMIT, ROOT, _env, _launch, _pairs, _state
 
-# the slow set (README "Tests"): still run by the README test command and CI, after the rest
+# the slow set (docs/status.md "The tests"): still run by the README test command and CI, after the rest
 pytestmark = pytest.mark.slow
 
 

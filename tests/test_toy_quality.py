@@ -8,7 +8,7 @@ import pytest
 
 from helpers import run_main
 
-# the slow set (README "Tests"): still run by the README test command and CI, after the rest
+# the slow set (docs/status.md "The tests"): still run by the README test command and CI, after the rest
 pytestmark = pytest.mark.slow
 
 
