@@ -224,11 +224,14 @@ def plot(out: str, path: str) -> None:
   import matplotlib.pyplot as plt
   c = curves(out)
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  groups = sorted({base(n) for n in c}, key=list(map(base, c)).index)
+  colour = {g: plt.cm.tab20(i % 20) for i, g in enumerate(groups)}   # a row's seeds share a colour
   for name, curve in c.items():
     label = LABELS.get(base(name), name) + (f" (seed {name[-1]})" if name[-3:-1] == "_s" else "")
     style = "--" if name.endswith("_s1") else "-"
-    axes[0].plot([r["updates"] for r in curve], [r["fid"] for r in curve], style, marker="o", ms=3, label=label)
-    axes[1].plot([r["seconds"] for r in curve], [r["fid"] for r in curve], style, marker="o", ms=3, label=label)
+    for ax, x in zip(axes, ("updates", "seconds")):
+      ax.plot([r[x] for r in curve], [r["fid"] for r in curve], style, marker="o", ms=3, label=label,
+              color=colour[base(name)])
   for ax, x in zip(axes, ("generator updates", "training seconds (2-core CPU)")):
     ax.set_xlabel(x)
     ax.set_ylabel("FID (digits features)")

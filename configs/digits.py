@@ -19,7 +19,10 @@ Variants (comma-separated):
   dmd2           DMD2: no regression, two time-scale rule 5, GAN 3e-3 / 1e-2 (the ImageNet-64 recipe's weights)
                  on the SongUNet encoder output (32 × 4 × 4: the head's GroupNorms at 8 groups of 4 channels,
                  models/gan_head.py), GAN noise t in [0, 1000), real data: the 1,797 digits with their labels;
-                 lr 2e-4, 100 warm-up iterations, 1,250 iterations (250 generator updates)
+                 lr 2e-4, 100 warm-up iterations, 1,250 iterations (250 generator updates). The official GAN
+                 constants are kept: at this scale their critic does not separate real from generated digits
+                 within the run, and the settings that make it separate (critic inputs at t < 500, critic
+                 weight 1) give worse FIDs; docs/digits.md has the rows
   steps4         DMD2's four-step generator: timesteps 999, 749, 499, 249 with backward simulation, lr 2e-5,
                  600 iterations; meant to start from a one-step run's networks:
                  --config.init_from.workdir=runs/digits_dmd2 (docs/digits.md: at 2e-4 the low-sigma steps
