@@ -14,6 +14,7 @@ blurry digits, easy to tell from real ones). Arguments after ``--`` are config o
 ``configs/digits.py:dmd2``. Writes ``OUT/critic_probe.json`` (the printed rows).
 """
 import argparse
+import ast
 import json
 import os
 import sys
@@ -22,7 +23,6 @@ import time
 import jax
 import numpy as np
 from absl import logging
-from ml_collections import config_flags  # noqa: F401  (the config file's own import)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -33,15 +33,9 @@ from dmd_jax.data.real import make_real_data  # noqa: E402
 
 
 def apply_overrides(config, overrides):
-  for o in overrides:
-    key, value = o.removeprefix("--config.").split("=", 1)
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    old = node[last]
-    node[last] = type(old)(float(value)) if isinstance(old, (int, float)) and not isinstance(old, bool) else (
-        value if not isinstance(old, bool) else value.lower() in ("1", "true"))
+  """``--config.a.b=VALUE`` flags onto ``config`` (VALUE a Python literal), type-checked by ``ConfigDict``."""
+  config.update_from_flattened_dict({o.removeprefix("--config.").split("=", 1)[0]: ast.literal_eval(o.split("=", 1)[1])
+                                     for o in overrides})
   return config
 
 
