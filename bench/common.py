@@ -1,10 +1,14 @@
-"""Pieces shared by the DMD step benchmarks (``bench/edm_step.py``, ``bench/sd_memory.py``): compile and time a
-jitted step (``train.Run.jit_train_step`` / ``jit_generator_step`` / ``jit_fake_step``), and XLA's per-device
-memory and flop counts of a compiled program."""
+"""Pieces shared by the DMD step benchmarks (``bench/edm_step.py``, ``bench/sd_memory.py``,
+``bench/host_memory.py``): compile and time a jitted step (``train.Run.jit_train_step`` / ``jit_generator_step`` /
+``jit_fake_step``), XLA's per-device memory and flop counts of a compiled program, and the process's host memory
+(resident set, and the arrays reachable from an object)."""
 from __future__ import annotations
 
+import gc
+import resource
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -55,3 +59,49 @@ def measure(jitted, args, feed, *, warmup: int, repeats: int, run: bool = True) 
   row["times"] = times
   row["median_s"] = float(np.median(times)) if times else float("nan")
   return row, args
+
+
+def rss() -> dict:
+  """The process's resident memory now (``VmRSS`` of /proc/self/status) and its peak (``ru_maxrss``), bytes."""
+  current = 0
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("VmRSS:"):
+          current = int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+  return {"rss": current, "peak_rss": peak}
+
+
+def rss_text(r: dict | None = None) -> str:
+  r = r or rss()
+  return f"RSS {r['rss'] / MIB:,.0f} MiB, peak {r['peak_rss'] / MIB:,.0f} MiB"
+
+
+def host_arrays(root, device_arrays: bool = False) -> list:
+  """The numpy arrays (with ``device_arrays`` also the jax arrays) reachable from ``root`` through containers,
+  object attributes, bound methods and functions' closures and defaults (not through modules, classes or
+  functions' globals). ``tests/test_host_memory.py`` uses it too."""
+  kinds = (np.ndarray, jax.Array) if device_arrays else np.ndarray
+  seen, stack, found = set(), [root], []
+  while stack:
+    o = stack.pop()
+    if id(o) in seen:
+      continue
+    seen.add(id(o))
+    if isinstance(o, kinds):
+      found.append(o)
+    elif isinstance(o, (types.ModuleType, type, jax.Array)):
+      continue
+    elif isinstance(o, types.FunctionType):
+      stack += [c.cell_contents for c in o.__closure__ or () if c.cell_contents is not None]
+      stack += list(o.__defaults__ or ()) + list((o.__kwdefaults__ or {}).values())
+    else:
+      stack += gc.get_referents(o)
+  return found
+
+
+def nbytes(arrays) -> int:
+  return sum(int(a.nbytes) for a in arrays)

@@ -43,8 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench import common as bench_common  # noqa: E402
-from bench.common import MIB, measure  # noqa: E402
-from bench.host_memory import host_arrays, nbytes, rss, rss_text  # noqa: E402
+from bench.common import MIB, host_arrays, measure, nbytes, rss, rss_text  # noqa: E402
 from dmd_jax import sharding, streams, train  # noqa: E402
 from dmd_jax.convert import edm as edm_convert  # noqa: E402
 from dmd_jax.models.attention import IMPLEMENTATIONS  # noqa: E402

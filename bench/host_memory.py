@@ -17,64 +17,18 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import resource
 import sys
 import tempfile
 import time
-import types
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-MIB = 2.0 ** 20
+import jax  # noqa: E402
 
-
-def rss() -> dict:
-  """The process's resident memory now (``VmRSS`` of /proc/self/status) and its peak (``ru_maxrss``), bytes."""
-  current = 0
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmRSS:"):
-          current = int(line.split()[1]) * 1024
-  except OSError:
-    pass
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-  return {"rss": current, "peak_rss": peak}
-
-
-def rss_text(r: dict | None = None) -> str:
-  r = r or rss()
-  return f"RSS {r['rss'] / MIB:,.0f} MiB, peak {r['peak_rss'] / MIB:,.0f} MiB"
-
-
-def host_arrays(root, device_arrays: bool = False) -> list:
-  """The numpy arrays (with ``device_arrays`` also the jax arrays) reachable from ``root`` through containers,
-  object attributes, bound methods and functions' closures and defaults (not through modules, classes or
-  functions' globals). ``tests/test_host_memory.py`` uses it too."""
-  import jax
-  import numpy as np
-  kinds = (np.ndarray, jax.Array) if device_arrays else np.ndarray
-  seen, stack, found = set(), [root], []
-  while stack:
-    o = stack.pop()
-    if id(o) in seen:
-      continue
-    seen.add(id(o))
-    if isinstance(o, kinds):
-      found.append(o)
-    elif isinstance(o, (types.ModuleType, type, jax.Array)):
-      continue
-    elif isinstance(o, types.FunctionType):
-      stack += [c.cell_contents for c in o.__closure__ or () if c.cell_contents is not None]
-      stack += list(o.__defaults__ or ()) + list((o.__kwdefaults__ or {}).values())
-    else:
-      stack += gc.get_referents(o)
-  return found
-
-
-def nbytes(arrays) -> int:
-  return sum(int(a.nbytes) for a in arrays)
+from bench import edm_step  # noqa: E402
+from bench.common import MIB, host_arrays, nbytes, rss_text  # noqa: E402
+from dmd_jax import train  # noqa: E402
 
 
 def main(argv=None):
@@ -85,9 +39,6 @@ def main(argv=None):
                       help="where the random teacher is written and kept (bench/edm_step.py's)")
   args = parser.parse_args(argv)
 
-  import jax
-  from bench import edm_step
-  from dmd_jax import train
   os.makedirs(args.workdir, exist_ok=True)
   ns = argparse.Namespace(config=args.config, batch_per_device=args.batch_per_device, attention="auto", fsdp=1,
                           regression_distance="")

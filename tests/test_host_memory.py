@@ -16,7 +16,7 @@ from dmd_jax import teachers, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from bench.host_memory import host_arrays, nbytes  # noqa: E402  (the benchmark's walk over reachable arrays)
+from bench.common import host_arrays, nbytes  # noqa: E402  (the benchmarks' walk over reachable arrays)
 
 
 def _config(name: str, variant: str):
