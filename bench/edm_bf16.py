@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax.convert.edm import convert_state_dict
+from dmd_jax.families.edm.convert import convert_state_dict
 from dmd_jax.models.attention import IMPLEMENTATIONS
 from dmd_jax.models.edm import edm_module_from_kwargs, init_inputs
 

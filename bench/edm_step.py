@@ -5,8 +5,8 @@
     python bench/edm_step.py --batch_per_device=8 --dtype=bfloat16 --remat=off,on --out=edm_step.md
 
 Everything is the real code path: a random-weight teacher in the published checkpoint's shape is written with
-``dmd_jax.convert.edm.write_random_teacher`` (once, cached under ``--workdir``), ``configs/imagenet64.py`` points
-``teacher.path`` at it, and ``dmd_jax.train.setup`` builds the teacher (``teachers.build``), the optimizers
+``dmd_jax.families.edm.convert.write_random_teacher`` (once, cached under ``--workdir``), ``configs/imagenet64.py`` points
+``teacher.path`` at it, and ``dmd_jax.train.setup`` builds the teacher (``families.build``), the optimizers
 (``train.make_hyper``), the mesh, the shardings and the initial state (generator and fake score copied from the
 teacher, AdamW states). Three functions are jitted with those shardings and the state donated, as
 ``train.py`` does:
@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 from bench import common as bench_common  # noqa: E402
 from bench.common import MIB, host_arrays, measure, nbytes, rss, rss_text  # noqa: E402
 from dmd_jax import sharding, streams, train  # noqa: E402
-from dmd_jax.convert import edm as edm_convert  # noqa: E402
+from dmd_jax.families.edm import convert as edm_convert  # noqa: E402
 from dmd_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 
 # The init_kwargs edm-imagenet-64x64-cond-adm.pkl records (EDM's train.py --arch=adm --dropout=0.1 --augment=0

@@ -18,7 +18,7 @@ total = argument + output - alias + temp), XLA's flop count per device and the c
 The config is ``configs/coco.py`` (``config_lib.sd_config``: bfloat16 activations, rematerialised UNet blocks,
 guidance 3, LPIPS regression weight 0.25 on VAE-decoded images, ``train.make_hyper``'s AdamW), with the global DM
 batch b × N and the regression batch ceil(b / 2) × N (the recipe's 2304 : 1152). The networks come from
-``teachers.sd.sd_teacher`` on the released SD 1.5 configs (``convert.sd.SD15_UNET`` / ``SD15_VAE`` /
+``families.sd.teacher.sd_teacher`` on the released SD 1.5 configs (``families.sd.convert.SD15_UNET`` / ``SD15_VAE`` /
 ``SD15_TEXT``): parameters, Adam moments, the frozen teacher / VAE / LPIPS VGG16 and the inputs are
 ``jax.ShapeDtypeStruct``\\ s with shardings, the state's shapes and shardings from ``train.build`` (the pure
 build every training run goes through). Text
@@ -58,7 +58,7 @@ def parse_args(argv=None):
   parser.add_argument("--steps", nargs="+", default=["generator", "fake"], choices=sorted(STEPS))
   parser.add_argument("--layouts", nargs="+", default=["fsdp"], choices=LAYOUTS)
   parser.add_argument("--tiny", action="store_true",
-                      help="the tiny random SD shapes of configs/coco.py:tiny (convert.sd.TINY_*), same code path")
+                      help="the tiny random SD shapes of configs/coco.py:tiny (families.sd.convert.TINY_*), same code path")
   parser.add_argument("--min_shard_size", type=int, default=0,
                       help="mesh.min_shard_size: arrays with fewer elements stay replicated (0: the config's, 2^18)")
   parser.add_argument("--fast_compile", action="store_true",
@@ -90,12 +90,12 @@ def _set_xla_flags(n: int, fast_compile: bool) -> None:
 
 
 class Model:
-  """The abstract SD networks of one config (``teachers.sd.abstract``: the teacher from the networks' configs,
+  """The abstract SD networks of one config (``families.sd.teacher.abstract``: the teacher from the networks' configs,
   frozen parameters as shapes): configs, abstract frozen parameters, parameter counts."""
 
   def __init__(self, tiny: bool):
     from dmd_jax.config_lib import sd_config
-    from dmd_jax.teachers import sd
+    from dmd_jax.families.sd import teacher as sd
     self.tiny = tiny
     self.config = sd_config(tiny=tiny)
     self.teacher, self.frozen = sd.abstract(self.config)
@@ -175,7 +175,7 @@ def header(model: Model) -> str:
   c = model.config
   d = jax.devices()[0]
   counts = ", ".join(f"{k} {v:,}" for k, v in model.counts.items())
-  what = "configs/coco.py:tiny shapes (convert.sd.TINY_*)" if model.tiny else "Stable Diffusion v1.5 (configs/coco.py)"
+  what = "configs/coco.py:tiny shapes (families.sd.convert.TINY_*)" if model.tiny else "Stable Diffusion v1.5 (configs/coco.py)"
   return (f"{what}: parameters {counts}; activations {c.model.dtype}, remat {c.model.remat}, guidance "
           f"{c.guidance_scale}, regression {c.regression.distance} (weight {c.regression.weight}) on VAE-decoded "
           f"{model.teacher.sample_shape[0] * 2 ** (len(model.vae_cfg['block_out_channels']) - 1)} px images; "

@@ -42,7 +42,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
-from dmd_jax.convert import sd as sd_convert  # noqa: E402
+from dmd_jax.families.sd import convert as sd_convert  # noqa: E402
 from dmd_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 from dmd_jax.samplers import pndm_sample  # noqa: E402
 from dmd_jax.schedules import VPSchedule  # noqa: E402

@@ -62,7 +62,7 @@ def lora_config() -> ml_collections.ConfigDict:
       rank=0,               # > 0: the generator trains rank-`rank` adapters on the teacher's own (frozen) arrays
       alpha=8.0,            # adapter scale alpha / rank
       targets=(),           # module names (the family's PyTorch naming); () = the family's defaults (the official
-                            # DMD2 SDXL LoRA run's targets for SD: teachers/sd.py LORA_TARGETS)
+                            # DMD2 SDXL LoRA run's targets for SD: families/sd/teacher.py LORA_TARGETS)
       fake_score=False))    # the fake score trains adapters too (same targets) instead of a full copy
 
 

@@ -1,6 +1,6 @@
 """Distribution Matching Distillation as pure functions (Yin et al. 2024, DMD and DMD2).
 
-Nothing here knows which network it drives: a ``Teacher`` (``teachers/base.py``) supplies the schedule,
+Nothing here knows which network it drives: a ``Teacher`` (``families/base.py``) supplies the schedule,
 the one-step generator, the real (teacher) and fake x0-denoisers, the noise, the conditions and the regression
 distance. References are to docs/method.md sections and the DMD paper's equations.
 """

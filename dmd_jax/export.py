@@ -165,8 +165,8 @@ def write_sd(out_dir: str, run, params, teacher_src: str | None = None) -> dict:
   """``unet/`` (diffusers ``UNet2DConditionModel``: safetensors + the teacher UNet's config.json); with
   ``teacher_src`` the rest of the teacher's pipeline and a ``model_index.json``."""
   from dmd_jax import io
-  from dmd_jax.convert import sd as sd_convert
-  from dmd_jax.teachers import sd as sd_teacher
+  from dmd_jax.families.sd import convert as sd_convert
+  from dmd_jax.families.sd import teacher as sd_teacher
   config = run.config
   schedule = sd_teacher.vp_schedule(config)
   teacher = sd_teacher.teacher_dir(config, run.workdir)
@@ -233,7 +233,7 @@ def _config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]
 def _copy_sd_pipeline(src: str, out_dir: str, unet_config: Mapping[str, Any], schedule) -> None:
   """Copies the non-UNet parts of the diffusers pipeline folder ``src`` into ``out_dir`` and writes its
   ``model_index.json`` (the source's, with the exported UNet; parts not copied set to ``[null, null]``)."""
-  from dmd_jax.teachers import sd as sd_teacher
+  from dmd_jax.families.sd import teacher as sd_teacher
   src_unet = os.path.join(src, "unet", "config.json")
   if os.path.exists(src_unet):
     with open(src_unet) as f:
@@ -303,8 +303,8 @@ def write_edm(out_dir: str, run, params, teacher_src: str | None = None) -> dict
   """``generator.safetensors`` (EDMPrecond's state dict in EDM's names) + ``init_kwargs.json`` (the
   teacher's)."""
   from dmd_jax import io
-  from dmd_jax.convert import edm as edm_convert
-  from dmd_jax.teachers import edm as edm_teacher
+  from dmd_jax.families.edm import convert as edm_convert
+  from dmd_jax.families.edm import teacher as edm_teacher
   del teacher_src
   config = run.config
   teacher = edm_teacher.teacher_dir(config, run.workdir)
@@ -387,7 +387,7 @@ def write_toy(out_dir: str, run, params, teacher_src: str | None = None) -> dict
                                                   "refine/noise_freqs"},
           "network": ("dmd_jax.models.mlp.ToyGenerator (the first step) and dmd_jax.models.mlp.ToyDenoiserNet "
                       "(the residual of the later steps) around the analytic mixture denoiser "
-                      "(dmd_jax.teachers.toy.gaussian_mixture_denoiser)"),
+                      "(dmd_jax.families.toy.teacher.gaussian_mixture_denoiser)"),
           "architecture": {
               "first": layers("first/"),
               "refine": (layers("refine/") + "; fed concat(u, cos(2 pi u B), sin(2 pi u B), cos(c_noise f), "

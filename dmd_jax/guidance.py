@@ -1,5 +1,5 @@
 """Classifier-free guidance (Ho & Salimans 2022), the one definition used by the guided real score
-(``teachers/sd.py``) and the guided teacher samplers (``samplers.py``); docs/method.md §3 and §5."""
+(``families/sd/teacher.py``) and the guided teacher samplers (``samplers.py``); docs/method.md §3 and §5."""
 from __future__ import annotations
 
 from typing import Callable

@@ -7,7 +7,7 @@ GPUs), with XLA's per-device memory and flop counts against the chip's memory.
     python -m dmd_jax.main --config=configs/cifar10.py:tiny --mode=plan --topology=v5e:2x2   # the same, as a mode
 
 Nothing the size of a network is allocated and no weights are read: the teacher is built from its architecture
-alone (``teachers.abstract``: parameters as ``jax.ShapeDtypeStruct``), the state, shardings and optimisers from
+alone (``families.abstract``: parameters as ``jax.ShapeDtypeStruct``), the state, shardings and optimisers from
 ``train.build`` — the pure build every training run goes through — and the step is jitted exactly as
 ``train.py`` jits it (in / out shardings, the state donated), lowered under the mesh (``jax.set_mesh``) and
 compiled (``.lower(...).compile()``). For a TPU topology the compiler is libtpu's (``pip install -e '.[tpu]'``
@@ -150,7 +150,7 @@ def abstract_batch(run, sharding) -> dict:
   regression pairs (regression weight > 0) and the GAN critic's real samples (DMD2)."""
   import jax
   import jax.numpy as jnp
-  from dmd_jax.teachers.base import PromptConditions
+  from dmd_jax.families.base import PromptConditions
   config, teacher = run.config, run.teacher
   b, rb = config.batch_size, config.regression.batch_size
   text = isinstance(teacher.conditions, PromptConditions)
@@ -372,10 +372,10 @@ def run_plan(config, topology: str, batch_per_device: str = "", steps: str = "tr
       int(batch_per_device)
     except ValueError:
       raise ValueError(f"--batch_per_device must be an integer or 'auto', got {batch_per_device!r}") from None
-  from dmd_jax import teachers
+  from dmd_jax import families
   devs = devices(topo)
   t0 = time.perf_counter()
-  teacher, frozen = teachers.abstract(config)
+  teacher, frozen = families.abstract(config)
   print(f"plan: {config.model.family} teacher (abstract) in {time.perf_counter() - t0:.1f} s; {len(devs)} "
         f"{devs[0].device_kind} devices ({topo.target})", file=sys.stderr, flush=True)
   probe = lambda b: plan_rows(config, topo, devs, teacher, frozen, b, names)

@@ -75,7 +75,7 @@ def edm_precond_coefficients(sigma, sigma_data: float):
   ``sigma``: per-sample noise levels [N] (float32). Returns ``(c_skip, c_out, c_in, c_noise)``: the first
   three shaped [N] (broadcast them against ``x`` with ``bcast``), ``c_noise = ln(sigma) / 4`` [N].
   The one definition used by the EDM networks (``models/edm.py``) and the toy fake score
-  (``teachers/toy.edm_precond``).
+  (``families/toy/teacher.edm_precond``).
   """
   sigma = jnp.asarray(sigma, jnp.float32)
   sd2 = sigma_data ** 2

@@ -105,7 +105,7 @@ def train_step(state, x, labels, key, *, module, optimizer, cfg):
 
 
 def _write_teacher(workdir: str, ema, kw: dict, step: int) -> str:
-  from dmd_jax.convert import edm as edm_convert
+  from dmd_jax.families.edm import convert as edm_convert
   from dmd_jax.convert.common import save_converted
   dst = io.join(workdir, TEACHER_FOLDER)
   save_converted(dst, jax.device_get(ema), {"network": edm_convert.NETWORK, "init_kwargs": kw,

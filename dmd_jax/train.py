@@ -14,10 +14,10 @@ from typing import Any
 import jax
 from absl import logging
 
-from dmd_jax import checkpoint, dmd, io, lora, sharding, streams, teachers, writers
+from dmd_jax import checkpoint, dmd, families, io, lora, sharding, streams, writers
 from dmd_jax.data.pairs import EpochSampler, PairRows, PairStore, build_pairs
 from dmd_jax.preemption import Preempted, Preemption
-from dmd_jax.teachers.base import Teacher
+from dmd_jax.families.base import Teacher
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def setup(config, workdir: str) -> Run:
   """Multi-host initialisation, the workdir, the mesh and the teacher (read from disk), then :func:`build`."""
   workdir = start_process(config, workdir)
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
-  teacher, frozen = teachers.build(config, workdir)
+  teacher, frozen = families.build(config, workdir)
   run = build(config, teacher, frozen, mesh, workdir)
   del frozen   # the host parameters: the run holds the ones on the mesh (and the teacher no reference to these)
   shardings = jax.tree.leaves(run.state_sharding)

@@ -183,7 +183,7 @@ def edm_fixture(name: str):
   """``(module, params, inputs, outputs)``: the converted fixture network (float32), its inputs (NHWC) and the
   reference ``out/`` and ``act/`` arrays (NHWC)."""
   import jax.numpy as jnp
-  from dmd_jax.convert.edm import convert_state_dict
+  from dmd_jax.families.edm.convert import convert_state_dict
   data = _load(name)
   module, params = convert_state_dict(params_of(data), edm_init_kwargs(name))
   inputs = (jnp.asarray(nhwc(data["in/x_nchw"])), jnp.asarray(data["in/sigma"]),

@@ -1,13 +1,13 @@
 """Helpers for the Stable Diffusion tests: tiny random diffusers / transformers models (PyTorch, float32,
 eval) and a tiny pipeline folder in diffusers layout, written with ``save_pretrained``. Nothing is
-downloaded: the tokenizer files are the library's tiny ones (``dmd_jax.convert.sd.write_tokenizer_files``;
+downloaded: the tokenizer files are the library's tiny ones (``dmd_jax.convert.clip.write_tokenizer_files``;
 ``write_random_pipeline`` there writes a torch-free random pipeline for the ``:tiny`` configs)."""
 from __future__ import annotations
 
 import json
 import os
 
-from dmd_jax.convert import sd as sdc
+from dmd_jax.families.sd import convert as sdc
 from fixture_testing import rel_err  # noqa: F401  (st.rel_err in the SD tests)
 
 # SD 1.x in miniature: int attention_head_dim, 1x1-conv projections, 2 layers per block. The block order is

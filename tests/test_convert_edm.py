@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from dmd_jax.convert import edm as convert_edm
+from dmd_jax.families.edm import convert as convert_edm
 from dmd_jax.convert.__main__ import main as convert_main
 from dmd_jax.convert.common import ConversionError, flatten_params
 from fixture_testing import edm_fixture, edm_forward, edm_init_kwargs, edm_state_dict, rel_err

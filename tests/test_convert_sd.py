@@ -1,4 +1,4 @@
-"""``dmd_jax.convert.sd`` on tiny Stable Diffusion folders in diffusers layout (written by ``save_pretrained``):
+"""``dmd_jax.families.sd.convert`` on tiny Stable Diffusion folders in diffusers layout (written by ``save_pretrained``):
 parity of the converted networks, ``.bin`` vs ``.safetensors``, the saved/loaded folder, the command line
 without torch, and the errors for broken folders."""
 import json
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import sd_testing as st
-from dmd_jax.convert import sd as sdc
+from dmd_jax.families.sd import convert as sdc
 from dmd_jax.convert.common import ConversionError, flatten_params, load_converted
 
 import torch  # the test extra installs it: a missing torch must fail, not skip
@@ -210,7 +210,7 @@ def test_random_pipeline_without_torch(tmp_path):
   """``write_random_pipeline`` (the ``:tiny`` teacher) writes a diffusers-layout folder that the converter reads,
   with torch unavailable; the tiny tokenizer is the one the parity tests use."""
   dst = str(tmp_path / "random")
-  code = ("import sys; sys.modules['torch'] = None; from dmd_jax.convert import sd; "
+  code = ("import sys; sys.modules['torch'] = None; from dmd_jax.families.sd import convert as sd; "
           f"sd.write_random_converted({dst!r}, seed=3); c = sd.load_converted_sd({dst!r}); "
           "print(c['tokenizer']('a red bus').input_ids, c['configs']['unet']['cross_attention_dim'])")
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)

@@ -11,7 +11,7 @@ import pytest
 from dmd_jax.data import digits
 from dmd_jax.evaluation import digits as dm
 from dmd_jax.evaluation import evaluators, sampling
-from dmd_jax.teachers.base import ClassLabels
+from dmd_jax.families.base import ClassLabels
 
 STEPS = 80   # 0.969 held-out accuracy (the default 500 steps: 0.986); enough for these tests
 

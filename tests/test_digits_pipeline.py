@@ -10,7 +10,7 @@ import pytest
 
 from configs import digits as digits_config
 from dmd_jax import checkpoint, modes, teacher_train, train
-from dmd_jax.convert.edm import load_converted_edm
+from dmd_jax.families.edm.convert import load_converted_edm
 
 METRICS = ("fid", "class_accuracy", "precision", "recall", "near_copies")
 

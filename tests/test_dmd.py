@@ -5,7 +5,7 @@ import numpy as np
 import optax
 
 from dmd_jax import dmd, schedules
-from dmd_jax.teachers.toy import edm_precond, gaussian_mixture_denoiser
+from dmd_jax.families.toy.teacher import edm_precond, gaussian_mixture_denoiser
 from dmd_jax.samplers import edm_heun_sample, heun_sigmas
 
 

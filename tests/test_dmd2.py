@@ -13,7 +13,7 @@ import torch
 from helpers import FAST, ROOT, run_main
 from fixture_testing import rel_err
 
-from dmd_jax import dmd, teachers, train
+from dmd_jax import dmd, families, train
 from dmd_jax.models.gan_head import ConvGANHead, head_groups
 
 TOY = os.path.join(ROOT, "configs", "toy2d.py")
@@ -127,7 +127,7 @@ def _toy(variant="dmd2", mesh_devices=1, **overrides):
     for part in path:
       node = node[part]
     node[last] = v
-  teacher, frozen = teachers.build(c, None)
+  teacher, frozen = families.build(c, None)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:mesh_devices]).reshape(mesh_devices, 1), ("data", "fsdp"))
   run = train.build(c, teacher, frozen, mesh)
   return c, run

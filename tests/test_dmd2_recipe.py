@@ -12,7 +12,7 @@ import pytest
 
 from helpers import FAST, ROOT, TOY, run_main
 
-from dmd_jax import checkpoint, dmd, teachers, train
+from dmd_jax import checkpoint, dmd, families, train
 
 
 def _toy(variant="dmd2", **overrides):
@@ -28,7 +28,7 @@ def _toy(variant="dmd2", **overrides):
     for part in path:
       node = node[part]
     node[last] = v
-  teacher, frozen = teachers.build(c, None)
+  teacher, frozen = families.build(c, None)
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
   return c, train.build(c, teacher, frozen, mesh)
 

@@ -92,7 +92,7 @@ def write_checkpoints(config, workdir, steps, seed=0):
 def test_sd_export_loads_in_diffusers_and_matches(tmp_path):
   import torch
   from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-  from dmd_jax.convert import sd as sd_convert
+  from dmd_jax.families.sd import convert as sd_convert
   workdir = tmp_path / "run"
   config = load_config("coco", "tiny", SD_OVERRIDES)
   # a checkpoint as the trainer writes it, with random generator parameters and EMA (a trained run, LoRA, is
@@ -379,7 +379,7 @@ def test_edm_to_torch_state_dict_round_trip(name):
   """NCSN++ (Fourier ``freqs``) and ADM (DhariwalUNet) fixture state dicts (DDPM++: the export test above) →
   Flax → back: the same keys and values, resample filters included."""
   import fixture_testing as ft
-  from dmd_jax.convert import edm as edm_convert
+  from dmd_jax.families.edm import convert as edm_convert
   want, init_kwargs = ft.params_of(ft.load_fixture(name)), ft.edm_init_kwargs(name)
   _, params = edm_convert.convert_state_dict(want, init_kwargs)
   got = edm_convert.to_torch_state_dict(params, init_kwargs)

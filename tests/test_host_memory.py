@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax import teachers, train
+from dmd_jax import families, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -42,14 +42,14 @@ def test_walk_finds_a_closed_over_teacher():
 
 
 def test_teacher_keeps_no_host_copy_and_init_copies_the_placed_teacher(tmp_path, monkeypatch):
-  host = []   # weak references to the host teacher arrays teachers.build hands train.setup
-  build_teacher = teachers.build
+  host = []   # weak references to the host teacher arrays families.build hands train.setup
+  build_teacher = families.build
 
   def build(config, workdir):
     teacher, frozen = build_teacher(config, workdir)
     host.extend(weakref.ref(a) for a in jax.tree.leaves(frozen["teacher"]))
     return teacher, frozen
-  monkeypatch.setattr(train.teachers, "build", build)
+  monkeypatch.setattr(train.families, "build", build)
   run = train.setup(_config("cifar10", "tiny"), str(tmp_path))
   jax.block_until_ready(run.frozen)
   gc.collect()

@@ -14,7 +14,7 @@ import pytest
 
 from helpers import ROOT, env_with_devices, run_main
 
-from dmd_jax import lora, sharding, teachers, train
+from dmd_jax import families, lora, sharding, train
 
 COCO_LORA = os.path.join(ROOT, "configs", "coco.py:tiny,lora")
 
@@ -27,7 +27,7 @@ def _coco_lora(workdir, lr: float | None = None):
   c.regression.weight = 0.0
   if lr is not None:
     c.optim.lr, c.optim.warmup_steps = lr, 1
-  teacher, frozen = teachers.build(c, str(workdir))
+  teacher, frozen = families.build(c, str(workdir))
   return c, train.build(c, teacher, frozen, sharding.make_mesh(1, 1, devices=jax.devices()[:1]), str(workdir))
 
 
@@ -56,7 +56,7 @@ def _torch_count(workdir, targets, rank):
 
 def test_trainable_parameters_are_the_adapters_the_config_implies(coco_run):
   wd, config, run = coco_run
-  from dmd_jax.teachers.sd import LORA_TARGETS
+  from dmd_jax.families.sd.teacher import LORA_TARGETS
   plan = run.lora["generator"]
   assert plan.rank == 4 and plan.alpha == 8.0 and plan.targets == LORA_TARGETS and "fake_score" not in run.lora
   want, modules = _torch_count(wd, LORA_TARGETS, 4)
@@ -76,11 +76,11 @@ def test_edm_targets_are_the_networks_equivalents(tmp_path):
   noise-embedding affine and the noise-embedding MLP, counted on the teacher's EDM state dict."""
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   import cifar10
-  from dmd_jax.convert import edm as edm_convert
-  from dmd_jax.teachers.edm import LORA_TARGETS
+  from dmd_jax.families.edm import convert as edm_convert
+  from dmd_jax.families.edm.teacher import LORA_TARGETS
   c = cifar10.get_config("tiny")
   c.model.lora.rank = 2
-  teacher, frozen = teachers.build(c, str(tmp_path))
+  teacher, frozen = families.build(c, str(tmp_path))
   plan = train.lora_plans(c, teacher, frozen)["generator"]
   sd = edm_convert.random_state_dict(json.loads(c.teacher.random_init_kwargs))
   want = modules = 0
@@ -205,7 +205,7 @@ def test_coco_tiny_lora_train_resume_sample_export(tmp_path):
   assert rel_err(merged, ours) < 1e-5 and rel_err(with_lora, ours) < 1e-5
 
   # the adapters of this run on another teacher: refused, naming the checkpoint
-  from dmd_jax.convert import sd as sdc
+  from dmd_jax.families.sd import convert as sdc
   other = sdc.write_random_converted(str(tmp_path / "other_teacher"), seed=1)
   p = run("--mode=sample", "--prompt=a red bus", "--num_samples=4", f"--output={out}",
           f"--config.teacher.path={other}", check=False)

@@ -102,7 +102,7 @@ def test_plan_errors():
 FLOPS_SCRIPT = r"""
 import json, jax, jax.numpy as jnp
 from dmd_jax import sharding
-from dmd_jax.convert import sd as sdc
+from dmd_jax.families.sd import convert as sdc
 # SD 1.5's UNet structure at a small size: cross-attention and plain levels, 8 heads, 32 groups, bf16
 MID = dict(sample_size=16, in_channels=4, out_channels=4, block_out_channels=[64, 128], layers_per_block=1,
            down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],

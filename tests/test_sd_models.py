@@ -1,12 +1,12 @@
 """Parity of the Flax Stable Diffusion networks with diffusers / transformers (PyTorch, float32, eval) on
-tiny random configurations, converted through ``dmd_jax.convert.sd``."""
+tiny random configurations, converted through ``dmd_jax.families.sd.convert``."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sd_testing as st
-from dmd_jax.convert import sd as sdc
+from dmd_jax.families.sd import convert as sdc
 from dmd_jax.models import unet2d
 
 torch = pytest.importorskip("torch")
@@ -125,7 +125,7 @@ def test_unsupported_config_values_are_named():
   assert cfg.num_heads == (2, 4) and cfg.use_linear_projection and cfg.transformer_layers_per_block == (2, 2)
 
 
-# The released configurations (dmd_jax.convert.sd.SD15_* / SD2_UNET), traced abstractly.
+# The released configurations (dmd_jax.families.sd.convert.SD15_* / SD2_UNET), traced abstractly.
 def test_released_configurations():
   counts = {}
   for name, build, cfg in (("unet", sdc.build_unet, sdc.SD15_UNET), ("vae", sdc.build_vae, sdc.SD15_VAE),

@@ -117,13 +117,13 @@ def _fast_jit(f, *args):
 
 
 def test_real_denoiser_guidance(tmp_path):
-  from dmd_jax import teachers
+  from dmd_jax import families
   from dmd_jax.config_lib import sd_config
-  from dmd_jax.convert.sd import load_converted_sd
-  from dmd_jax.teachers.sd import real_denoiser
+  from dmd_jax.families.sd.convert import load_converted_sd
+  from dmd_jax.families.sd.teacher import real_denoiser
   config = sd_config(tiny=True)
   config.regression.distance = "mse"    # no LPIPS needed here
-  nets, frozen = teachers.build(config, str(tmp_path))
+  nets, frozen = families.build(config, str(tmp_path))
   teacher = frozen["teacher"]
   assert config.guidance_scale == 3.0 and teacher["uncond"].shape == (1, 16, 32)
   unet = load_converted_sd(str(tmp_path / "random_sd"))["unet"][0]
@@ -191,7 +191,7 @@ def test_prompt_embeddings_cached_once(tmp_path):
 def test_caption_images_and_clip_score(tmp_path):
   """COCO evaluation plumbing: image i is decode(G(z_i, embed(caption_i))) with z_i from fold_in(seed, i),
   whatever the chunking; the evaluator's CLIP score is clip_score on those images and captions."""
-  from dmd_jax import sharding, teachers
+  from dmd_jax import families, sharding
   from dmd_jax.config_lib import sd_config
   from dmd_jax.convert import clip as clip_convert
   from dmd_jax.evaluation import clip_score
@@ -199,7 +199,7 @@ def test_caption_images_and_clip_score(tmp_path):
   from dmd_jax.evaluation import text_to_image as t2i
   config = sd_config(tiny=True)
   config.regression.distance = "mse"    # no LPIPS needed here
-  nets, frozen = teachers.build(config, str(tmp_path))
+  nets, frozen = families.build(config, str(tmp_path))
   mesh = sharding.make_mesh()
   params = frozen["teacher"]["unet"]
   caps = ["a red bus", "two birds", "a dog", "red apples", "a bus"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dmd_jax.convert import clip as clip_convert
-from dmd_jax.convert import sd as sdc
+from dmd_jax.families.sd import convert as sdc
 from dmd_jax.models import attention
 from dmd_jax.models.edm import edm_module_from_kwargs, init_inputs
 

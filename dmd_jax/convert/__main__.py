@@ -1,8 +1,10 @@
 """``python -m dmd_jax.convert <network> --src=... --dst=...``: checkpoint → converted Flax folder.
 
-Each converter is a module exposing ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args)``; register
-it below with one line. Only the module of the converter being run is imported, so one converter's optional
-dependencies never break another's command.
+Each converter is a module exposing ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args)``. A teacher
+family's converter is its folder's ``convert.py``, found through the registry (``dmd_jax.families``); the
+shared networks' converters (evaluation and regression networks) are registered below with one line each.
+Only the module of the converter being run is imported, so one converter's optional dependencies never break
+another's command.
 """
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import argparse
 import importlib
 import sys
 
+from dmd_jax import families
 from dmd_jax.convert.common import ConversionError
 
 CONVERTERS = {
-    "edm": "dmd_jax.convert.edm",
-    "sd": "dmd_jax.convert.sd",
+    **families.converters(),
     "inception": "dmd_jax.convert.inception",
     "lpips": "dmd_jax.convert.lpips",
     "clip": "dmd_jax.convert.clip",

@@ -27,10 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax.convert.common import (ConversionError, check_state_dict, flatten_params, from_torch,
-                                    load_converted, load_state_dict, read_folder_config, save_converted,
-                                    torch_shape, unflatten_params, weight_files)
-from dmd_jax.convert.sd import expected_shapes, load_tokenizer
+from dmd_jax.convert.common import (ConversionError, check_state_dict, expected_shapes, flatten_params,
+                                    from_torch, load_converted, load_state_dict, read_folder_config,
+                                    save_converted, torch_shape, unflatten_params, weight_files)
 from dmd_jax.models import clip as clip_lib
 from dmd_jax.models.attention import check_implementation
 
@@ -47,6 +46,37 @@ def torch_key(flax_path: str) -> str:
   parts = [m.group(1) + "." + m.group(2) if (m := _LIST.match(p)) else p for p in mods]
   parts.append(_LEAF.get(leaf, leaf))
   return ".".join(parts)
+
+
+def load_tokenizer(folder: str):
+  """A ``transformers.CLIPTokenizer`` from local files (``vocab.json`` + ``merges.txt``, or the
+  ``tokenizer.json`` that ``save_pretrained`` writes); never downloads."""
+  from transformers import CLIPTokenizer
+  has = lambda f: os.path.exists(os.path.join(folder, f))
+  if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
+    raise ConversionError(f"tokenizer folder {folder!r} lacks vocab.json and merges.txt (or tokenizer.json)")
+  return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def write_tokenizer_files(folder: str | os.PathLike, model_max_length: int | None = None) -> None:
+  """A tiny CLIP BPE tokenizer: the 26 letters, the letters + ``</w>``, a few merges (``red``, ``bus``) and
+  the two special tokens ``<|startoftext|>`` = 62 / ``<|endoftext|>`` = 63 (the tiny CLIP configs' ``bos_token_id`` / ``eos_token_id``).
+  ``model_max_length`` also writes a ``tokenizer_config.json`` (as the SD releases have)."""
+  folder = os.fspath(folder)
+  os.makedirs(folder, exist_ok=True)
+  letters = "abcdefghijklmnopqrstuvwxyz"
+  merges = ["r e", "re d</w>", "b u", "bu s</w>"]
+  toks = (list(letters) + [c + "</w>" for c in letters] + ["re", "red</w>", "bu", "bus</w>"])[:62]
+  vocab = {t: i for i, t in enumerate(toks)}
+  vocab["<|startoftext|>"] = 62
+  vocab["<|endoftext|>"] = 63
+  with open(os.path.join(folder, "vocab.json"), "w") as f:
+    json.dump(vocab, f)
+  with open(os.path.join(folder, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+  if model_max_length is not None:
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+      json.dump({"model_max_length": int(model_max_length), "tokenizer_class": "CLIPTokenizer"}, f)
 
 
 def build_clip(config: Mapping[str, Any], dtype=jnp.float32, attention: str = "auto"):
@@ -152,12 +182,11 @@ TINY_CLIP_MODEL = dict(
 def write_random_converted_clip(dst: str | os.PathLike, seed: int = 0, config: Mapping[str, Any] | None = None
                                 ) -> str:
   """Writes a random ``CLIPModel`` folder (``config.json``, ``model.safetensors``, the tiny tokenizer of
-  ``dmd_jax.convert.sd.write_tokenizer_files``) to ``<dst>-source`` and converts it into ``dst``. Returns
+  :func:`write_tokenizer_files`) to ``<dst>-source`` and converts it into ``dst``. Returns
   ``dst``."""
   from safetensors.numpy import save_file
 
   from dmd_jax.convert.common import random_state_dict
-  from dmd_jax.convert.sd import write_tokenizer_files
   dst = os.fspath(dst)
   src = dst + "-source"
   config = dict(config or TINY_CLIP_MODEL)

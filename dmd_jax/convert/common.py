@@ -13,6 +13,7 @@ import os
 from io import BytesIO
 from typing import Any, Iterable, Mapping
 
+import jax
 import numpy as np
 
 from dmd_jax import io
@@ -161,6 +162,23 @@ def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
       node = node.setdefault(p, {})
     node[parts[-1]] = v
   return tree
+
+
+def expected_shapes(module, inputs) -> dict[str, tuple]:
+  """The module's parameter shapes ``{flax path: shape}``, traced abstractly (no memory, no compute)."""
+  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs))["params"]
+  flat = {}
+
+  def walk(node, prefix):
+    for k, v in node.items():
+      key = f"{prefix}/{k}" if prefix else str(k)
+      if isinstance(v, Mapping):
+        walk(v, key)
+      else:
+        flat[key] = tuple(v.shape)
+
+  walk(shapes, "")
+  return flat
 
 
 def save_converted(dst_dir: str | os.PathLike, params: Mapping[str, Any], config: Mapping[str, Any]) -> None:

@@ -128,7 +128,7 @@ def build_pairs(store: PairStore, sample_fn: Callable, mesh, key, sample_shape: 
   the noise and conditions; the outputs are gathered and process 0 writes the shard (docs/multihost.md).
 
   ``sample_fn(z, cond) -> x`` is the teacher's ODE sampler (jitted here); ``key`` the noise stream;
-  ``conditions`` the teacher's (``teachers.base.Conditions``): ``for_pairs(indices)`` gives each pair's
+  ``conditions`` the teacher's (``families.base.Conditions``): ``for_pairs(indices)`` gives each pair's
   stored condition id, ``lookup(ids)`` what ``sample_fn`` takes (a label, a prompt embedding).
   """
   # every process lists the folder between two barriers: the same list, before any shard is written

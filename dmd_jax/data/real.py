@@ -66,7 +66,7 @@ from absl import logging
 from dmd_jax import io, sharding, streams
 from dmd_jax.data import input_pipeline as ip
 from dmd_jax.data.pairs import EpochSampler, PairRows, PairStore
-from dmd_jax.teachers import base
+from dmd_jax.families import base
 
 STATE_FORMAT = 1
 ENCODE_ROWS_PER_DEVICE = 8

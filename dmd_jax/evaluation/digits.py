@@ -521,7 +521,7 @@ class DigitsEvaluator:
 
   def _metrics(self, x, cond) -> dict:
     from dmd_jax.evaluation import sampling
-    from dmd_jax.teachers.base import ClassLabels
+    from dmd_jax.families.base import ClassLabels
     run = self.ctx
     module, params, ref, _, _ = self._classifier()
     labels = np.asarray(cond) if isinstance(run.teacher.conditions, ClassLabels) else None

@@ -7,7 +7,7 @@
   Table 1), which is the denoiser DMD distills.
 
 Parameters are float32 and named like the PyTorch modules (``model/enc_16x16_block0/conv0/kernel`` for
-``model.enc.16x16_block0.conv0.weight``) so that ``dmd_jax.convert.edm`` is a renaming plus layout change.
+``model.enc.16x16_block0.conv0.weight``) so that ``dmd_jax.families.edm.convert`` is a renaming plus layout change.
 ``dtype`` sets the activation dtype (float32 or bfloat16); GroupNorm statistics, attention logits and softmax,
 the sinusoidal / Fourier noise embeddings and the preconditioning stay float32. ``attention`` chooses the
 attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see ``dmd_jax.models.attention``; EDM's attention is upcast, q·k

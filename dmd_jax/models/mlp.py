@@ -1,6 +1,6 @@
 """MLP networks of the 2-D toy problem: the one-step generator and the fake-score network F.
 
-The fake score is used inside EDM preconditioning (``teachers.toy.edm_precond``): F sees ``c_in x`` and
+The fake score is used inside EDM preconditioning (``families.toy.teacher.edm_precond``): F sees ``c_in x`` and
 ``c_noise = ln(sigma) / 4``. Random Fourier features of the input help it resolve sharp, narrow modes.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Built from a diffusers ``unet/config.json`` through :class:`UNetConfig`; values this port does not implement
 raise a ``ValueError`` that names the key and the value. Parameter names mirror the diffusers state dict with
 list indices folded into the name (``down_blocks.0.resnets.1.conv1.weight`` ↔
-``down_blocks_0/resnets_1/conv1/kernel``), so the converter (``dmd_jax.convert.sd``) only renames and
+``down_blocks_0/resnets_1/conv1/kernel``), so the converter (``dmd_jax.families.sd.convert``) only renames and
 transposes.
 
 Precision: parameters are float32; activations run in ``dtype`` (float32 or bfloat16). Group/LayerNorm

@@ -1,7 +1,7 @@
 """What every teacher family hands the method, the loop, the evaluators and the modes (docs/architecture.md).
 
 A family module (``toy``, ``edm``, ``sd``) turns a config into one :class:`Teacher` and its frozen parameters.
-Nothing outside ``dmd_jax/teachers/`` knows which family it drives: ``dmd.py`` sees the schedule, the
+Nothing outside ``dmd_jax/families/`` knows which family it drives: ``dmd.py`` sees the schedule, the
 generator, the two denoisers, the noise and the conditions; the loop and the modes also see the teacher's
 sampler, the decoder to outputs and the regression distance. No field is optional.
 

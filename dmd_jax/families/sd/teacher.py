@@ -15,9 +15,12 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from dmd_jax import lora, pretrained, schedules
+from dmd_jax import io, lora, pretrained, schedules
+from dmd_jax.data.prompts import PromptSet, TextEncoder, prompts_from_config
+from dmd_jax.families import base
+from dmd_jax.families.sd import convert as sdc
 from dmd_jax.guidance import classifier_free_guidance
-from dmd_jax.teachers import base
+from dmd_jax.samplers import ddim_sample, pndm_sample
 
 
 # The official DMD2 SDXL LoRA run's targets (diffusers module names; model.lora.targets = () uses them).
@@ -60,7 +63,7 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, unet_shapes, conditi
   """The ``Teacher`` of an SD pipeline, built from modules only (no I/O): what ``build`` returns once the
   converted pipeline and the prompts are at hand (``bench/sd_memory.py`` calls it on abstract values).
 
-  ``unet_config`` / ``vae_config``: the converted pipeline's ``config.json`` dicts (e.g. ``convert.sd.SD15_UNET``);
+  ``unet_config`` / ``vae_config``: the converted pipeline's ``config.json`` dicts (e.g. ``families.sd.convert.SD15_UNET``);
   the teacher UNet and the VAE that writes images run in float32, the trainable UNet (generator and fake score,
   rematerialised when ``model.remat``) and the VAE inside the regression loss in ``model.dtype``.
   ``unet_shapes``: the UNet's parameters or their shapes (only the shapes are kept: ``init`` copies the UNet
@@ -68,15 +71,13 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, unet_shapes, conditi
   ``conditions``: a ``base.PromptConditions``. The frozen parameters these functions take are
   :func:`sd_frozen`'s.
   """
-  from dmd_jax.convert.sd import build_unet, build_vae, torch_key
-  from dmd_jax.samplers import ddim_sample, pndm_sample
   schedule = vp_schedule(config)
   unet_shapes = base.abstract(unet_shapes)
   dtype, attention = base.model_dtype(config), config.model.attention
-  teacher = build_unet(unet_config, attention=attention)[0]
-  student = build_unet(unet_config, dtype=dtype, remat=bool(config.model.remat), attention=attention)[0]
-  vae_out = build_vae(vae_config, attention=attention)[0]                 # float32: the images written out
-  vae_train = build_vae(vae_config, dtype=dtype, attention=attention)[0]  # model dtype: in the regression loss
+  teacher = sdc.build_unet(unet_config, attention=attention)[0]
+  student = sdc.build_unet(unet_config, dtype=dtype, remat=bool(config.model.remat), attention=attention)[0]
+  vae_out = sdc.build_vae(vae_config, attention=attention)[0]                 # float32: the images written out
+  vae_train = sdc.build_vae(vae_config, dtype=dtype, attention=attention)[0]  # model dtype: in the regression loss
   scaling = float(vae_config.get("scaling_factor", 0.18215))
   res = int(config.model.get("latent_resolution", 0) or unet_config.get("sample_size", 64))
   ch = int(teacher.config.in_channels)
@@ -147,7 +148,7 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, unet_shapes, conditi
       images=True,
       sample_shape=(res, res, ch),
       lora=lora.Base(params=lambda frozen: frozen["teacher"]["unet"],
-                     module_name=lambda path: torch_key("/".join(path)).rsplit(".", 1)[0],
+                     module_name=lambda path: sdc.torch_key("/".join(path)).rsplit(".", 1)[0],
                      default_targets=LORA_TARGETS),
   )
 
@@ -162,19 +163,16 @@ def sd_frozen(unet_params, uncond, vae_params, lpips_params) -> dict:
 def teacher_dir(config, workdir: str | None) -> str:
   """The folder written by ``python -m dmd_jax.convert sd``; ``teacher.path='random'`` writes a tiny
   random-weight pipeline under the workdir and converts it."""
-  from dmd_jax.convert import sd as sd_convert
   return pretrained.network_dir(config.teacher.path, "teacher.path", "sd", workdir,
-                                lambda dst: sd_convert.write_random_converted(dst, seed=config.seed),
+                                lambda dst: sdc.write_random_converted(dst, seed=config.seed),
                                 marker="text_encoder/config.json")
 
 
 def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
   """Reads the converted pipeline (``teacher.path``), the LPIPS weights and the prompts, then
   :func:`sd_teacher`."""
-  from dmd_jax.convert.sd import load_converted_sd
-  from dmd_jax.data.prompts import PromptSet, TextEncoder, prompts_from_config
   path = teacher_dir(config, workdir)
-  teacher_sd = load_converted_sd(path, attention=config.model.attention)
+  teacher_sd = sdc.load_converted_sd(path, attention=config.model.attention)
   check_schedule(vp_schedule(config), teacher_sd["scheduler_config"], path)
   unet, unet_params = teacher_sd["unet"]
   text_module, text_params = teacher_sd["text_encoder"]
@@ -212,8 +210,6 @@ class AbstractPrompts:
 def network_configs(config) -> dict:
   """The ``config.json`` dicts of the UNet, VAE and text encoder: the converted folder's (``teacher.path``),
   the tiny random pipeline's (``'random'``), or SD 1.5's (no path: the network ``configs/coco.py`` names)."""
-  from dmd_jax import io
-  from dmd_jax.convert import sd as sdc
   path = config.teacher.path
   if path == "random":
     return {"unet": sdc.TINY_UNET, "vae": sdc.TINY_VAE, "text_encoder": sdc.TINY_CLIP}
@@ -224,11 +220,10 @@ def network_configs(config) -> dict:
 
 def abstract(config) -> tuple[base.Teacher, dict]:
   """The SD teacher from the networks' configs alone (:func:`network_configs`), frozen parameters as shapes
-  (``teachers.abstract``)."""
-  from dmd_jax.convert.sd import build_unet, build_vae
+  (``families.abstract``)."""
   cfgs = network_configs(config)
   shapes = lambda module, inputs: jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs))["params"]
-  unet_params, vae_params = shapes(*build_unet(cfgs["unet"])), shapes(*build_vae(cfgs["vae"]))
+  unet_params, vae_params = shapes(*sdc.build_unet(cfgs["unet"])), shapes(*sdc.build_vae(cfgs["vae"]))
   text = cfgs["text_encoder"]
   length, width = int(text["max_position_embeddings"]), int(text["hidden_size"])
   n = len(config.data.prompts) or int(config.data.num_prompts) or 1

@@ -10,10 +10,10 @@ import numpy as np
 
 from dmd_jax import schedules
 from dmd_jax.data.toy import GaussianMixture
+from dmd_jax.families import base
 from dmd_jax.models import gan_head, mlp
 from dmd_jax.samplers import edm_heun_sample
 from dmd_jax.schedules import bcast, edm_precond_coefficients
-from dmd_jax.teachers import base
 
 
 def edm_precond(raw_apply: Callable, sigma_data: float) -> Callable:
@@ -145,6 +145,6 @@ def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
 
 
 def abstract(config) -> tuple[base.Teacher, dict]:
-  """The toy teacher (analytic: nothing to read) with its frozen parameters as shapes (``teachers.abstract``)."""
+  """The toy teacher (analytic: nothing to read) with its frozen parameters as shapes (``families.abstract``)."""
   teacher, frozen = build(config, None)
   return teacher, base.abstract(frozen)

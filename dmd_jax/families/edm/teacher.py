@@ -9,9 +9,11 @@ import json
 import jax
 import jax.numpy as jnp
 
-from dmd_jax import lora, pretrained, schedules
+from dmd_jax import io, lora, pretrained, schedules
+from dmd_jax.families import base
+from dmd_jax.families.edm import convert as edm_convert
+from dmd_jax.models.edm import edm_module_from_kwargs, init_inputs
 from dmd_jax.samplers import edm_heun_sample
-from dmd_jax.teachers import base
 
 
 # The EDM networks' equivalents of the official DMD2 SDXL LoRA targets (EDM's module names): attention qkv / proj,
@@ -23,7 +25,6 @@ LORA_TARGETS = ("qkv", "proj", "conv0", "conv1", "skip", "affine", "map_layer0",
 def teacher_dir(config, workdir: str | None) -> str:
   """The converted teacher folder; ``teacher.path='random'`` (the ``:tiny`` configs) writes a random-weight
   teacher of ``teacher.random_init_kwargs`` under the workdir, through the real converter."""
-  from dmd_jax.convert import edm as edm_convert
   t = config.teacher
 
   def write(dst):
@@ -36,16 +37,14 @@ def teacher_dir(config, workdir: str | None) -> str:
 
 def build(config, workdir: str | None) -> tuple[base.Teacher, dict]:
   """Reads the converted teacher (``teacher.path``) and the LPIPS weights, then :func:`edm_teacher`."""
-  from dmd_jax.convert.edm import load_converted_edm
-  teacher, teacher_params = load_converted_edm(teacher_dir(config, workdir), attention=config.model.attention)
+  teacher, teacher_params = edm_convert.load_converted_edm(teacher_dir(config, workdir), attention=config.model.attention)
   return (edm_teacher(config, teacher, teacher_params),
           {"teacher": teacher_params, "lpips": base.distance_params(config, workdir)})
 
 
 def abstract(config) -> tuple[base.Teacher, dict]:
   """The EDM teacher from its ``init_kwargs`` alone (:func:`init_kwargs`), frozen parameters as shapes
-  (``teachers.abstract``)."""
-  from dmd_jax.models.edm import edm_module_from_kwargs, init_inputs
+  (``families.abstract``)."""
   module = edm_module_from_kwargs(init_kwargs(config), attention=config.model.attention)
   shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *init_inputs(module)))["params"]
   return edm_teacher(config, module, shapes), {"teacher": shapes, "lpips": base.abstract_distance_params(config)}
@@ -55,7 +54,6 @@ def init_kwargs(config) -> dict:
   """The teacher network's EDM ``init_kwargs``: the converted folder's (``teacher.path``), the random teacher's
   (``'random'``: ``teacher.random_init_kwargs``), or with no path the published checkpoint's that the config
   names (``teacher.architecture``)."""
-  from dmd_jax import io
   t = config.teacher
   if t.path == "random":
     return json.loads(t.random_init_kwargs)
@@ -71,7 +69,6 @@ def edm_teacher(config, teacher, teacher_shapes) -> base.Teacher:
   """The ``Teacher`` of an EDM network (no I/O): ``teacher`` the float32 ``EDMPrecond`` module,
   ``teacher_shapes`` its parameters or their shapes (only shapes are kept: ``init`` copies the network from the
   frozen parameters it is given). The frozen parameters these functions take are ``{'teacher', 'lpips'}``."""
-  from dmd_jax.convert.edm import torch_key as edm_torch_key
   schedule = schedules.from_config(config.schedule)
   # the trainable network: the same module in the model dtype (the parameters are read once: the frozen teacher's)
   student = teacher.clone(dtype=base.model_dtype(config), remat=config.model.remat)
@@ -120,7 +117,7 @@ def edm_teacher(config, teacher, teacher_shapes) -> base.Teacher:
       images=True,
       sample_shape=(res, res, ch),
       lora=lora.Base(params=lambda frozen: frozen["teacher"],
-                     module_name=lambda path: edm_torch_key(path).rsplit(".", 1)[0],
+                     module_name=lambda path: edm_convert.torch_key(path).rsplit(".", 1)[0],
                      default_targets=LORA_TARGETS),
   )
   return out

@@ -25,9 +25,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax.convert.common import (ConversionError, check_state_dict, flatten_params, from_torch,
-                                    load_converted, load_state_dict, read_folder_config, save_converted,
-                                    to_torch, torch_shape, unflatten_params, weight_files)
+from dmd_jax.convert.clip import load_tokenizer, write_tokenizer_files
+from dmd_jax.convert.common import (ConversionError, check_state_dict, expected_shapes, flatten_params,
+                                    from_torch, load_converted, load_state_dict, read_folder_config,
+                                    save_converted, to_torch, torch_shape, unflatten_params, weight_files)
 from dmd_jax.models import clip as clip_lib
 from dmd_jax.models import unet2d as unet_lib
 from dmd_jax.models.attention import check_implementation
@@ -53,23 +54,6 @@ def torch_key(flax_path: str) -> str:
   parts = [m.group(1) + "." + m.group(2) if (m := _LISTS.match(p)) else p for p in mods]
   parts.append("bias" if leaf == "bias" else "weight")
   return ".".join(parts)
-
-
-def expected_shapes(module, inputs) -> dict[str, tuple]:
-  """The module's parameter shapes ``{flax path: shape}``, traced abstractly (no memory, no compute)."""
-  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *inputs))["params"]
-  flat = {}
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      key = f"{prefix}/{k}" if prefix else str(k)
-      if isinstance(v, Mapping):
-        walk(v, key)
-      else:
-        flat[key] = tuple(v.shape)
-
-  walk(shapes, "")
-  return flat
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Mapping[str, tuple], what: str,
@@ -183,16 +167,6 @@ def convert_network(src_dir: str, name: str, dtype=jnp.float32, attention: str =
     ignore = ("embeddings.position_ids",)  # a buffer that older files carry
   params = convert_state_dict(sd, expected_shapes(module, inputs), f"{name} ({folder})", ignore=ignore)
   return module, params, config
-
-
-def load_tokenizer(folder: str):
-  """A ``transformers.CLIPTokenizer`` from local files (``vocab.json`` + ``merges.txt``, or the
-  ``tokenizer.json`` that ``save_pretrained`` writes); never downloads."""
-  from transformers import CLIPTokenizer
-  has = lambda f: os.path.exists(os.path.join(folder, f))
-  if not (has("tokenizer.json") or (has("vocab.json") and has("merges.txt"))):
-    raise ConversionError(f"tokenizer folder {folder!r} lacks vocab.json and merges.txt (or tokenizer.json)")
-  return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
 
 def _read_json(path: str) -> dict[str, Any] | None:
@@ -318,27 +292,6 @@ SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
     "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None}
-
-
-def write_tokenizer_files(folder: str | os.PathLike, model_max_length: int | None = None) -> None:
-  """A tiny CLIP BPE tokenizer: the 26 letters, the letters + ``</w>``, a few merges (``red``, ``bus``) and
-  the two special tokens ``<|startoftext|>`` = 62 / ``<|endoftext|>`` = 63 (those of ``TINY_CLIP``).
-  ``model_max_length`` also writes a ``tokenizer_config.json`` (as the SD releases have)."""
-  folder = os.fspath(folder)
-  os.makedirs(folder, exist_ok=True)
-  letters = "abcdefghijklmnopqrstuvwxyz"
-  merges = ["r e", "re d</w>", "b u", "bu s</w>"]
-  toks = (list(letters) + [c + "</w>" for c in letters] + ["re", "red</w>", "bu", "bus</w>"])[:62]
-  vocab = {t: i for i, t in enumerate(toks)}
-  vocab["<|startoftext|>"] = 62
-  vocab["<|endoftext|>"] = 63
-  with open(os.path.join(folder, "vocab.json"), "w") as f:
-    json.dump(vocab, f)
-  with open(os.path.join(folder, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-  if model_max_length is not None:
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-      json.dump({"model_max_length": int(model_max_length), "tokenizer_class": "CLIPTokenizer"}, f)
 
 
 def random_torch_state_dict(name: str, config: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
