@@ -15,7 +15,7 @@ and ``dmd.fake_score_update`` (fake-score forward / backward on detached samples
 A row gives XLA's ``compiled.memory_analysis()`` per device (temp, argument, output, alias, generated code;
 total = argument + output - alias + temp), XLA's flop count per device and the compile time.
 
-The config is ``configs/coco.py`` (``config_lib.sd_config``: bfloat16 activations, rematerialised UNet blocks,
+The config is ``configs/coco.py`` (``families.sd.config.sd_config``: bfloat16 activations, rematerialised UNet blocks,
 guidance 3, LPIPS regression weight 0.25 on VAE-decoded images, ``train.make_hyper``'s AdamW), with the global DM
 batch b × N and the regression batch ceil(b / 2) × N (the recipe's 2304 : 1152). The networks come from
 ``families.sd.teacher.sd_teacher`` on the released SD 1.5 configs (``families.sd.convert.SD15_UNET`` / ``SD15_VAE`` /
@@ -94,7 +94,7 @@ class Model:
   frozen parameters as shapes): configs, abstract frozen parameters, parameter counts."""
 
   def __init__(self, tiny: bool):
-    from dmd_jax.config_lib import sd_config
+    from dmd_jax.families.sd.config import sd_config
     from dmd_jax.families.sd import teacher as sd
     self.tiny = tiny
     self.config = sd_config(tiny=tiny)

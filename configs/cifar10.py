@@ -12,7 +12,8 @@ Convert the teacher first, then point ``teacher.path`` at it:
   python -m dmd_jax.convert edm --src=edm-cifar10-32x32-cond-vp.pkl --dst=teachers/cifar10-cond
   python -m dmd_jax.main --config=configs/cifar10.py --config.teacher.path=teachers/cifar10-cond --workdir=...
 """
-from dmd_jax.config_lib import dmd2, edm_config, parse_variants
+from dmd_jax.config_lib import dmd2, parse_variants
+from dmd_jax.families.edm.config import edm_config
 
 TINY_DDPMPP = dict(
     img_resolution=16, img_channels=3, label_dim=10, model_type="SongUNet", embedding_type="positional",

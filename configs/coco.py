@@ -56,7 +56,8 @@ Captions: the first caption of each of the first 30k val2014 images (``eval.capt
 (once, cached in the workdir) the statistics of every image of ``eval.reference_split``; an ``.npz`` with
 ``mu`` / ``sigma`` or ``'teacher'`` (FID to the teacher's guided samples for the same captions) also work.
 """
-from dmd_jax.config_lib import dmd2, lora, parse_variants, sd_config
+from dmd_jax.config_lib import dmd2, lora, parse_variants
+from dmd_jax.families.sd.config import sd_config
 
 
 def get_config(arg: str = ""):

@@ -31,7 +31,8 @@ Variants (comma-separated):
 """
 import json
 
-from dmd_jax.config_lib import dmd2, edm_config, parse_variants
+from dmd_jax.config_lib import dmd2, parse_variants
+from dmd_jax.families.edm.config import edm_config
 import ml_collections
 
 TEACHER = dict(

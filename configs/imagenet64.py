@@ -23,7 +23,8 @@ Variants (``--config=configs/imagenet64.py:VARIANTS``):
   python -m dmd_jax.main --config=configs/imagenet64.py:dmd2,stage2 ... --workdir=runs/in64_stage2 \
       --config.init_from.workdir=runs/in64_ttur
 """
-from dmd_jax.config_lib import dmd2, edm_config, parse_variants
+from dmd_jax.config_lib import dmd2, parse_variants
+from dmd_jax.families.edm.config import edm_config
 
 TINY_ADM = dict(
     img_resolution=16, img_channels=3, label_dim=1000, model_type="DhariwalUNet", model_channels=64,

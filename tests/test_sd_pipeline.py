@@ -118,7 +118,7 @@ def _fast_jit(f, *args):
 
 def test_real_denoiser_guidance(tmp_path):
   from dmd_jax import families
-  from dmd_jax.config_lib import sd_config
+  from dmd_jax.families.sd.config import sd_config
   from dmd_jax.families.sd.convert import load_converted_sd
   from dmd_jax.families.sd.teacher import real_denoiser
   config = sd_config(tiny=True)
@@ -192,7 +192,7 @@ def test_caption_images_and_clip_score(tmp_path):
   """COCO evaluation plumbing: image i is decode(G(z_i, embed(caption_i))) with z_i from fold_in(seed, i),
   whatever the chunking; the evaluator's CLIP score is clip_score on those images and captions."""
   from dmd_jax import families, sharding
-  from dmd_jax.config_lib import sd_config
+  from dmd_jax.families.sd.config import sd_config
   from dmd_jax.convert import clip as clip_convert
   from dmd_jax.evaluation import clip_score
   from dmd_jax.evaluation import images as image_io
