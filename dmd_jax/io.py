@@ -132,6 +132,12 @@ def remove(p, missing_ok: bool = True) -> None:
   path(p).unlink(missing_ok=missing_ok)
 
 
+def remove_tree(p) -> None:
+  """Deletes folder ``p`` and everything in it; a missing one is no error."""
+  if path(p).exists():
+    path(p).rmtree()
+
+
 def read_bytes(p) -> bytes:
   return path(p).read_bytes()
 

@@ -35,10 +35,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from dmd_jax import checkpoint, io, sharding, streams, writers
-from dmd_jax.data.pairs import EpochSampler
+from dmd_jax import checkpoint, io, loop, sharding, streams, writers
+from dmd_jax.data.indexed import EpochSampler
 from dmd_jax.models import edm as edm_models
-from dmd_jax.preemption import Preemption
 
 TEACHER_FOLDER = "teacher"
 CHECKPOINT_FOLDER = "teacher_train"
@@ -196,31 +195,21 @@ def train(config, workdir: str) -> dict | None:
   logging.info("teacher training: %s %s, %d parameters, %d images, batch %d, steps %d..%d", module.model_type,
                shape, n_params, len(images), b, start, total)
   writer = writers.create_writer(io.join(workdir, CHECKPOINT_FOLDER), is_main)
-  preemption = Preemption(train_lib.MAX_STEPS_IN_FLIGHT)
   meta = {"config": config.to_json_best_effort()}
-  t_loop, last_log, last_step, step, loss = time.time(), time.time(), start, start, float("nan")
-  try:
-    while step < total:
-      state, metrics = step_fn(state, example if step == start else batch_for(step), key)
-      step += 1
-      if step % cfg.log_every == 0 or step == total:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        loss = metrics["loss"]
-        if not np.isfinite(loss):
-          raise FloatingPointError(f"teacher training: the loss is {loss} at step {step}; lower "
-                                   "teacher_train.lr or resume from the last checkpoint")
-        now = time.time()
-        metrics["steps_per_sec"] = rate = (step - last_step) / max(now - last_log, 1e-9)
-        writer.write_scalars(step, metrics)
-        logging.info("teacher step %d/%d  loss %.4f  %.1f steps/s  ETA %.0f s", step, total, loss, rate,
-                     (total - step) / rate)
-        last_log, last_step = now, step
-      train_lib.save_or_stop(ckpt, preemption, state, step, total, cfg.checkpoint_every,
-                             lambda: {**meta, "step": step}, what="teacher checkpoint")
-  finally:
-    preemption.restore()
-    ckpt.wait()
-  train_seconds = time.time() - t_loop
+
+  def check_loss(step: int, metrics):
+    loss = float(metrics["loss"])
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"teacher training: the loss is {loss} at step {step}; lower "
+                               "teacher_train.lr or resume from the last checkpoint")
+    return metrics
+
+  done = loop.run(lambda st, i: step_fn(st, example if i == start else batch_for(i), key), state,
+                  start=start, total=total, what="teacher step", log_every=cfg.log_every, writer=writer,
+                  log_keys=("loss",), prepare_metrics=check_loss, checkpointer=ckpt,
+                  checkpoint_every=cfg.checkpoint_every, meta=lambda step: {**meta, "step": step})
+  state, step, train_seconds = done.state, done.step, done.train_seconds
+  loss = done.last_metrics.get("loss", float("nan"))
   writer.flush()
   ckpt.close()
   result = {"steps": step, "train_seconds": train_seconds, "total_seconds": time.time() - t_start,

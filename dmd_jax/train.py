@@ -4,7 +4,6 @@ compile once, step, periodic actions (logging, evaluators, checkpoints), SIGTERM
 ``modes.py`` (docs/architecture.md)."""
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import json
@@ -14,9 +13,9 @@ from typing import Any
 import jax
 from absl import logging
 
-from dmd_jax import checkpoint, dmd, families, io, lora, sharding, streams, writers
-from dmd_jax.data.pairs import EpochSampler, PairRows, PairStore, build_pairs
-from dmd_jax.preemption import Preempted, Preemption
+from dmd_jax import checkpoint, distributed, dmd, families, io, loop, lora, preemption, sharding, streams, writers
+from dmd_jax.data.indexed import StepIndexed
+from dmd_jax.data.pairs import PairRows, PairStore, build_pairs
 from dmd_jax.families.base import Teacher
 
 
@@ -239,15 +238,16 @@ def build(config, teacher: Teacher, frozen: dict, mesh, workdir: str | None = No
 
 def start_process(config, workdir: str) -> str:
   """Multi-host initialisation (``config.distributed``) and the workdir (created; its absolute path)."""
-  distributed = {"auto": None, "yes": True, "no": False}
-  if config.distributed not in distributed:
+  enabled = {"auto": None, "yes": True, "no": False}
+  if config.distributed not in enabled:
     raise ValueError(f"config.distributed must be 'auto', 'yes' or 'no', got {config.distributed!r}")
-  sharding.maybe_initialize_distributed(distributed[config.distributed])
+  if distributed.maybe_initialize(enabled[config.distributed]):
+    preemption.install()   # again: jax.distributed's preemption notifier replaced the SIGTERM handler
   if jax.process_count() == 1 or not io.is_remote(workdir):
     return io.prepare_workdir(workdir)
   first = jax.process_index() == 0
   prepared = io.prepare_workdir(workdir) if first else None   # one process probes and creates a remote folder
-  sharding.barrier("workdir prepared")
+  distributed.barrier("workdir prepared")
   return prepared if first else io.prepare_workdir(workdir, probe=False)
 
 
@@ -278,7 +278,7 @@ def ensure_pairs(run: Run) -> PairRows:
   store = pair_store(run)
   build_pairs(store, lambda z, cond: teacher.sampler.sample(frozen["teacher"], z, cond), run.mesh,
               streams.key(run.config.seed, "pairs"), teacher.sample_shape, teacher.conditions)
-  sharding.barrier("regression pairs built")
+  distributed.barrier("regression pairs built")
   return store.rows()
 
 
@@ -286,31 +286,23 @@ def ensure_pairs(run: Run) -> PairRows:
 # The loop.
 # ---------------------------------------------------------------------------------------------------------
 
-# Steps dispatched ahead of the one the host last waited for. Enough to hide the host's work behind the
-# device's; unbounded, two processes on XLA:CPU hung in a gloo all-reduce once ~100 steps were queued
-# (docs/multihost.md).
-MAX_STEPS_IN_FLIGHT = 4
-
-
 def batches(run: Run, pairs: PairRows | None, real=None):
   """``step -> global batch``: this process's rows of the DM batch's host-side conditions, of the
-  regression pairs (epoch order from the ``'regression_order'`` stream) and of the GAN critic's real samples
-  (``real``: a ``data.real.RealData``; called for consecutive steps), assembled over the mesh."""
+  regression pairs (``data.indexed.StepIndexed``: epoch order from the ``'regression_order'`` stream) and of the
+  GAN critic's real samples (``real``: a ``data.real.RealData``; called for consecutive steps), assembled over
+  the mesh."""
   config, conditions, mesh = run.config, run.teacher.conditions, run.mesh
   b, b_reg = config.batch_size, config.regression.batch_size
   dm_rows, reg_rows = sharding.process_slice(b), sharding.process_slice(b_reg)
-  order = None if pairs is None else EpochSampler(len(pairs), b_reg,
-                                                  streams.numpy_seed(config.seed, "regression_order"))
+  regression = None if pairs is None else StepIndexed(
+      len(pairs), streams.numpy_seed(config.seed, "regression_order"), pairs.take)
 
   def batch_for(step: int) -> dict:
     out = sharding.global_batch(mesh, conditions.for_step(step, b, dm_rows), b)
-    if order is not None:
-      idx = order.indices(step)[reg_rows]
-      rows = pairs.take(idx)    # only this process's rows are read
-      # sets of unconditional teachers built before every pair stored its condition have no 'cond'
-      cond = rows["cond"] if "cond" in rows else conditions.for_pairs(idx)
+    if regression is not None:
+      rows = regression.batch(step, b_reg, reg_rows)    # only this process's rows are read
       out.update(sharding.global_batch(mesh, {"reg_z": rows["z"], "reg_x": rows["x"],
-                                              "reg_cond": conditions.lookup(cond)}, b_reg))
+                                              "reg_cond": conditions.lookup(rows["cond"])}, b_reg))
     if real is not None:
       out.update(sharding.global_batch(mesh, real.batch(step, b, dm_rows), b))
     return out
@@ -367,52 +359,35 @@ def train(config, workdir: str) -> dict | None:
     step_fn = step_fn.lower(state, run.frozen, example, step_key).compile()
   logging.info("compiled the train step in %.1f s", time.time() - t_compile)
 
-  # ---- loop ----
+  # ---- loop (dmd_jax/loop.py) ----
   eval_every = config.eval.get("every_steps", 0)
-  preemption = Preemption(MAX_STEPS_IN_FLIGHT)
   meta = run.checkpoint_meta()
-  t_loop, last_log, last_step = time.time(), time.time(), start
   n_fake = run.hyper.fake_updates_per_generator_update
   curve = EvalCurve(workdir, start, n_fake, run.is_main)
-  eval_seconds = 0.0
-  gen_metrics = None     # the metrics of the last step that updated the generator (two time-scale rule)
-  last_metrics = {}      # the last logged train metrics (metrics.json's 'train_metrics')
-  step = start
-  try:
-    in_flight = collections.deque()
-    while step < total:
-      batch = example if step == start else batch_for(step)
-      state, metrics = step_fn(state, run.frozen, batch, step_key)
-      if step % n_fake == 0:
-        gen_metrics = metrics
-      step += 1
-      in_flight.append(metrics["consecutive_skips"])
-      if len(in_flight) > MAX_STEPS_IN_FLIGHT:   # bound the dispatch queue (see MAX_STEPS_IN_FLIGHT)
-        check_skips(int(in_flight.popleft()), config, ckpt)
-      if step % config.log_every == 0 or step == total:
-        if gen_metrics is not None:
-          metrics = {**metrics, **{k: v for k, v in gen_metrics.items() if k in dmd.GENERATOR_METRICS}}
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.time()
-        rate = (step - last_step) / max(now - last_log, 1e-9)
-        metrics["steps_per_sec"] = rate
-        writer.write_scalars(step, metrics)
-        last_metrics = {"step": step, **metrics}
-        logging.info("step %d/%d  %.1f steps/s  ETA %.0f s", step, total, rate, (total - step) / rate)
-        last_log, last_step = now, step
-      if eval_every and step % eval_every == 0 and step < total:
-        t_eval = time.time()
-        periodic = evaluators_lib.run_all(run, evaluators, run.generator_params(state["generator"]), step,
-                                          final=False)
-        curve.add(step, time.time() - t_loop - eval_seconds, periodic)
-        eval_seconds += time.time() - t_eval
-        last_log += time.time() - t_eval
-      save_or_stop(ckpt, preemption, state, step, total, config.checkpoint_every,
-                   lambda: {**meta, "step": step, **({"real_data": real.state()} if real else {})})
-  finally:
-    preemption.restore()
-    ckpt.wait()
-  train_seconds = time.time() - t_loop - eval_seconds   # the loop's time less its periodic evaluations
+  generator_step = {}   # the metrics of the last step that updated the generator (two time-scale rule)
+
+  def one_step(state, i: int):
+    state, metrics = step_fn(state, run.frozen, example if i == start else batch_for(i), step_key)
+    if i % n_fake == 0:
+      generator_step["metrics"] = metrics
+    return state, metrics
+
+  def with_generator_metrics(step: int, metrics):
+    gen = generator_step.get("metrics", {})
+    return {**metrics, **{k: v for k, v in gen.items() if k in dmd.GENERATOR_METRICS}}
+
+  def evaluate(step: int, state, train_seconds: float) -> None:
+    periodic = evaluators_lib.run_all(run, evaluators, run.generator_params(state["generator"]), step,
+                                      final=False)
+    curve.add(step, train_seconds, periodic)
+
+  done = loop.run(
+      one_step, state, start=start, total=total, log_every=config.log_every, writer=writer,
+      prepare_metrics=with_generator_metrics,
+      on_retired=lambda m: check_skips(int(m["consecutive_skips"]), config, ckpt),
+      actions=[loop.Action(eval_every, evaluate)], checkpointer=ckpt, checkpoint_every=config.checkpoint_every,
+      meta=lambda step: {**meta, "step": step, **({"real_data": real.state()} if real else {})})
+  state, step, train_seconds, last_metrics = done.state, done.step, done.train_seconds, done.last_metrics
   writer.flush()
 
   # ---- final evaluation and pictures ----
@@ -454,19 +429,6 @@ class EvalCurve:
     self.rows.append({"step": step, "generator_updates": generator_updates(step, self.n_fake),
                       "train_seconds": self.offset + train_seconds, **results})
     io.write_json(self.path, self.rows)
-
-
-def save_or_stop(ckpt: checkpoint.Checkpointer, preemption: Preemption, state, step: int, total: int, every: int,
-                 meta, what: str = "checkpoint") -> None:
-  """After step ``step``: saves every ``every`` steps, at ``total`` and when a SIGTERM asked to stop (``meta()``
-  the JSON metadata); after a SIGTERM's save, waits for it and raises :class:`Preempted`."""
-  stop = preemption.should_stop(step)
-  if step % every == 0 or step == total or stop:
-    ckpt.save(step, state, meta())
-  if stop and step < total:
-    ckpt.wait()
-    logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume", step)
-    raise Preempted(f"preempted: {what} of step {step} saved in {ckpt.directory}; rerun to resume")
 
 
 def config_has_gan(config_json: str) -> bool:

@@ -56,7 +56,7 @@ def test_classifier_accuracy_and_cache(clf, clf_dir):
 def test_classifier_resume_is_exact(tmp_path):
   steps, every, kill_at = 24, 8, 19
   whole = dm.train_classifier(str(tmp_path / "whole"), steps=steps, checkpoint_every=every)
-  assert not (tmp_path / "whole" / dm.CHECKPOINT_FILE).exists()   # removed once finished
+  assert not (tmp_path / "whole" / dm.CHECKPOINT_FOLDER).exists()   # removed once finished
 
   class Killed(Exception):
     pass
@@ -67,7 +67,7 @@ def test_classifier_resume_is_exact(tmp_path):
 
   with pytest.raises(Killed):
     dm.train_classifier(str(tmp_path / "cut"), steps=steps, checkpoint_every=every, on_step=kill)
-  assert (tmp_path / "cut" / dm.CHECKPOINT_FILE).exists() and not (tmp_path / "cut" / dm.INFO_FILE).exists()
+  assert (tmp_path / "cut" / dm.CHECKPOINT_FOLDER).exists() and not (tmp_path / "cut" / dm.INFO_FILE).exists()
   with pytest.raises(ValueError, match="seed=0 there, 1 asked"):   # a checkpoint of other settings
     dm.train_classifier(str(tmp_path / "cut"), steps=steps, seed=1, checkpoint_every=every)
   seen = []
@@ -182,4 +182,4 @@ def test_evaluator(clf_dir, tmp_path, monkeypatch):
   assert calls == {"generate": 3, "teacher": 1}   # the teacher's metrics came from the cache
   assert out2["digits"]["teacher"] == d["teacher"]
   assert "digits_classifier" in run.cache
-  assert not (workdir / "digits_classifier" / dm.CHECKPOINT_FILE).exists()
+  assert not (workdir / "digits_classifier" / dm.CHECKPOINT_FOLDER).exists()

@@ -17,8 +17,9 @@ It is cached in its folder (``<workdir>/digits_classifier`` for the evaluator): 
 written in that order, so ``classifier.json`` marks a finished classifier. A later call with the same settings
 loads them; **a call with different settings raises a ValueError naming the differences** (the metrics are
 only comparable under one classifier, so a folder holds one; delete it or use another folder). Training is
-resumable: every ``checkpoint_every`` steps it writes ``classifier_checkpoint.npz`` (params, Adam state, step,
-settings, train time so far) atomically through ``dmd_jax.io``; a killed training resumes from it. The batch
+resumable: it runs in the project's one loop (``dmd_jax/loop.py``), which every ``checkpoint_every`` steps writes an
+Orbax checkpoint to ``checkpoints/`` (params, Adam state; the settings and the train time so far in its metadata);
+a killed training resumes from it, and the folder is removed once the classifier is written. The batch
 of step ``s`` (its rows and shifts) is a pure function of ``(seed, s)`` (``np.random.default_rng([seed,
 _ORDER_SALT, s])``), and the initial parameters of ``PRNGKey(seed)``, so the data order needs no state and a
 resumed training ends with bitwise the parameters of an uninterrupted one. The classifier's seed is its own
@@ -63,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 from typing import Any, Callable, Sequence
 
@@ -75,7 +75,7 @@ import optax
 from absl import logging
 from flax import traverse_util
 
-from dmd_jax import io
+from dmd_jax import checkpoint, io, loop
 from dmd_jax.data import digits as digits_data
 
 DEFAULT_STEPS = 500
@@ -83,7 +83,7 @@ DEFAULT_CHECKPOINT_EVERY = 100
 K_NEAREST = 3
 PARAMS_FILE = "classifier_params.npz"
 INFO_FILE = "classifier.json"
-CHECKPOINT_FILE = "classifier_checkpoint.npz"
+CHECKPOINT_FOLDER = "checkpoints"         # Orbax (dmd_jax/checkpoint.py), removed once the classifier is written
 _ORDER_SALT = 20190  # the classifier's batch stream: default_rng([seed, _ORDER_SALT, step])
 _FORMAT = 1          # bumped when the classifier or its training changes
 
@@ -194,29 +194,6 @@ def _train_step(module: DigitsClassifier, learning_rate: float, steps: int):
   return jax.jit(step)
 
 
-def _save_checkpoint(path: str, params, opt_state, step: int, settings: dict, seconds: float) -> None:
-  arrays = {f"params/{k}": v for k, v in _flat(params).items()}
-  for i, leaf in enumerate(jax.tree_util.tree_leaves(jax.device_get(opt_state))):
-    arrays[f"opt/{i:04d}"] = np.asarray(leaf)
-  io.write_npz(path, step=np.int64(step), train_seconds=np.float64(seconds),
-               settings=np.array(json.dumps(settings, sort_keys=True)), **arrays)
-
-
-def _load_checkpoint(path: str, opt_template, settings: dict):
-  z = io.load_npz(path)
-  have = json.loads(str(z["settings"]))
-  if have != settings:
-    raise ValueError(f"digits classifier checkpoint {path} was written with other settings "
-                     f"({_differences(have, settings)}): delete it, or train into another folder")
-  params = _unflat({k[len("params/"):]: v for k, v in z.items() if k.startswith("params/")})
-  leaves = [jnp.asarray(z[k]) for k in sorted(k for k in z if k.startswith("opt/"))]
-  treedef = jax.tree_util.tree_structure(opt_template)
-  if treedef.num_leaves != len(leaves):
-    raise ValueError(f"digits classifier checkpoint {path}: {len(leaves)} optimizer arrays, expected "
-                     f"{treedef.num_leaves}")
-  return params, jax.tree_util.tree_unflatten(treedef, leaves), int(z["step"]), float(z["train_seconds"])
-
-
 def train_classifier(directory: str, *, size: int = 16, steps: int = DEFAULT_STEPS, seed: int = 0,
                      held_out_fraction: float = 0.2, batch_size: int = 128, learning_rate: float = 2e-3,
                      checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, module: DigitsClassifier | None = None,
@@ -246,7 +223,6 @@ def train_classifier(directory: str, *, size: int = 16, steps: int = DEFAULT_STE
     raise ValueError(f"steps must be >= 1, got {steps}")
   settings = _settings(size, steps, seed, held_out_fraction, batch_size, learning_rate, module)
   info_path, params_path = io.join(directory, INFO_FILE), io.join(directory, PARAMS_FILE)
-  ckpt_path = io.join(directory, CHECKPOINT_FILE)
 
   if io.exists(info_path):
     info = io.read_json(info_path)
@@ -262,36 +238,48 @@ def train_classifier(directory: str, *, size: int = 16, steps: int = DEFAULT_STE
   train_idx, held_idx = digits_data.split(held_out_fraction, seed)
   x_train, y_train = np.asarray(images[train_idx]), np.asarray(labels[train_idx])
   params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 1), jnp.float32))["params"]
-  opt_state = _optimizer(learning_rate, steps).init(params)
+  state = {"params": params, "opt_state": _optimizer(learning_rate, steps).init(params)}
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=1) if write and checkpoint_every > 0 else None
   start, seconds = 0, 0.0
-  if io.exists(ckpt_path):
-    params, opt_state, start, seconds = _load_checkpoint(ckpt_path, opt_state, settings)
-    logging.info("digits classifier: resuming from step %d (%s)", start, ckpt_path)
+  if ckpt is not None and ckpt.latest_step() is not None:
+    start = ckpt.latest_step()
+    have = ckpt.restore_meta(start)
+    if have.get("settings") != settings:
+      raise ValueError(f"digits classifier checkpoint {ckpt.directory} was written with other settings "
+                       f"({_differences(have.get('settings', {}), settings)}): delete it, or train into another "
+                       "folder")
+    state, _ = ckpt.restore(start, jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+    seconds = float(have["train_seconds"])
+    logging.info("digits classifier: resuming from step %d (%s)", start, ckpt.directory)
   step_fn = _train_step(module, float(learning_rate), int(steps))
-  t0 = time.perf_counter()
-  for step in range(start, steps):
+
+  def one_step(st, step):
     rows, offsets = batch_plan(seed, step, len(train_idx), batch_size)
-    params, opt_state, loss = step_fn(params, opt_state, x_train[rows], offsets, y_train[rows])
-    done = step + 1
-    if write and checkpoint_every > 0 and done % checkpoint_every == 0 and done < steps:
-      _save_checkpoint(ckpt_path, params, opt_state, done, settings, seconds + time.perf_counter() - t0)
-    if on_step is not None:
-      on_step(done)
-  params = jax.device_get(params)
+    p, o, loss = step_fn(st["params"], st["opt_state"], x_train[rows], offsets, y_train[rows])
+    return {"params": p, "opt_state": o}, {"loss": loss}
+
+  t0 = time.perf_counter()
+  done = loop.run(one_step, state, start=start, total=steps, what="digits classifier step",
+                  log_every=max(steps // 5, 1), log_keys=("loss",), checkpointer=ckpt,
+                  checkpoint_every=checkpoint_every, on_step=on_step, preemptible=False,
+                  meta=lambda step: {"settings": settings, "step": step,
+                                     "train_seconds": seconds + time.perf_counter() - t0})
+  params = jax.device_get(done.state["params"])
   seconds += time.perf_counter() - t0
+  loss = done.last_metrics.get("loss")
 
   logits, _ = _forward(module, params, images[held_idx])
   accuracy = float(np.mean(np.argmax(logits, -1) == labels[held_idx]))
   info = {"settings": settings, "held_out_accuracy": accuracy, "num_held_out": int(len(held_idx)),
           "num_train": int(len(train_idx)), "steps": int(steps), "size": int(size), "seed": int(seed),
           "held_out_fraction": float(held_out_fraction), "train_seconds": round(seconds, 3),
-          "final_loss": float(loss) if steps > start else None}
+          "final_loss": loss if steps > start else None}
   logging.info("digits classifier: %d steps in %.1f s, held-out accuracy %.4f (%d digits)", steps, seconds,
                accuracy, len(held_idx))
   if write:
     io.write_npz(params_path, **_flat(params))
     io.write_json(info_path, info)   # last: marks the classifier finished
-    io.remove(ckpt_path)
+    io.remove_tree(io.join(directory, CHECKPOINT_FOLDER))
   return Classifier(module, jax.tree.map(jnp.asarray, params), {**info, "loaded": False})
 
 

@@ -23,14 +23,12 @@ guided samples for the same captions (FID to the teacher), cached.
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
-from absl import logging
 
-from dmd_jax import io, sharding
+from dmd_jax import io, loop, sharding
 from dmd_jax.evaluation import clip_score as clip_lib
 from dmd_jax.evaluation import coco_fid, fid
 from dmd_jax.evaluation import images as image_io
@@ -126,12 +124,11 @@ class CocoEvaluator:
 
 def run(chunks: Iterator[tuple[np.ndarray, list[str]]], evaluator: CocoEvaluator, total: int,
         what: str) -> CocoEvaluator:
-  """Feeds ``chunks`` to ``evaluator`` with progress / ETA logging."""
-  t0 = time.time()
+  """Feeds ``chunks`` to ``evaluator``, logging progress (``loop.Progress``)."""
+  progress = loop.Progress(f"{what}:", total, unit="images")
   done = 0
   for images, caps in chunks:
     evaluator.update(images, caps)
     done += len(images)
-    rate = done / max(time.time() - t0, 1e-9)
-    logging.info("%s: %d/%d images (%.2f images/s, ETA %.0f s)", what, done, total, rate, (total - done) / rate)
+    progress.update(done)
   return evaluator
