@@ -17,7 +17,7 @@ from dmd_jax.evaluation import sampling
 
 def latest_generator(run: train.Run, step: int | None = None):
   """``(generator state, step)`` of the latest checkpoint in the workdir, or of checkpoint ``step`` (one that
-  exists: ``export.choose_step``); a clear error when there is none."""
+  exists: ``export_lib.choose_step``); a clear error when there is none."""
   ckpt = checkpoint.Checkpointer(run.workdir, read_only=True)
   try:
     step = ckpt.latest_step() if step is None else step

@@ -24,8 +24,10 @@ import pytest
 from fixture_testing import rel_err
 from helpers import ROOT, env_with_devices
 
-from dmd_jax import checkpoint, export, modes, train
+from dmd_jax import checkpoint, export, export_lib, modes, train
 from dmd_jax.convert.common import flatten_params
+from dmd_jax.families.edm import export as edm_export
+from dmd_jax.families.sd import export as sd_export
 
 # the cheapest coco:tiny run that still trains and checkpoints: no regression pairs (and no LPIPS), no evaluators;
 # an EMA, so that the export has to pick it
@@ -113,7 +115,7 @@ def test_sd_export_loads_in_diffusers_and_matches(tmp_path):
   # the generator as the run sees it (the EMA), and its output on noise latents and a training prompt
   run = train.setup(config, str(workdir))
   gen_state = modes.latest_generator(run, 2)[0]
-  params = export.generator_network_params(run, gen_state)
+  params = export_lib.generator_network_params(run, gen_state)
   ema = flatten_params(jax.device_get(gen_state["ema_params"]))
   assert any(not np.array_equal(ema[k], v) for k, v in flatten_params(jax.device_get(gen_state["params"])).items())
   z = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
@@ -274,14 +276,14 @@ def test_staged_folder_leftovers_of_a_killed_export(tmp_path):
   # killed while writing: its temporary folder is removed by the next export to the same place
   (tmp_path / f".out.export-tmp-{dead}-0a0b0c0d").mkdir()
   (tmp_path / f".other.export-tmp-{dead}-0a0b0c0d").mkdir()   # another destination's: kept
-  with export.staged_folder(str(dst)) as tmp:
+  with export_lib.staged_folder(str(dst)) as tmp:
     (open(os.path.join(tmp, "x"), "w")).write("1")
   assert (dst / "x").read_text() == "1"
   assert leftovers(tmp_path) == [f".other.export-tmp-{dead}-0a0b0c0d"]
   # killed between moving the old export aside and renaming the new one in: the old one is put back
   os.rename(dst, tmp_path / f".out.export-old-{dead}-0a0b0c0d")
   with pytest.raises(RuntimeError):
-    with export.staged_folder(str(dst)):
+    with export_lib.staged_folder(str(dst)):
       assert (dst / "x").read_text() == "1"
       raise RuntimeError("stop")
   assert (dst / "x").read_text() == "1" and leftovers(tmp_path) == [f".other.export-tmp-{dead}-0a0b0c0d"]
@@ -329,7 +331,7 @@ def test_toy_json_describes_the_network(tmp_path, steps):
   with np.load(tmp_path / "export" / "generator.npz") as f:
     w = {k: f[k].astype(np.float64) for k in f.files}
   run = train.setup(config, str(tmp_path / "run"))
-  params = export.generator_network_params(run, modes.latest_generator(run, 2)[0])
+  params = export_lib.generator_network_params(run, modes.latest_generator(run, 2)[0])
   z = np.random.default_rng(0).normal(size=(5, 2))
   want = np.asarray(run.teacher.generate(params, jnp.asarray(z, jnp.float32), None))
   if not steps:
@@ -351,11 +353,11 @@ def test_toy_json_describes_the_network(tmp_path, steps):
 
 def test_multistep_timesteps_and_sigmas():
   sd = load_config("coco", "tiny", {"generator.steps": (999, 749, 499, 249)})
-  assert export._sd_timesteps(sd) == [999, 749, 499, 249]
-  assert export._sd_timesteps(load_config("coco", "tiny")) == [999]
+  assert sd_export._sd_timesteps(sd) == [999, 749, 499, 249]
+  assert sd_export._sd_timesteps(load_config("coco", "tiny")) == [999]
   edm = load_config("cifar10", "tiny", {"generator.steps": (999, 499)})
   from dmd_jax.schedules import from_config
-  assert export._edm_sigmas(edm) == [80.0, float(from_config(edm.schedule).sigmas[499])]
+  assert edm_export._edm_sigmas(edm) == [80.0, float(from_config(edm.schedule).sigmas[499])]
 
 
 def test_sd_teacher_src_checks(tmp_path):
@@ -370,7 +372,7 @@ def test_sd_teacher_src_checks(tmp_path):
   (tmp_path / "src" / "unet").mkdir()
   (tmp_path / "src" / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 24, "_x": 1}))
   with pytest.raises(ValueError, match="differs from the run's teacher UNet on cross_attention_dim"):
-    export._copy_sd_pipeline(str(tmp_path / "src"), str(tmp_path / "out"), {"cross_attention_dim": 32},
+    sd_export._copy_sd_pipeline(str(tmp_path / "src"), str(tmp_path / "out"), {"cross_attention_dim": 32},
                              VPSchedule())
 
 
