@@ -9,8 +9,9 @@
   (``python -m dmd_jax.export``), with ``check_teacher_src`` and ``write_lora`` where the family has them;
 * ``config.py`` (when the family has a config builder): what ``configs/*.py`` build on.
 
-This registry is the one place outside those folders that names a family. A family's modules are imported
-on use, so one family's optional dependencies never load for another.
+The rest of the code reaches a family through this registry (the configs and the EDM-only teacher trainer
+import a family's modules directly). A family's modules are imported on use, so one family's optional
+dependencies never load for another.
 """
 from __future__ import annotations
 
