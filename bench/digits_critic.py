@@ -60,7 +60,7 @@ def main():
   batch_for = train.batches(run, None, real)
   gen_params = run.generator_params(state["generator"])
   fake_state = state["fake_score"]
-  nets, hyper = run.teacher, run.hyper
+  teacher, hyper = run.teacher, run.hyper
   example = batch_for(0)
   fake_step = run.jit_fake_step(example)
   key = streams.key(config.seed, "train")
@@ -69,9 +69,9 @@ def main():
   def generate(params, step):
     rng = jax.random.fold_in(key, step)
     r_z, r_c, r_gen, r_fake = jax.random.split(rng, 4)
-    z = nets.sample_noise(r_z, hyper.batch_size)
-    cond = nets.conditions.draw(r_c, hyper.batch_size)
-    x, _ = dmd.generator_forward(nets, hyper.generator_steps, params, z, cond, r_gen)
+    z = teacher.sample_noise(r_z, hyper.batch_size)
+    cond = teacher.conditions.draw(r_c, hyper.batch_size)
+    x, _ = dmd.generator_forward(teacher, hyper.generator_steps, params, z, cond, r_gen)
     return x, cond, r_fake
 
   rows, gaps, losses, norms, t0 = [], [], [], [], time.time()

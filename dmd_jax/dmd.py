@@ -49,25 +49,25 @@ def dm_loss(x, real_x0, fake_x0):
   return loss, grad
 
 
-def distribution_matching_loss(nets, teacher_params, fake_params, x, cond, rng):
+def distribution_matching_loss(teacher, teacher_params, fake_params, x, cond, rng):
   """Noises the generated ``x`` at t ~ U[dm_t_min, dm_t_max] and evaluates ``dm_loss``. The metrics name the
   normalised gradient ``grad`` (docs/method.md §3): ``dm_grad_batch_norm`` is ``||grad||`` over the whole global
   batch (the official code's ``dmtrain_gradient_norm``, which it takes over one GPU's batch), and
   ``dm_grad_sample_rms`` the root mean square over samples of each sample's ``||grad_i||``
   (``dm_grad_batch_norm / sqrt(batch)``)."""
   r_t, r_eps = jax.random.split(rng)
-  t = nets.schedule.sample_dm_t(r_t, x.shape[0])
+  t = teacher.schedule.sample_dm_t(r_t, x.shape[0])
   eps = jax.random.normal(r_eps, x.shape, jnp.float32)
-  x_t = nets.schedule.add_noise(jax.lax.stop_gradient(x).astype(jnp.float32), eps, t)
-  real_x0 = nets.real_denoise(teacher_params, x_t, t, cond)
-  fake_x0 = nets.fake_denoise(fake_params, x_t, t, cond)
+  x_t = teacher.schedule.add_noise(jax.lax.stop_gradient(x).astype(jnp.float32), eps, t)
+  real_x0 = teacher.real_denoise(teacher_params, x_t, t, cond)
+  fake_x0 = teacher.fake_denoise(fake_params, x_t, t, cond)
   loss, grad = dm_loss(x, real_x0, fake_x0)
   sq = jnp.sum(grad.reshape(grad.shape[0], -1) ** 2, axis=-1)
   return loss, {"dm_loss": loss, "dm_grad_batch_norm": jnp.sqrt(jnp.sum(sq)),
                 "dm_grad_sample_rms": jnp.sqrt(jnp.mean(sq))}
 
 
-def fake_score_loss(nets, fake_params, x, cond, rng):
+def fake_score_loss(teacher, fake_params, x, cond, rng):
   """Denoising loss of the fake score on detached generator samples (docs/method.md §4).
 
   ``mean(lambda(t) (mu_fake(x_t, t) - x)^2)`` with t uniform over all timesteps; lambda(t) is EDM's
@@ -75,44 +75,44 @@ def fake_score_loss(nets, fake_params, x, cond, rng):
   """
   x = jax.lax.stop_gradient(x).astype(jnp.float32)
   r_t, r_eps = jax.random.split(rng)
-  t = nets.schedule.sample_fake_t(r_t, x.shape[0])
+  t = teacher.schedule.sample_fake_t(r_t, x.shape[0])
   eps = jax.random.normal(r_eps, x.shape, jnp.float32)
-  x_t = nets.schedule.add_noise(x, eps, t)
-  pred = nets.fake_denoise(fake_params, x_t, t, cond).astype(jnp.float32)
-  weight = nets.schedule.fake_loss_weight(t)
+  x_t = teacher.schedule.add_noise(x, eps, t)
+  pred = teacher.fake_denoise(fake_params, x_t, t, cond).astype(jnp.float32)
+  weight = teacher.schedule.fake_loss_weight(t)
   return jnp.mean(weight * _per_sample_mean((pred - x) ** 2))
 
 
-def gan_noise(nets, x, rng, max_timestep: int = 0):
+def gan_noise(teacher, x, rng, max_timestep: int = 0):
   """Diffusion-GAN noising (docs/method.md §7): each sample at its own t uniform over [0, ``max_timestep``) of the
   schedule's table (the official ``--diffusion_gan_max_timestep``; 0 = the whole range, ``num_timesteps``; 1 = t
   = 0 only, the official code without ``--diffusion_gan``). Returns ``(x_t, t)``."""
   r_t, r_eps = jax.random.split(rng)
-  t = jax.random.randint(r_t, (x.shape[0],), 0, max_timestep or nets.schedule.num_timesteps)
+  t = jax.random.randint(r_t, (x.shape[0],), 0, max_timestep or teacher.schedule.num_timesteps)
   eps = jax.random.normal(r_eps, x.shape, jnp.float32)
-  return nets.schedule.add_noise(x.astype(jnp.float32), eps, t), t
+  return teacher.schedule.add_noise(x.astype(jnp.float32), eps, t), t
 
 
-def critic_logits(nets, critic_params, x, cond, rng, max_timestep: int = 0):
+def critic_logits(teacher, critic_params, x, cond, rng, max_timestep: int = 0):
   """``D(F(x_t, t, cond))``: the GAN head on the fake network's bottleneck at a diffusion-GAN noising of ``x``
   (t below ``max_timestep``, :func:`gan_noise`)."""
-  x_t, t = gan_noise(nets, x, rng, max_timestep)
-  return nets.critic.logits(critic_params["head"], nets.critic.features(critic_params["score"], x_t, t, cond))
+  x_t, t = gan_noise(teacher, x, rng, max_timestep)
+  return teacher.critic.logits(critic_params["head"], teacher.critic.features(critic_params["score"], x_t, t, cond))
 
 
-def gan_generator_loss(nets, critic_params, x, cond, rng, max_timestep: int = 0):
+def gan_generator_loss(teacher, critic_params, x, cond, rng, max_timestep: int = 0):
   """Non-saturating generator term ``mean softplus(-D(F(G(z), t)))`` (docs/method.md §7). The gradient flows
   through the fake network into ``x``; the critic's parameters are not updated by the generator step."""
-  return jnp.mean(jax.nn.softplus(-critic_logits(nets, critic_params, x, cond, rng, max_timestep)))
+  return jnp.mean(jax.nn.softplus(-critic_logits(teacher, critic_params, x, cond, rng, max_timestep)))
 
 
-def gan_critic_loss(nets, critic_params, fake_x, fake_cond, real_x, real_cond, rng, max_timestep: int = 0):
+def gan_critic_loss(teacher, critic_params, fake_x, fake_cond, real_x, real_cond, rng, max_timestep: int = 0):
   """Critic term ``mean softplus(D(fake)) + mean softplus(-D(real))`` on detached inputs, each sample noised at
   its own t (docs/method.md §7; both halves go through the network as one batch). Returns ``(loss, metrics)``."""
   n = fake_x.shape[0]
   x = jnp.concatenate([jax.lax.stop_gradient(fake_x).astype(jnp.float32),
                        jax.lax.stop_gradient(real_x).astype(jnp.float32)])
-  logits = critic_logits(nets, critic_params, x, jnp.concatenate([fake_cond, real_cond.astype(fake_cond.dtype)]),
+  logits = critic_logits(teacher, critic_params, x, jnp.concatenate([fake_cond, real_cond.astype(fake_cond.dtype)]),
                          rng, max_timestep)
   fake, real = logits[:n], logits[n:]
   loss = jnp.mean(jax.nn.softplus(fake)) + jnp.mean(jax.nn.softplus(-real))
@@ -143,51 +143,51 @@ def regression_loss(distance: Callable, frozen, x_pred, y):
 # The generator: one step, or several with backward simulation (DMD2, docs/method.md §7).
 # ---------------------------------------------------------------------------------------------------
 
-def _renoise_steps(nets, steps, params, x0, cond, noise: Callable, start, stop):
+def _renoise_steps(teacher, steps, params, x0, cond, noise: Callable, start, stop):
   """Steps ``start .. stop-1`` of a multi-step generator: re-noise the last x0 to ``t_j`` with **fresh** noise
   ``noise(j)`` and predict x0 again. ``stop`` may be traced (backward simulation)."""
   ts = jnp.asarray(steps, jnp.int32)
 
   def body(j, x):
     t = jnp.full((x.shape[0],), ts[j], jnp.int32)
-    return nets.generate_at(params, nets.schedule.add_noise(x, noise(j), t), t, cond).astype(jnp.float32)
+    return teacher.generate_at(params, teacher.schedule.add_noise(x, noise(j), t), t, cond).astype(jnp.float32)
 
   return jax.lax.fori_loop(start, stop, body, x0.astype(jnp.float32))
 
 
-def sample_generator(nets, steps, params, z, cond, keys):
+def sample_generator(teacher, steps, params, z, cond, keys):
   """Samples of the generator: ``generate(z)``, then for each further timestep of ``steps`` re-noise to it with
   fresh noise and predict x0 (``max(1, len(steps))`` network evaluations; ``steps=()``: the one-step
   generator). ``keys`` [N]: sample i's fresh noise at step j is ``normal(fold_in(keys[i], j))``, so a sample
   does not depend on the others in its batch."""
-  x = nets.generate(params, z, cond)
+  x = teacher.generate(params, z, cond)
   if len(steps) <= 1:
     return x
   noise = lambda j: jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, j), z.shape[1:], jnp.float32))(keys)
-  return _renoise_steps(nets, steps, params, x, cond, noise, 1, len(steps))
+  return _renoise_steps(teacher, steps, params, x, cond, noise, 1, len(steps))
 
 
-def generator_forward(nets, steps, params, z, cond, rng):
+def generator_forward(teacher, steps, params, z, cond, rng):
   """The generator output that is trained this iteration. One step: ``generate(z)``. Several steps (backward
   simulation, docs/method.md §7): draw one step index k (the same on every device and host: ``rng`` is
   replicated); without gradient, run the generator from fresh pure noise through steps 0..k−1; re-noise its
   last x0 to ``t_k`` with the training noise ``z`` (k = 0: ``z`` itself is the pure noise) and predict x0 at
   ``t_k``, with gradient. Returns ``(x, k)``."""
   if len(steps) <= 1:
-    return nets.generate(params, z, cond), jnp.zeros((), jnp.int32)
+    return teacher.generate(params, z, cond), jnp.zeros((), jnp.int32)
   r_k, r_z, r_sim = jax.random.split(rng, 3)
   k = jax.random.randint(r_k, (), 0, len(steps))
   frozen = jax.lax.stop_gradient(params)
 
   def from_noise():
-    return nets.generate(params, z, cond).astype(jnp.float32)
+    return teacher.generate(params, z, cond).astype(jnp.float32)
 
   def simulated():
-    x0 = nets.generate(frozen, jax.random.normal(r_z, z.shape, jnp.float32), cond)
+    x0 = teacher.generate(frozen, jax.random.normal(r_z, z.shape, jnp.float32), cond)
     noise = lambda j: jax.random.normal(jax.random.fold_in(r_sim, j), z.shape, jnp.float32)
-    x0 = jax.lax.stop_gradient(_renoise_steps(nets, steps, frozen, x0, cond, noise, 1, k))
+    x0 = jax.lax.stop_gradient(_renoise_steps(teacher, steps, frozen, x0, cond, noise, 1, k))
     t = jnp.full((z.shape[0],), jnp.asarray(steps, jnp.int32)[k], jnp.int32)
-    return nets.generate_at(params, nets.schedule.add_noise(x0, z, t), t, cond).astype(jnp.float32)
+    return teacher.generate_at(params, teacher.schedule.add_noise(x0, z, t), t, cond).astype(jnp.float32)
 
   return jax.lax.cond(k == 0, from_noise, simulated), k
 
@@ -298,7 +298,7 @@ def fake_networks(hyper: DMDHyper, frozen, fake_params):
   return score, ({"score": score, "head": fake_params["head"]} if hyper.gan else None)
 
 
-def init_state(nets, hyper: DMDHyper, generator_params, fake_params, rng) -> dict:
+def init_state(teacher, hyper: DMDHyper, generator_params, fake_params, rng) -> dict:
   """The train state: step, skip counters, generator (params, AdamW state, EMA) and fake score (params — with
   the GAN head under ``{'score', 'head'}`` when ``hyper.gan`` — and AdamW state). ``rng`` initialises the head."""
   gen = {"params": generator_params,
@@ -306,7 +306,7 @@ def init_state(nets, hyper: DMDHyper, generator_params, fake_params, rng) -> dic
   if hyper.ema_decay > 0:
     gen["ema_params"] = jax.tree.map(jnp.copy, generator_params)
   if hyper.gan:
-    fake_params = {"score": fake_params, "head": nets.critic.init(rng)}
+    fake_params = {"score": fake_params, "head": teacher.critic.init(rng)}
   zero = jnp.zeros((), jnp.int32)
   return {"step": zero, "skipped_steps": zero, "consecutive_skips": zero,
           "generator": gen,
@@ -324,7 +324,7 @@ def _norm(x):
   return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
 
 
-def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch, rng, step):
+def generator_update(gen_state, teacher, hyper, frozen, fake_params, z, cond, batch, rng, step):
   """One optimiser step of the generator on ``L_G = dm_weight L_DM + gan_generator_weight L_GAN +
   regression_weight L_reg`` (DMD Eq. 10, DMD2) at ``hyper.learning_rate(step)``. The generator's forward is
   differentiated once (``jax.vjp``): the DM and GAN terms are differentiated w.r.t. its output ``x`` and their
@@ -337,12 +337,12 @@ def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch
   params = gen_state["params"]
 
   def forward(p):
-    x, k = generator_forward(nets, hyper.generator_steps, hyper.generator_network(p, frozen), z, cond, r_gen)
+    x, k = generator_forward(teacher, hyper.generator_steps, hyper.generator_network(p, frozen), z, cond, r_gen)
     return hyper.constrain_batch(x), k
 
   x, pullback, k = jax.vjp(forward, params, has_aux=True)
   (dm, metrics), g_dm = jax.value_and_grad(
-      lambda x: distribution_matching_loss(nets, frozen["teacher"], score, x, cond, r_dm), has_aux=True)(x)
+      lambda x: distribution_matching_loss(teacher, frozen["teacher"], score, x, cond, r_dm), has_aux=True)(x)
   g_x = hyper.dm_weight * g_dm
   loss = hyper.dm_weight * dm
   metrics["dm_output_grad_norm"] = _norm(g_x)
@@ -350,7 +350,7 @@ def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch
     metrics["generator_step_index"] = k
   if hyper.gan_generator_weight > 0:
     gan, g_gan = jax.value_and_grad(
-        lambda x: gan_generator_loss(nets, critic, x, cond, r_gan, hyper.gan_max_timestep))(x)
+        lambda x: gan_generator_loss(teacher, critic, x, cond, r_gan, hyper.gan_max_timestep))(x)
     g_gan = hyper.gan_generator_weight * g_gan
     metrics.update(gan_generator_loss=gan, gan_output_grad_norm=_norm(g_gan))
     dm_norm = metrics["dm_output_grad_norm"]   # exactly 0 while the fake score equals the teacher (the start)
@@ -361,8 +361,8 @@ def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch
   (grads,) = pullback(g_x.astype(x.dtype))
   if hyper.regression_weight > 0:
     def regression(p):
-      x_reg = nets.generate(hyper.generator_network(p, frozen), batch["reg_z"], batch["reg_cond"])
-      return regression_loss(nets.regression_distance, frozen, x_reg, batch["reg_x"])
+      x_reg = teacher.generate(hyper.generator_network(p, frozen), batch["reg_z"], batch["reg_cond"])
+      return regression_loss(teacher.regression_distance, frozen, x_reg, batch["reg_x"])
     reg, g_reg = jax.value_and_grad(regression)(params)
     grads = jax.tree.map(lambda a, b: a + hyper.regression_weight * b, grads, g_reg)
     metrics["regression_loss"] = reg
@@ -377,26 +377,26 @@ def generator_update(gen_state, nets, hyper, frozen, fake_params, z, cond, batch
   return new, x, metrics
 
 
-def critic_loss(fake_params, nets, hyper: DMDHyper, frozen, x, cond, batch, rng):
+def fake_update_loss(fake_params, teacher, hyper: DMDHyper, frozen, x, cond, batch, rng):
   """The fake score's loss: the denoising loss on detached generator samples, plus ``gan_critic_weight`` times
   the GAN critic term against the real batch (``batch['real_x']``, ``batch['real_cond']``) when the head
   exists. Returns ``(loss, metrics)``."""
   score, critic = fake_networks(hyper, frozen, fake_params)
-  loss = fake_score_loss(nets, score, x, cond, rng)
+  loss = fake_score_loss(teacher, score, x, cond, rng)
   metrics = {"fake_score_loss": loss}
   if hyper.gan:
-    gan, gan_metrics = gan_critic_loss(nets, critic, x, cond, batch["real_x"], batch["real_cond"],
+    gan, gan_metrics = gan_critic_loss(teacher, critic, x, cond, batch["real_x"], batch["real_cond"],
                                        jax.random.fold_in(rng, 1), hyper.gan_max_timestep)
     metrics.update(gan_metrics)
     loss = loss + hyper.gan_critic_weight * gan
   return loss, metrics
 
 
-def fake_score_update(fake_state, nets, hyper, frozen, x, cond, batch, rng, step):
+def fake_score_update(fake_state, teacher, hyper, frozen, x, cond, batch, rng, step):
   """One optimiser step of the fake score (and its GAN head) on detached generator samples, at
   ``hyper.learning_rate(step)``."""
-  (_, metrics), grads = jax.value_and_grad(critic_loss, has_aux=True)(
-      fake_state["params"], nets, hyper, frozen, x, cond, batch, rng)
+  (_, metrics), grads = jax.value_and_grad(fake_update_loss, has_aux=True)(
+      fake_state["params"], teacher, hyper, frozen, x, cond, batch, rng)
   lr = hyper.learning_rate(step)
   params, opt_state = apply_update(hyper.fake_score_optimizer, fake_state["params"], fake_state["opt_state"],
                                    grads, lr)
@@ -422,7 +422,7 @@ def _no_generator_metrics(hyper: DMDHyper) -> dict:
   return {k: jnp.zeros((), jnp.int32 if k == "generator_step_index" else jnp.float32) for k in names}
 
 
-def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
+def train_step(state, frozen, batch, key, *, teacher, hyper: DMDHyper):
   """One DMD / DMD2 iteration: a generator update every N-th step (N = ``fake_updates_per_generator_update``),
   a fake-score (critic) update every step; a step with non-finite gradients changes nothing but the counters.
 
@@ -434,15 +434,15 @@ def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
   step = state["step"]
   rng = jax.random.fold_in(key, step)
   r_z, r_c, r_dm, r_fake = jax.random.split(rng, 4)
-  z = hyper.constrain_batch(nets.sample_noise(r_z, hyper.batch_size))
-  cond = hyper.constrain_batch(batch["cond"] if "cond" in batch else nets.conditions.draw(r_c, hyper.batch_size))
+  z = hyper.constrain_batch(teacher.sample_noise(r_z, hyper.batch_size))
+  cond = hyper.constrain_batch(batch["cond"] if "cond" in batch else teacher.conditions.draw(r_c, hyper.batch_size))
 
   def with_update(gen_state):
-    return generator_update(gen_state, nets, hyper, frozen, state["fake_score"]["params"], z, cond,
+    return generator_update(gen_state, teacher, hyper, frozen, state["fake_score"]["params"], z, cond,
                             batch, r_dm, step)
 
   def without_update(gen_state):
-    x, _ = generator_forward(nets, hyper.generator_steps, hyper.generator_network(gen_state["params"], frozen),
+    x, _ = generator_forward(teacher, hyper.generator_steps, hyper.generator_network(gen_state["params"], frozen),
                              z, cond, _generator_keys(r_dm)[0])
     return gen_state, x, _no_generator_metrics(hyper)
 
@@ -452,7 +452,7 @@ def train_step(state, frozen, batch, key, *, nets, hyper: DMDHyper):
   else:
     gen_state, x, gen_metrics = jax.lax.cond(step % n == 0, with_update, without_update,
                                              state["generator"])
-  fake_state, fake_metrics = fake_score_update(state["fake_score"], nets, hyper, frozen,
+  fake_state, fake_metrics = fake_score_update(state["fake_score"], teacher, hyper, frozen,
                                                jax.lax.stop_gradient(x), cond, batch, r_fake, step)
   # A step whose gradients are not finite is skipped: the networks and optimiser states stay as they were
   # (docs/method.md §7); the trainer stops after too many in a row.

@@ -172,14 +172,14 @@ def programs(run, steps) -> dict[str, tuple[Callable, tuple]]:
   training jits its step (``Run.jit_train_step``; the halves ``jit_generator_step`` / ``jit_fake_step``)."""
   import jax
   from dmd_jax import checkpoint, sharding, streams
-  hyper, nets = run.hyper, run.teacher
+  hyper, teacher = run.hyper, run.teacher
   batch_sh, repl = sharding.batch_sharding(run.mesh), sharding.replicated(run.mesh)
   state = checkpoint.abstract_with_shardings(run.abstract_state, run.state_sharding)
   frozen = checkpoint.abstract_with_shardings(run.frozen, run.frozen_sharding)
   batch = abstract_batch(run, batch_sh)
   key = streams.key(run.config.seed, "train")
   rng = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=repl)
-  z = jax.ShapeDtypeStruct((hyper.batch_size,) + tuple(nets.sample_shape), jax.numpy.float32, sharding=batch_sh)
+  z = jax.ShapeDtypeStruct((hyper.batch_size,) + tuple(teacher.sample_shape), jax.numpy.float32, sharding=batch_sh)
   cond = (batch["cond"] if "cond" in batch else
           jax.ShapeDtypeStruct((hyper.batch_size,), jax.numpy.int32, sharding=batch_sh))
   step = jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=repl)

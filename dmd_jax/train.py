@@ -59,7 +59,7 @@ class Run:
     shardings) over the batch axes, the key replicated. ``(state, frozen, batch, key) -> (state, metrics)``."""
     repl = sharding.replicated(self.mesh)
     batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(self.mesh), batch)
-    return jax.jit(functools.partial(dmd.train_step, nets=self.teacher, hyper=self.hyper),
+    return jax.jit(functools.partial(dmd.train_step, teacher=self.teacher, hyper=self.hyper),
                    in_shardings=(self.state_sharding, self.frozen_sharding, batch_sh, repl),
                    out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
 

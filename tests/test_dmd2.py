@@ -163,7 +163,7 @@ def test_gan_generator_gradient_flows_through_the_fake_network():
                                     fake_score_optimizer=dmd.optax.set_to_zero(), learning_rate=lambda i: 1.0)
   state = train.init_state(nets, frozen_fake, jax.random.PRNGKey(0), run.frozen)
   fake, gen = state["fake_score"]["params"], state["generator"]["params"]
-  new, metrics = jax.jit(lambda s, b: dmd.train_step(s, run.frozen, b, jax.random.PRNGKey(3), nets=nets,
+  new, metrics = jax.jit(lambda s, b: dmd.train_step(s, run.frozen, b, jax.random.PRNGKey(3), teacher=nets,
                                                      hyper=frozen_fake))(state, _real_batch(16))
   assert float(metrics["gan_generator_loss"]) > 0 and float(metrics["generator_grad_norm"]) > 0
   for a, b in zip(jax.tree.leaves(new["fake_score"]["params"]), jax.tree.leaves(fake)):
@@ -281,7 +281,7 @@ def test_non_finite_step_is_skipped_and_counted():
   config, run = _toy()
   nets, hyper = run.teacher, run.hyper
   state = run.init_state()
-  step = jax.jit(lambda s, b, k: dmd.train_step(s, run.frozen, b, k, nets=nets, hyper=hyper))
+  step = jax.jit(lambda s, b, k: dmd.train_step(s, run.frozen, b, k, teacher=nets, hyper=hyper))
   bad = _real_batch(16)
   bad["real_x"] = bad["real_x"].at[3, 0].set(jnp.nan)
   key = jax.random.PRNGKey(0)
@@ -373,7 +373,7 @@ out = {}
 for n_dev in (1, 8):
   config, run = _toy(**{"generator.steps": (999, 600, 300), "batch_size": 16,
                         "dmd.fake_updates_per_generator_update": 1}, mesh_devices=n_dev)
-  step = jax.jit(lambda s, b, k: dmd.train_step(s, run.frozen, b, k, nets=run.teacher, hyper=run.hyper),
+  step = jax.jit(lambda s, b, k: dmd.train_step(s, run.frozen, b, k, teacher=run.teacher, hyper=run.hyper),
                  in_shardings=(run.state_sharding, sharding.batch_sharding(run.mesh), None))
   state = run.init_state()
   ks = []

@@ -73,7 +73,7 @@ def test_generator_update_at_iteration_i_takes_the_lr_of_iteration_i():
                                 "optim.decay": "constant", "optim.lr": 1e-3, "optim.weight_decay": 0.0})
   hyper = run.hyper
   state = run.init_state()
-  step = jax.jit(lambda s, b: dmd.train_step(s, run.frozen, b, jax.random.PRNGKey(3), nets=run.teacher,
+  step = jax.jit(lambda s, b: dmd.train_step(s, run.frozen, b, jax.random.PRNGKey(3), teacher=run.teacher,
                                              hyper=hyper))
   logged = {}
   for i in range(16):
@@ -188,7 +188,7 @@ def test_init_from_takes_the_networks_and_restarts_optimisers(tmp_path):
 def test_init_from_state_in_process(tmp_path):
   config, run = _toy("dmd2", **{"gan.generator_weight": 0.0, "gan.critic_weight": 0.0})
   state = run.init_state()
-  step = jax.jit(lambda s, b: dmd.train_step(s, run.frozen, b, jax.random.PRNGKey(3), nets=run.teacher,
+  step = jax.jit(lambda s, b: dmd.train_step(s, run.frozen, b, jax.random.PRNGKey(3), teacher=run.teacher,
                                              hyper=run.hyper))
   for i in range(3):
     state, _ = step(state, _real_batch(16, i))
