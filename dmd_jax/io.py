@@ -158,34 +158,6 @@ def load_npz(p) -> dict[str, np.ndarray]:
     return {k: z[k] for k in z.files}
 
 
-def npz_memmap(p) -> dict[str, np.memmap]:
-  """Every array of an uncompressed ``.npz`` (what ``np.savez`` / :func:`write_npz` write) memory-mapped
-  read-only, so reading rows touches only those rows. A remote file is first copied to the local cache
-  (:func:`local_copy`). Compressed members are a clear error."""
-  import struct
-  import zipfile
-  local = local_copy(p)
-  out = {}
-  with zipfile.ZipFile(local) as zf, open(local, "rb") as f:
-    for info in zf.infolist():
-      if info.compress_type != zipfile.ZIP_STORED:
-        raise ValueError(f"{p}: member {info.filename!r} is compressed; only np.savez files can be memory-mapped")
-      f.seek(info.header_offset)
-      local_header = f.read(30)            # the zip local file header: name and extra-field lengths at 26..30
-      name_len, extra_len = struct.unpack("<HH", local_header[26:30])
-      f.seek(info.header_offset + 30 + name_len + extra_len)
-      version = np.lib.format.read_magic(f)
-      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                     else np.lib.format.read_array_header_2_0)
-      shape, fortran, dtype = read_header(f)
-      if dtype.hasobject:
-        raise ValueError(f"{p}: member {info.filename!r} holds Python objects")
-      name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-      out[name] = np.memmap(local, dtype=dtype, mode="r", shape=shape, offset=f.tell(),
-                            order="F" if fortran else "C")
-  return out
-
-
 def load_npy(p, mmap: bool = False) -> np.ndarray:
   """An ``.npy`` array (no pickles). ``mmap=True`` memory-maps a local file read-only; a remote file is
   always read into memory (see :func:`local_copy` to memory-map a large remote file)."""

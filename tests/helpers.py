@@ -1,7 +1,10 @@
 """Helpers shared by the tests: running the entry point in a subprocess (so XLA_FLAGS can emulate devices)."""
+import glob
 import os
 import subprocess
 import sys
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = os.path.join(ROOT, "configs", "toy2d.py")
@@ -54,3 +57,21 @@ def run_main(*args, devices=None, timeout=600, check=True, config=TOY, fast_comp
   if check and p.returncode != 0:
     raise AssertionError(f"exit {p.returncode}\nSTDOUT:\n{p.stdout[-3000:]}\nSTDERR:\n{p.stderr[-5000:]}")
   return p
+
+
+def read_shards(folder) -> dict[str, dict[str, np.ndarray]]:
+  """The complete shards of a pair or real-latent store (``data/pairs.py``: ``shard-NNNNN.<array>.npy``, the
+  ``index`` file written last), as ``{'shard-NNNNN': {array: values}}``."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(folder, "shard-*.index.npy"))):
+    shard = os.path.basename(path).split(".")[0]
+    out[shard] = {os.path.basename(f).split(".")[1]: np.load(f)
+                  for f in sorted(glob.glob(os.path.join(folder, f"{shard}.*.npy")))}
+  return out
+
+
+def read_pairs(workdir) -> dict[str, np.ndarray]:
+  """Every array of ``<workdir>/pairs``, the shards concatenated."""
+  parts = list(read_shards(os.path.join(workdir, "pairs")).values())
+  assert parts, f"no pairs in {workdir}"
+  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -57,7 +57,8 @@ def test_dmd_and_dmd2_four_steps_train_sample_and_evaluate(teacher_root, tmp_pat
   c.teacher.path = teacher
   c.eval.digits_teacher = True
   res = train.train(c, str(tmp_path / "dmd"))
-  assert sorted(os.listdir(tmp_path / "dmd" / "pairs")) == ["shard-00000.npz", "shard-00001.npz", "spec.json"]
+  assert sorted(os.listdir(tmp_path / "dmd" / "pairs")) == [f"shard-0000{i}.{k}.npy" for i in (0, 1)
+                                                             for k in ("cond", "index", "x", "z")] + ["spec.json"]
   d = _check_digits(res, 64)
   assert res["teacher_nfe"] == 7 and d["teacher"]["num_samples"] == 64 and res["steps"] == 6
   out = str(tmp_path / "s.npz")

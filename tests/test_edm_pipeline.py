@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import FAST, ROOT, env_with_devices, main_cmd, run_main
+from helpers import FAST, ROOT, env_with_devices, main_cmd, read_pairs, read_shards, run_main
 
 CONFIGS = {"cifar10": (os.path.join(ROOT, "configs", "cifar10.py:tiny"), 10),
            "cifar10_uncond": (os.path.join(ROOT, "configs", "cifar10.py:uncond,tiny"), 0),
@@ -31,15 +31,15 @@ def test_tiny_config_end_to_end(tmp_path, name):
   assert os.path.isdir(tmp_path / "random_lpips") and os.path.isdir(tmp_path / "random_inception")
   m = json.load(open(tmp_path / "metrics.json"))
   assert m["fid_num_samples"] == 16 and np.isfinite(m["fid"]) and m["fid"] >= 0
-  pairs = sorted(glob.glob(str(tmp_path / "pairs" / "shard-*.npz")))
+  pairs = read_shards(tmp_path / "pairs")
   assert len(pairs) == 3
-  with np.load(pairs[0]) as f:
-    assert f["z"].shape == (8, 16, 16, 3) and f["x"].shape == (8, 16, 16, 3)
-    assert np.all(np.isfinite(f["x"]))
-    if num_classes:
-      assert f["cond"].dtype.kind == "i" and 0 <= f["cond"].min() and f["cond"].max() < num_classes
-    else:   # unconditional teachers store the placeholder condition 0 (conditions are always arrays)
-      assert f["cond"].dtype.kind == "i" and not f["cond"].any()
+  f = pairs["shard-00000"]
+  assert f["z"].shape == (8, 16, 16, 3) and f["x"].shape == (8, 16, 16, 3)
+  assert np.all(np.isfinite(f["x"]))
+  if num_classes:
+    assert f["cond"].dtype.kind == "i" and 0 <= f["cond"].min() and f["cond"].max() < num_classes
+  else:   # unconditional teachers store the placeholder condition 0 (conditions are always arrays)
+    assert f["cond"].dtype.kind == "i" and not f["cond"].any()
   assert os.path.isfile(tmp_path / "random_edm" / "params.npz")
   assert glob.glob(str(tmp_path / "samples" / "step4.png"))
 
@@ -68,9 +68,7 @@ PAIRS = FAST + ["--config.regression.num_pairs=100000", "--config.regression.sha
 
 
 def _pairs(workdir):
-  files = sorted(glob.glob(os.path.join(workdir, "pairs", "shard-*.npz")))
-  parts = [dict(np.load(f)) for f in files]
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return read_pairs(workdir)
 
 
 def test_pair_generation_killed_and_resumed_on_8_devices_matches(tmp_path):
@@ -79,12 +77,12 @@ def test_pair_generation_killed_and_resumed_on_8_devices_matches(tmp_path):
   proc = subprocess.Popen(main_cmd(f"--workdir={dir_}", "--mode=pairs", *PAIRS), cwd=ROOT,
                           env=env_with_devices(None), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   t0 = time.time()
-  while len(glob.glob(str(dir_ / "pairs" / "shard-*.npz"))) < 3:
+  while len(glob.glob(str(dir_ / "pairs" / "shard-*.index.npy"))) < 3:
     assert proc.poll() is None and time.time() - t0 < 300
     time.sleep(0.005)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  done = len(glob.glob(str(dir_ / "pairs" / "shard-*.npz")))
+  done = len(glob.glob(str(dir_ / "pairs" / "shard-*.index.npy")))
   assert done < 200, "pair generation finished before the kill: the test proved nothing"
   p = run_main(f"--workdir={dir_}", "--mode=pairs", *PAIRS, devices=8)   # resume on another device count
   assert "100000 pairs" in p.stdout
@@ -115,15 +113,41 @@ def test_half_written_shards_never_count_and_are_cleaned(tmp_path):
   store = PairStore(str(tmp_path), spec).open()
   assert store.missing_shards() == [0, 1, 2]
   store.write_shard(0, {"index": np.arange(4), "z": np.zeros((4, 2)), "x": np.zeros((4, 2))})
-  stale = tmp_path / "shard-00001.npz.tmp-p0-999999"     # what a killed writer leaves behind
+  stale = tmp_path / "shard-00001.x.npy.tmp-p0-999999"   # what a killed writer of earlier versions left
   stale.write_bytes(b"partial")
   assert store.missing_shards() == [1, 2]
   PairStore(str(tmp_path), spec).open()
-  assert not stale.exists() and (tmp_path / "shard-00000.npz").exists()
+  assert not stale.exists() and (tmp_path / "shard-00000.index.npy").exists()
   with pytest.raises(FileNotFoundError, match="2 of 3 regression-pair shards are missing"):
     store.load()
   with pytest.raises(ValueError, match="different spec"):
     PairStore(str(tmp_path), {"num_pairs": 12, "shard_size": 4}).open()
+
+
+def test_a_store_in_the_old_npz_layout_is_rebuilt_and_a_damaged_file_is_an_error(tmp_path, caplog):
+  from dmd_jax.data.pairs import PairStore
+  spec = {"num_pairs": 6, "shard_size": 4}
+  (tmp_path / "spec.json").write_text(json.dumps(spec))           # what earlier versions wrote: no shard format
+  np.savez(tmp_path / "shard-00000.npz", index=np.arange(4), z=np.zeros((4, 2)), x=np.zeros((4, 2)))
+  with caplog.at_level("WARNING"):
+    store = PairStore(str(tmp_path), spec).open()
+  assert "written in the .npz layout of earlier versions: rebuilding them" in caplog.text
+  assert store.missing_shards() == [0, 1] and not (tmp_path / "shard-00000.npz").exists()
+  assert json.loads((tmp_path / "spec.json").read_text()) == {**spec, "shard_format": "npy"}
+  PairStore(str(tmp_path), spec).open()                             # now the same spec: opened as it is
+  for i in range(2):
+    idx = store.shard_indices(i)
+    store.write_shard(i, {"index": idx, "x": np.ones((len(idx), 3), np.float32)})
+  np.testing.assert_array_equal(store.load()["x"], np.ones((6, 3)))
+  # a file cut short, or of another length, never stands in for its shard
+  x1 = tmp_path / "shard-00001.x.npy"
+  good = x1.read_bytes()
+  x1.write_bytes(good[:-4])
+  with pytest.raises(ValueError, match=r"shard-00001\.x\.npy is damaged.*delete it to rebuild its shard"):
+    store.rows()
+  np.save(x1, np.ones((3, 3), np.float32))
+  with pytest.raises(ValueError, match=r"shard-00001\.x\.npy holds \(3, 3\) rows, not the shard's 2"):
+    store.rows()
 
 
 def test_pair_rows_read_only_the_rows_asked_for(tmp_path):
@@ -144,6 +168,6 @@ def test_pair_rows_read_only_the_rows_asked_for(tmp_path):
   assert all(isinstance(m["z"], np.memmap) for m in rows._maps)   # mapped, not loaded
   loaded = store.load()
   np.testing.assert_array_equal(loaded["x"], full["x"])
-  (tmp_path / "shard-00002.npz").unlink()
+  (tmp_path / "shard-00002.index.npy").unlink()
   with pytest.raises(FileNotFoundError, match="1 of 3 regression-pair shards are missing"):
     store.rows()

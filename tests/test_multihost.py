@@ -16,7 +16,6 @@ each with K emulated CPU devices.
 Every run shares the session's persistent compilation cache (``helpers.CACHE_ENV``): a program compiled by
 one run (the toy train step, the pair sampler) is loaded by the next one with the same devices, which
 changes nothing in what the programs compute. Every multi-process run has a hard timeout."""
-import glob
 import json
 import os
 import select
@@ -29,7 +28,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import FAST, ROOT, TOY, env_with_devices, main_cmd
+from helpers import FAST, ROOT, TOY, env_with_devices, main_cmd, read_pairs
 
 LOCAL = os.path.join(ROOT, "launch", "local.py")
 TRAIN = FAST + ["--config.num_train_steps=60", "--config.checkpoint_every=20", "--config.log_every=20"]
@@ -73,10 +72,7 @@ def _sample(workdir, out, launcher):
 
 
 def _pairs(workdir):
-  files = sorted(glob.glob(os.path.join(workdir, "pairs", "shard-*.npz")))
-  assert files, f"no pairs in {workdir}"
-  parts = [dict(np.load(f)) for f in files]
-  return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+  return read_pairs(workdir)
 
 
 def _state(workdir, step) -> dict:

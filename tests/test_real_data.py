@@ -18,7 +18,7 @@ from PIL import Image
 
 import tfds_testing
 from fixture_testing import rel_err
-from helpers import ROOT, env_with_devices
+from helpers import ROOT, env_with_devices, read_shards
 from dmd_jax import streams, train
 from dmd_jax.data import input_pipeline as ip
 from dmd_jax.data import real
@@ -219,11 +219,7 @@ def _centre_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def _shards(folder):
-  out = {}
-  for path in sorted(glob.glob(os.path.join(folder, "shard-*.npz"))):
-    with np.load(path) as f:
-      out[os.path.basename(path)] = {k: f[k] for k in f.files}
-  return out
+  return read_shards(folder)
 
 
 def test_coco_latents(tmp_path, data_dir, monkeypatch):
@@ -234,7 +230,7 @@ def test_coco_latents(tmp_path, data_dir, monkeypatch):
   rd = real.make_real_data(run, cfg)
   folder = os.path.join(run.workdir, "real_latents")
   shards = _shards(folder)
-  assert sorted(shards) == ["shard-00000.npz", "shard-00001.npz"]
+  assert sorted(shards) == ["shard-00000", "shard-00001"]
   spec = json.load(open(os.path.join(folder, "spec.json")))
   assert spec["num_pairs"] == n and spec["image_size"] == 16 and spec["split"] == "train"
   assert spec["sample_shape"] == [8, 8, 4] and spec["teacher"] == os.path.join(run.workdir, "random_sd")
@@ -265,12 +261,13 @@ def test_coco_latents(tmp_path, data_dir, monkeypatch):
   assert _shards(folder).keys() == shards.keys()                         # opened again, not rebuilt
 
   # a shard lost and a half-written one left by a killed writer: the rebuild writes exactly the lost one
-  inode0 = os.stat(os.path.join(folder, "shard-00000.npz")).st_ino
-  os.remove(os.path.join(folder, "shard-00001.npz"))
-  stale = os.path.join(folder, ".tmp-p0-999999999-0123abcd-shard-00001.npz")
+  inode0 = os.stat(os.path.join(folder, "shard-00000.x.npy")).st_ino
+  for lost in glob.glob(os.path.join(folder, "shard-00001.*")):
+    os.remove(lost)
+  stale = os.path.join(folder, ".tmp-p0-999999999-0123abcd-shard-00001.x.npy")
   open(stale, "wb").write(b"half a shard")
   make()
-  assert not os.path.exists(stale) and os.stat(os.path.join(folder, "shard-00000.npz")).st_ino == inode0
+  assert not os.path.exists(stale) and os.stat(os.path.join(folder, "shard-00000.x.npy")).st_ino == inode0
   again = _shards(folder)
   for k in shards:
     for f in shards[k]:
@@ -292,7 +289,8 @@ def test_coco_latents(tmp_path, data_dir, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     real.make_real_data(other, cfg)
   other_folder = os.path.join(other.workdir, "real_latents")
-  assert written == [0] and sorted(os.listdir(other_folder)) == ["shard-00000.npz", "spec.json"]
+  assert written == [0] and sorted(os.listdir(other_folder)) == ["shard-00000.index.npy", "shard-00000.x.npy",
+                                                                 "spec.json"]
   monkeypatch.setattr(PairStore, "write_shard", write_shard)
   real.make_real_data(other, cfg)
   resumed = _shards(other_folder)
@@ -335,7 +333,7 @@ def test_coco_latents(tmp_path, data_dir, monkeypatch):
   p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env_with_devices(4, fast_compile=True),
                      capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
-  assert "real latents: shard 2/2 written" in p.stderr
+  assert "real latents: 6/6  shard 2/2 written" in p.stderr
   four = _shards(str(tmp_path / "four" / "real_latents"))
   assert four.keys() == shards.keys()
   assert rel_err(np.concatenate([s["x"] for s in four.values()]), latents) <= 1e-5

@@ -1,15 +1,24 @@
 """The regression-pair store (docs/method.md §5): (noise, teacher ODE output) pairs written once, read back.
 
-Layout under ``<workdir>/pairs/``: ``spec.json`` (what the set is: count, shard size, seed, sampler) and
-``shard-00000.npz``, ... each holding ``index``, ``z``, ``x`` (and ``cond`` for conditional teachers).
-Shards are written to a temporary name and renamed, so a killed run never leaves a partial shard that
-looks complete; a rerun builds only the missing shards. The noise of pair i is a deterministic function
-of (seed, i), so the set does not depend on how many devices or hosts built it, or in how many runs.
+Layout under ``<workdir>/pairs/``: ``spec.json`` (what the set is: count, shard size, seed, sampler, and the
+shard format) and, for shard ``i``, one ``.npy`` file per array: ``shard-00000.index.npy``,
+``shard-00000.z.npy``, ``shard-00000.x.npy`` and ``shard-00000.cond.npy`` (the real-latent store,
+``data/real.py``, holds ``index`` and ``x``). Each file is written to a temporary name and renamed
+(``io.write_npy``), ``index`` last: a shard counts once its ``index`` file is there, so a killed run never
+leaves a partial shard that looks complete, and a rerun builds only the missing shards. Reading memory-maps the
+files (``np.load(mmap_mode='r')``; a ``gs://`` file from its local copy, ``io.local_copy``), and each file's
+length is checked against the shard's, so a damaged file is an error naming it, never a shard's stand-in.
+
+A store of earlier versions (one ``.npz`` a shard; its ``spec.json`` names no shard format) counts as not
+built: it is rebuilt in this layout, its ``.npz`` shards deleted, with a warning in the log.
+
+The noise of pair i is a deterministic function of (seed, i), so the set does not depend on how many devices
+or hosts built it, or in how many runs.
 """
 from __future__ import annotations
 
 import json
-import time
+import re
 from typing import Callable
 
 import jax
@@ -18,6 +27,11 @@ import numpy as np
 from absl import logging
 
 from dmd_jax import io, sharding
+from dmd_jax.loop import Progress
+
+SHARD_FORMAT = "npy"      # spec.json's 'shard_format': one .npy file per array of a shard
+_OLD_SHARD = re.compile(r"^shard-\d{5}\.npz$")
+_FIELD = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 class PairStore:
@@ -36,12 +50,23 @@ class PairStore:
     self.num_shards = -(-self.num_pairs // self.shard_size)
 
   def open(self) -> "PairStore":
-    """Creates the folder or checks that an existing one was built with the same spec; deletes the
-    half-written shards a killed run of this process index left (never a live writer's)."""
+    """Creates the folder or checks that an existing one was built with the same spec (a store in the ``.npz``
+    layout of earlier versions is rebuilt); deletes the half-written files a killed run of this process index
+    left (never a live writer's)."""
     io.makedirs(self.directory)
     path = io.join(self.directory, "spec.json")
-    if io.exists(path):
-      old, new = io.read_json(path), json.loads(json.dumps(self.spec))
+    new = json.loads(json.dumps(self.spec))
+    old = io.read_json(path) if io.exists(path) else None
+    if old is not None and old.get("shard_format") != SHARD_FORMAT:
+      logging.warning("the %s in %s were written in the .npz layout of earlier versions: rebuilding them as .npy "
+                      "shards", self.what, self.directory)
+      if jax.process_index() == 0:
+        for name in io.listdir(self.directory):
+          if _OLD_SHARD.match(name):
+            io.remove(io.join(self.directory, name))
+      old = None
+    if old is not None:
+      old.pop("shard_format")
       if old != new:
         diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
         raise ValueError(
@@ -49,22 +74,28 @@ class PairStore:
             + ", ".join(f"{self.config_names.get(k, k)}={a!r}/{b!r}" for k, (a, b) in diff.items())
             + f"\nuse a new workdir or delete {self.directory} to rebuild them")
     elif jax.process_index() == 0:
-      io.write_json(path, self.spec, sort_keys=True)
+      io.write_json(path, {**new, "shard_format": SHARD_FORMAT}, sort_keys=True)
     io.remove_stale_temporaries(self.directory)
     return self
 
-  def shard_path(self, i: int) -> str:
-    return io.join(self.directory, f"shard-{i:05d}.npz")
+  def shard_path(self, i: int, field: str = "index") -> str:
+    """The file of array ``field`` of shard ``i`` (``index``: the one whose presence completes the shard)."""
+    return io.join(self.directory, f"shard-{i:05d}.{field}.npy")
 
   def shard_indices(self, i: int) -> np.ndarray:
     return np.arange(i * self.shard_size, min((i + 1) * self.shard_size, self.num_pairs))
 
   def missing_shards(self) -> list[int]:
     present = set(io.listdir(self.directory)) if io.isdir(self.directory) else set()   # one listing
-    return [i for i in range(self.num_shards) if f"shard-{i:05d}.npz" not in present]
+    return [i for i in range(self.num_shards) if f"shard-{i:05d}.index.npy" not in present]
 
   def write_shard(self, i: int, arrays: dict[str, np.ndarray]) -> None:
-    io.write_npz(self.shard_path(i), **arrays)
+    """Writes shard ``i``'s arrays (``index`` among them), each atomically, ``index`` last."""
+    if "index" not in arrays or not all(_FIELD.match(k) for k in arrays):
+      raise ValueError(f"a shard needs an 'index' array and field names of letters, digits and '_', "
+                       f"got {sorted(arrays)}")
+    for k in sorted(arrays, key=lambda k: k == "index"):
+      io.write_npy(self.shard_path(i, k), arrays[k])
 
   def _check_complete(self) -> None:
     missing = self.missing_shards()
@@ -84,18 +115,35 @@ class PairStore:
     return {"index": index, **self.rows().take(index)}
 
 
+def _map(path: str, rows: int) -> np.memmap:
+  """The ``.npy`` file ``path`` memory-mapped read-only, checked to hold ``rows`` rows."""
+  try:
+    arr = io.load_npy(io.local_copy(path), mmap=True)
+  except (ValueError, OSError, EOFError) as e:
+    raise ValueError(f"{path} is damaged ({type(e).__name__}: {e}); delete it to rebuild its shard") from e
+  if arr.ndim == 0 or len(arr) != rows:
+    raise ValueError(f"{path} holds {arr.shape} rows, not the shard's {rows}; delete it to rebuild its shard")
+  return arr
+
+
 class PairRows:
-  """The regression set read row by row (docs/multihost.md): every shard memory-mapped
-  (``io.npz_memmap``), so ``take(indices)`` reads only those rows — each process reads the rows of the
-  global batches it feeds, never the whole set (SD's 500k pairs are ~65 GB of float32 latents)."""
+  """The regression set read row by row (docs/multihost.md): every shard's arrays memory-mapped, so
+  ``take(indices)`` reads only those rows — each process reads the rows of the global batches it feeds,
+  never the whole set (SD's 500k pairs are ~65 GB of float32 latents)."""
 
   def __init__(self, store: "PairStore"):
     self.store = store
-    self._maps = [io.npz_memmap(store.shard_path(i)) for i in range(store.num_shards)]
-    self.fields = tuple(k for k in self._maps[0] if k != "index")
-    index = np.concatenate([np.asarray(m["index"]) for m in self._maps])
-    if not np.array_equal(index, np.arange(store.num_pairs)):
-      raise ValueError(f"the regression pairs in {store.directory} are not the indices 0..{store.num_pairs - 1}")
+    names = io.listdir(store.directory)
+    first = re.compile(r"^shard-00000\.([A-Za-z0-9_]+)\.npy$")
+    self.fields = tuple(sorted(m[1] for m in map(first.match, names) if m and m[1] != "index"))
+    self._maps = []
+    for i in range(store.num_shards):
+      idx = store.shard_indices(i)
+      m = {k: _map(store.shard_path(i, k), len(idx)) for k in ("index", *self.fields)}
+      if not np.array_equal(m["index"], idx):
+        raise ValueError(f"{store.shard_path(i)} does not hold the indices {idx[0]}..{idx[-1]}; delete it to "
+                         "rebuild its shard")
+      self._maps.append(m)
 
   def __len__(self) -> int:
     return self.store.num_pairs
@@ -142,7 +190,8 @@ def build_pairs(store: PairStore, sample_fn: Callable, mesh, key, sample_shape: 
   sample = jax.jit(sample_fn, out_shardings=batch)
   logging.info("building %d regression-pair shards of %d pairs in %s", len(todo), store.shard_size,
                store.directory)
-  t0 = time.time()
+  progress = Progress("pairs:", sum(len(store.shard_indices(i)) for i in todo), unit="pairs")
+  pairs_done = 0
   for done, i in enumerate(todo, 1):
     idx = store.shard_indices(i)
     padded = np.concatenate([idx, np.full((-len(idx)) % n_dev, idx[-1])])   # pad to the device count
@@ -156,33 +205,5 @@ def build_pairs(store: PairStore, sample_fn: Callable, mesh, key, sample_shape: 
     if jax.process_index() == 0:
       store.write_shard(i, {"index": idx, "z": np.asarray(pair_noise(key, idx, sample_shape)), "x": x,
                             "cond": np.asarray(conditions.for_pairs(idx))})
-    el = time.time() - t0
-    logging.info("pairs: shard %d/%d written (%.1f pairs/s, ETA %.0f s)", done, len(todo),
-                 done * store.shard_size / el, el / done * (len(todo) - done))
-
-
-class EpochSampler:
-  """Deterministic batches of item indices: epoch e is a permutation of ``range(num_items)`` drawn from
-  ``default_rng((*seed, e))``, and step s takes the next ``batch_size`` positions — so the order after a
-  resume is the same. ``seed``: an int or a seed tuple (``streams.numpy_seed(config.seed, stream)``)."""
-
-  def __init__(self, num_items: int, batch_size: int, seed):
-    self.n, self.b = num_items, batch_size
-    self.seed = tuple(seed) if isinstance(seed, (tuple, list)) else (int(seed),)
-    self._perms: dict[int, np.ndarray] = {}
-
-  def _perm(self, epoch):
-    if epoch not in self._perms:
-      if len(self._perms) > 4:
-        self._perms.pop(min(self._perms))
-      self._perms[epoch] = np.random.default_rng([*self.seed, epoch]).permutation(self.n)
-    return self._perms[epoch]
-
-  def indices(self, step: int) -> np.ndarray:
-    pos = step * self.b + np.arange(self.b)
-    epochs, offs = np.divmod(pos, self.n)
-    out = np.empty(self.b, np.int64)
-    for e in np.unique(epochs):
-      m = epochs == e
-      out[m] = self._perm(int(e))[offs[m]]
-    return out
+    pairs_done += len(idx)
+    progress.update(pairs_done, f"shard {done}/{len(todo)} written")

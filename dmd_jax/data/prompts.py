@@ -19,7 +19,7 @@ never has to fit in host memory (a ``gs://`` workdir's cache is memory-mapped fr
 any of them computes a new cache. Each process computes the set on its own devices (deterministic), and
 writes it when it finds no cache.
 
-Per step, the DM batch takes prompt ids from :class:`dmd_jax.data.pairs.EpochSampler` (a permutation per
+Per step, the DM batch takes prompt ids from :class:`dmd_jax.data.indexed.EpochSampler` (a permutation per
 epoch from ``(seed, epoch)``), so a resumed run sees the same prompts; regression pair ``i`` uses prompt
 ``i mod P`` and stores that id.
 """
@@ -36,6 +36,8 @@ import numpy as np
 from absl import logging
 
 from dmd_jax import io, sharding
+from dmd_jax.data.input_pipeline import coco_captions
+from dmd_jax.loop import Progress
 
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -62,7 +64,6 @@ def prompts_from_config(data) -> list[str]:
   if path:
     prompts = read_prompts_file(path)
   elif split:
-    from dmd_jax.data.input_pipeline import coco_captions
     t0 = time.time()
     prompts = [c for c in coco_captions(split, data.get("data_dir") or None, first_only=False) if c]
     logging.info("%d prompts from coco_captions[%s] in %.1f s", len(prompts), split, time.time() - t0)
@@ -116,14 +117,13 @@ def cache_key(prompts: Sequence[str], encoder_id: str, dtype: str) -> str:
 
 def _embed(path: str, prompts: Sequence[str], encode: Callable, np_dtype, chunk: int) -> None:
   """Writes the embeddings of ``prompts`` to the .npy ``path`` (memory-mapped, atomic), ``chunk`` at a time."""
-  t0 = time.time()
+  progress = Progress("prompt embeddings:", len(prompts), unit="prompts")
   first = encode(prompts[:chunk], np_dtype)
   with io.open_memmap_for_write(path, first.dtype, (len(prompts),) + first.shape[1:]) as arr:
     arr[:len(first)] = first
     for i in range(chunk, len(prompts), chunk):
       arr[i:i + chunk] = encode(prompts[i:i + chunk], np_dtype)
-      done = min(i + chunk, len(prompts))
-      logging.info("prompt embeddings: %d/%d (%.0f prompts/s)", done, len(prompts), done / (time.time() - t0))
+      progress.update(min(i + chunk, len(prompts)))
 
 
 def cached_embeddings(workdir: str, prompts: Sequence[str], encode: Callable, encoder_id: str,

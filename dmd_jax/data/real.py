@@ -6,9 +6,9 @@ One source per kind of teacher, chosen by ``config.gan.real_data.source``:
 source             real_x (the teacher's sample space)                    real_cond
 =================  =====================================================  ======================================
 ``'mixture'``      draws from the toy's true mixture (``config.toy``)     int32 zeros
-``'tfds'``         images of a prepared tfds dataset (``dataset``,        the dataset's labels (``ClassLabels``
-                   ``split``, ``data_dir``), uint8 → [-1, 1], centre-     teachers) or int32 zeros
-                   cropped and resized to the teacher's size when they    (``Unconditional``)
+``'tfds'``         images of a prepared tfds dataset (``dataset``,        the dataset's labels (class-
+                   ``split``, ``data_dir``), uint8 → [-1, 1], centre-     conditional teachers) or int32
+                   cropped and resized to the teacher's size when they    zeros (unconditional ones)
                    differ, then ``Teacher.encode`` (pixel teachers: the
                    identity)
 ``'coco_latents'`` the first ``num_images`` images of a ``coco_captions`` the text embeddings [n, L, D] of each
@@ -20,11 +20,12 @@ source             real_x (the teacher's sample space)                    real_c
                    (``data/digits.py``, ``configs/digits.py``)
 =================  =====================================================  ======================================
 
-**Indexed by step.** The global real batch of train step ``s`` (global size ``B``) is a pure function of
-(seed, ``s``, ``B``): the mixture draws it from ``np.random.default_rng((*seed, s))``; the datasets take the
-records ``EpochSampler(num_records, B, seed).indices(s)`` (a fresh permutation every epoch,
-``data/pairs.py``). ``batch(s, B, rows)`` returns only the rows ``rows`` of that global batch
-(``sharding.process_slice``: contiguous), and a process reads and decodes only those records. So:
+**Indexed by step** (``data/indexed.py``). The global real batch of train step ``s`` (global size ``B``) is a
+pure function of (seed, ``s``, ``B``): the mixture draws it from ``np.random.default_rng((*seed, s))``; the
+datasets are ``indexed.StepIndexed`` record sets, whose batch ``s`` is the records
+``EpochSampler(num_records, B, seed).indices(s)`` (a fresh permutation every epoch). ``batch(s, B, rows)``
+returns only the rows ``rows`` of that global batch (``sharding.process_slice``: contiguous), and a process
+reads and decodes only those records. So:
 
 * the rows do not depend on the process count (the concatenation of every process's rows is the one-process
   global batch), and
@@ -39,13 +40,17 @@ records ``EpochSampler(num_records, B, seed).indices(s)`` (a fresh permutation e
 **The SD latent store** (``'coco_latents'``, :func:`ensure_latents`): a ``data/pairs.PairStore`` under
 ``<workdir>/real_latents/`` whose ``spec.json`` names the dataset, split, ``num_images`` (the store's
 ``num_pairs``), ``shard_size``, ``image_size`` and the teacher (the converted pipeline's folder, as the prompt
-cache names it, and its latent shape); each ``shard-NNNNN.npz`` holds ``index`` (the record indices) and ``x``
-(float32 latents). Shards are written atomically by process 0 after every process has encoded its rows of the
+cache names it, and its latent shape); shard ``NNNNN`` is the ``.npy`` files ``shard-NNNNN.index.npy`` (the record
+indices) and ``shard-NNNNN.x.npy`` (float32 latents). Shards are written atomically by process 0 after every process has encoded its rows of the
 shard over the whole mesh (as ``pairs.build_pairs`` does for teacher samples), so a killed build resumes at
 the missing shards and a half-written shard never replaces a good one; a folder built with another spec is an
 error naming it. The captions' embeddings are the teacher's ``conditions.encode_text`` of each image's first
 caption, cached in the workdir by ``prompts.cached_embeddings`` (the training prompts' cache, keyed by the
 captions and the text encoder). Reading a batch touches only its rows (memory-mapped shards, ``PairRows``).
+
+**Conditions** come from what the teacher exposes: ``conditions.text`` (text-to-image teachers) and, for
+class-conditional ones, ``conditions.num_classes``; a teacher whose conditions have neither is unconditional
+(zeros).
 
 Optional key: ``gan.real_data.encode_batch_size`` — images per VAE call while building the store (global;
 default 8 per device). Keys a source does not use (``image_size``, ``num_images``, ``shard_size`` for
@@ -53,10 +58,8 @@ default 8 per device). Keys a source does not use (``image_size``, ``num_images`
 """
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import json
-import os
-import time
 from typing import Protocol
 
 import jax
@@ -64,9 +67,12 @@ import numpy as np
 from absl import logging
 
 from dmd_jax import io, sharding, streams
-from dmd_jax.data import input_pipeline as ip
-from dmd_jax.data.pairs import EpochSampler, PairRows, PairStore
-from dmd_jax.families import base
+from dmd_jax.data import digits, input_pipeline as ip
+from dmd_jax.data.indexed import StepIndexed, parallel_map
+from dmd_jax.data.pairs import PairRows, PairStore
+from dmd_jax.data.prompts import cached_embeddings
+from dmd_jax.data.toy import GaussianMixture
+from dmd_jax.loop import Progress
 
 STATE_FORMAT = 1
 ENCODE_ROWS_PER_DEVICE = 8
@@ -113,7 +119,7 @@ def _normalised(x):
   return json.loads(json.dumps(x))
 
 
-class _StepIndexed:
+class _RealData:
   """The step bookkeeping of every source; subclasses set ``source``, ``identity`` (a JSON dict: what the
   batches are a function of besides the step and the batch size), ``seed`` and ``num_records`` (``None``:
   unlimited), and implement ``_rows(step, batch_size, rows)``."""
@@ -175,25 +181,30 @@ class _StepIndexed:
     self._next_step = self._expect = None if s is None else int(s)
 
 
-class _Indexed(_StepIndexed):
-  """A source of ``num_records`` records visited in epoch order (``EpochSampler`` on the seed)."""
+class _Records(_RealData):
+  """A source of ``num_records`` records visited in epoch order: an ``indexed.StepIndexed`` over ``_read``
+  (record indices → ``{'real_x', 'real_cond'}``)."""
 
-  def __init__(self):
-    super().__init__()
-    self._samplers: dict[int, EpochSampler] = {}
+  @functools.cached_property
+  def records(self) -> StepIndexed:
+    return StepIndexed(self.num_records, self.seed, self._read)
 
   def indices(self, step: int, batch_size: int) -> np.ndarray:
     """The record indices of the global real batch of ``step`` (int64 [batch_size])."""
-    if batch_size not in self._samplers:
-      self._samplers[batch_size] = EpochSampler(self.num_records, batch_size, self.seed)
-    return self._samplers[batch_size].indices(step)
+    return self.records.indices(step, batch_size)
+
+  def _rows(self, step, batch_size, rows):
+    return self.records.batch(step, batch_size, rows)
+
+  def _read(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+    raise NotImplementedError
 
 
 # ---------------------------------------------------------------------------------------------------------
 # 'mixture': the toy's true distribution.
 # ---------------------------------------------------------------------------------------------------------
 
-class MixtureData(_StepIndexed):
+class MixtureData(_RealData):
   """Draws from the toy's Gaussian mixture (``data.toy.GaussianMixture.from_config(config.toy)``): the global
   batch of step ``s`` comes from ``default_rng((*seed, s))`` (B × D floats: cheap on every process), and a
   process keeps its rows."""
@@ -201,7 +212,6 @@ class MixtureData(_StepIndexed):
 
   def __init__(self, run, cfg):
     super().__init__()
-    from dmd_jax.data.toy import GaussianMixture
     config, teacher = run.config, run.teacher
     if "toy" not in config or teacher.images:
       raise ValueError(f"gan.real_data.source='mixture' draws from config.toy, the toy teacher's mixture; this run's "
@@ -244,9 +254,9 @@ def _resolve(cfg):
     raise ValueError(f"gan.real_data.dataset: {e}") from None
 
 
-def _read(source, indices, pool) -> list:
-  """The examples ``indices`` of a random-access source (several read / decode threads)."""
-  return list(pool.map(lambda i: source[int(i)], np.asarray(indices).tolist()))
+def _examples(source, indices) -> list:
+  """The examples ``indices`` of a random-access source (read and decoded in parallel)."""
+  return parallel_map(lambda i: source[int(i)], np.asarray(indices).tolist())
 
 
 def _square_rgb(example, size: int) -> np.ndarray:
@@ -260,18 +270,13 @@ def to_unit(images: np.ndarray) -> np.ndarray:
   return np.asarray(images, np.float32) / np.float32(127.5) - np.float32(1.0)
 
 
-def _pool():
-  return concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
-                                               thread_name_prefix="real_data")
-
-
-class TfdsImages(_Indexed):
+class TfdsImages(_Records):
   """Images of a prepared tfds dataset (``input_pipeline.open_source``: random access, ArrayRecord) for a pixel
   teacher of sample shape ``[S, S, 3]``: the records of step ``s`` in epoch order, uint8 → [-1, 1], resized
   only when the dataset's size is not ``S``, then ``Teacher.encode`` (the identity for pixel teachers; applied
-  here on the host so that every source honours the same contract). Labels: the dataset's for a
-  ``ClassLabels`` teacher (an error when its label range exceeds the teacher's classes), zeros for an
-  ``Unconditional`` one."""
+  here on the host so that every source honours the same contract). Labels: the dataset's for a teacher whose
+  conditions are class labels (``conditions.num_classes``; an error when the dataset's label range exceeds it),
+  zeros for an unconditional one."""
   source = "tfds"
 
   def __init__(self, run, cfg):
@@ -286,23 +291,18 @@ class TfdsImages(_Indexed):
     if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
       raise ValueError(f"gan.real_data.dataset={key!r} has RGB images; the teacher ({teacher.name!r}) takes samples "
                        f"of shape {shape}, which square RGB images cannot be resized to")
-    if isinstance(conditions, base.ClassLabels):
+    self.num_classes = getattr(conditions, "num_classes", None)   # None: unconditional
+    if self.num_classes is not None:
       if not spec.has_label:
         raise ValueError(f"gan.real_data.dataset={key!r} has no labels; the teacher ({teacher.name!r}) is "
-                         f"class-conditional ({conditions.num_classes} classes)")
-      self.num_classes = int(conditions.num_classes)
-    elif isinstance(conditions, base.Unconditional):
-      self.num_classes = None
-    else:
-      raise ValueError(f"gan.real_data.source='tfds': the teacher's conditions ({type(conditions).__name__}) are "
-                       "neither class labels nor none")
+                         f"class-conditional ({self.num_classes} classes)")
+      self.num_classes = int(self.num_classes)
     self.source_data = _open_source(cfg, key)
     self.num_records = len(self.source_data)
     self.records_name = f"gan.real_data.dataset={key!r} (split {cfg.split!r})"
     if self.num_records == 0:
       raise ValueError(f"{self.records_name} is empty")
     self.size = shape[0]
-    self._pool = _pool()
     first = np.asarray(self.source_data[0]["image"])
     if self.num_classes is not None:
       dataset_classes = _num_classes(self.source_data)
@@ -316,9 +316,8 @@ class TfdsImages(_Indexed):
     logging.info("real data: %s[%s], %d records (%dx%d images%s), labels: %s", key, cfg.split, self.num_records,
                  first.shape[0], first.shape[1], resized, "the dataset's" if self.num_classes else "zeros")
 
-  def _rows(self, step, batch_size, rows):
-    idx = self.indices(step, batch_size)[rows]
-    examples = _read(self.source_data, idx, self._pool)
+  def _read(self, idx):
+    examples = _examples(self.source_data, idx)
     images = np.stack([_square_rgb(ex, self.size) for ex in examples]) if examples else \
         np.zeros((0, self.size, self.size, 3), np.uint8)
     x = np.asarray(self.teacher.encode(self.frozen, to_unit(images)), np.float32)
@@ -399,7 +398,8 @@ def build_latents(store: PairStore, encode_fn, frozen, mesh, load_images, chunk:
   mine = sharding.process_slice(chunk)
   logging.info("real latents: encoding %d shards of up to %d images (%d a call) into %s", len(todo),
                store.shard_size, chunk, store.directory)
-  t0, images_done = time.time(), 0
+  progress = Progress("real latents:", sum(len(store.shard_indices(i)) for i in todo), unit="images")
+  images_done = 0
   for done, i in enumerate(todo, 1):
     idx = store.shard_indices(i)
     parts = []
@@ -412,9 +412,7 @@ def build_latents(store: PairStore, encode_fn, frozen, mesh, load_images, chunk:
     if jax.process_index() == 0:
       store.write_shard(i, {"index": idx, "x": np.concatenate(parts).astype(np.float32)})
     images_done += len(idx)
-    el = time.time() - t0
-    logging.info("real latents: shard %d/%d written (%.1f images/s, ETA %.0f s)", done, len(todo),
-                 images_done / el, el / done * (len(todo) - done))
+    progress.update(images_done, f"shard {done}/{len(todo)} written")
   return len(todo)
 
 
@@ -424,19 +422,15 @@ class _ImageLoader:
 
   def __init__(self, cfg, key: str, size: int):
     self.cfg, self.key, self.size = cfg, key, size
-    self.source, self.pool = None, None
+    self.source = None
 
   def __call__(self, indices) -> np.ndarray:
     if self.source is None:
-      self.source, self.pool = _open_source(self.cfg, self.key), _pool()
-    return to_unit(np.stack([_square_rgb(ex, self.size) for ex in _read(self.source, indices, self.pool)]))
-
-  def close(self):
-    if self.pool is not None:
-      self.pool.shutdown()
+      self.source = _open_source(self.cfg, self.key)
+    return to_unit(np.stack([_square_rgb(ex, self.size) for ex in _examples(self.source, indices)]))
 
 
-class CocoLatents(_Indexed):
+class CocoLatents(_Records):
   """Stable Diffusion's real data: the first ``num_images`` images of a ``coco_captions`` split as VAE latents
   (built once per workdir, :func:`build_latents`) with the text embeddings of each image's first caption
   (cached, ``prompts.cached_embeddings``). Batches read only their rows of both."""
@@ -444,7 +438,6 @@ class CocoLatents(_Indexed):
 
   def __init__(self, run, cfg):
     super().__init__()
-    from dmd_jax.data.prompts import cached_embeddings
     teacher, config = run.teacher, run.config
     key, spec = _resolve(cfg)
     if not teacher.conditions.text:
@@ -490,19 +483,15 @@ class CocoLatents(_Indexed):
     chunk = int(cfg.get("encode_batch_size", 0) or ENCODE_ROWS_PER_DEVICE * run.mesh.devices.size)
     n_dev = run.mesh.devices.size
     chunk = min(-(-chunk // n_dev) * n_dev, -(-shard_size // n_dev) * n_dev)
-    load = _ImageLoader(cfg, key, self.image_size)
-    try:
-      built = build_latents(self.store, teacher.encode, run.frozen, run.mesh, load, chunk)
-    finally:
-      load.close()
+    built = build_latents(self.store, teacher.encode, run.frozen, run.mesh,
+                          _ImageLoader(cfg, key, self.image_size), chunk)
     if built:
       logging.info("real latents: %d shards of %d coco_captions[%s] images at %dpx built in %s", built, n,
                    cfg.split, self.image_size, self.store.directory)
     sharding.barrier("real latents built")
     self.latents: PairRows = self.store.rows()
 
-  def _rows(self, step, batch_size, rows):
-    idx = self.indices(step, batch_size)[rows]
+  def _read(self, idx):
     x = self.latents.take(idx)["x"].astype(np.float32)
     order = np.argsort(idx, kind="stable")           # sorted reads of the memory map
     cond = np.empty((len(idx),) + self.embeddings.shape[1:], np.float32)
@@ -514,20 +503,19 @@ class CocoLatents(_Indexed):
 # 'digits': scikit-learn's digits (configs/digits.py), in memory.
 # ---------------------------------------------------------------------------------------------------------
 
-class DigitsData(_Indexed):
+class DigitsData(_Records):
   """The 1,797 digits of ``data/digits.py`` at the teacher's size (``[S, S, 1]``), with their labels, in
   epoch order: the data the digits teacher was trained on."""
   source = "digits"
 
   def __init__(self, run, cfg):
     super().__init__()
-    from dmd_jax.data import digits
     teacher = run.teacher
     shape = tuple(teacher.sample_shape)
     if not teacher.images or len(shape) != 3 or shape[0] != shape[1] or shape[2] != 1:
       raise ValueError(f"gan.real_data.source='digits' feeds grey square images [S, S, 1]; this run's teacher "
                        f"({teacher.name!r}) takes samples of shape {shape}")
-    if not isinstance(teacher.conditions, base.ClassLabels) or teacher.conditions.num_classes != digits.NUM_CLASSES:
+    if getattr(teacher.conditions, "num_classes", None) != digits.NUM_CLASSES:
       raise ValueError(f"gan.real_data.source='digits' has {digits.NUM_CLASSES} classes; the teacher "
                        f"({teacher.name!r}) needs {type(teacher.conditions).__name__}")
     self.images, self.labels = digits.load(shape[0])
@@ -536,8 +524,7 @@ class DigitsData(_Indexed):
     self.seed = real_data_seed(run.config.seed)
     self.identity = {"dataset": "digits", "image_size": shape[0], "num_records": self.num_records}
 
-  def _rows(self, step, batch_size, rows):
-    idx = self.indices(step, batch_size)[rows]
+  def _read(self, idx):
     return {"real_x": np.array(self.images[idx]), "real_cond": np.array(self.labels[idx])}
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax import streams
-from dmd_jax.data.pairs import EpochSampler
+from dmd_jax.data.indexed import EpochSampler
 
 
 # ---------------------------------------------------------------------------------------------------------
