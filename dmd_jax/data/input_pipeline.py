@@ -1,4 +1,7 @@
-"""Real-data input pipelines on ``grain`` + ``tensorflow_datasets.data_source`` (ArrayRecord, no TensorFlow).
+"""Prepared tfds datasets, read with ``tensorflow_datasets.data_source`` (ArrayRecord, random access, no
+TensorFlow): the training sources of ``data/real.py`` (indexed by step, ``data/indexed.py``), the captions of
+COCO (``coco_captions``: training prompts, text-to-image evaluation) and one pass over a split in record order
+(:func:`make_single_pass_pipeline`: FID reference statistics).
 
 Datasets (prepared once by the user into ``data_dir`` in the ArrayRecord format; nothing is downloaded here):
 
@@ -10,33 +13,17 @@ name                         tfds dataset                      each example
 ``coco_captions``            ``coco_captions/2014``            ``image`` uint8 [H, W, 3], ``caption`` str
 ===========================  ================================  ===========================================
 
-Every example also carries ``index`` (int64): its record index within the split. ``image_size`` centre-crops
+**Single pass.** Every example of the split exactly once across processes, in record order, with ``index``
+(int64): its record index within the split, and a COCO example's first caption. ``image_size`` centre-crops
 to a square and resizes (PIL bicubic) to ``image_size × image_size``; COCO images vary in size, so without
-``image_size`` a COCO batch's ``image`` is an object array of ``[H, W, 3]`` arrays. A COCO example's caption
-is one of its (usually five) captions, drawn with a generator seeded by ``(seed, position in the stream)``:
-deterministic, and different from epoch to epoch (``caption='first'`` always takes the first).
+``image_size`` a COCO batch's ``image`` is an object array of ``[H, W, 3]`` arrays. Batch ``b`` is records
+``[b·G, (b+1)·G)`` (``G``: the global batch size), of which process ``p`` of ``P`` reads ``b·G + p + P·j``
+(``j < G/P``); the last batch is shorter. Every process yields the same number of batches (a process may get
+a shorter, even empty, last batch), so per-batch collectives stay aligned.
 
-**Order and sharding.** The global stream is the split shuffled with ``seed`` (reshuffled every epoch) and
-repeated ``num_epochs`` times (``None``: forever). Global batch ``b`` is stream positions
-``[b·G, (b+1)·G)``; process ``p`` of ``P`` receives positions ``b·G + p + P·j`` (``j < G/P``). So the
-processes' rows are disjoint, together they are exactly the global batch, and the global stream does not
-depend on ``P``. The remainder of a finite stream is dropped.
-
-**Single pass** (``shuffle=False, num_epochs=1``, e.g. for FID reference statistics): the split in record order,
-every example exactly once across processes, the last batch shorter. Every process yields the same number of
-batches (a process may get a shorter, even empty, last batch), so per-batch collectives stay aligned.
-
-**Resuming.** ``ResumableIterator.get_state()`` is a small JSON-serialisable dict (store it in the
-checkpoint's metadata); ``set_state(state)`` on an iterator built with the same arguments continues with
-exactly the batches the saved one would have produced next. Without worker processes the state is the same
-on every process and does not depend on the process count.
-
-    it = make_image_pipeline('cifar10', 'train', data_dir='~/tensorflow_datasets', global_batch_size=512,
-                             seed=0)
-    batch = next(it)                 # {'image': uint8 [512/P, 32, 32, 3], 'label': int32 [512/P], 'index'}
-    meta = {'data': it.get_state()}  # json.dumps-able
-    ...
-    it.set_state(meta['data'])
+    it = make_single_pass_pipeline('cifar10', 'test', data_dir='~/tensorflow_datasets', global_batch_size=512)
+    for batch in it:                 # {'image': uint8 [<= 512/P, 32, 32, 3], 'label': int32, 'index': int64}
+      ...
 
 Preparing a dataset (once, on a machine with TensorFlow; ImageNet needs its manual download)::
 
@@ -45,17 +32,17 @@ Preparing a dataset (once, on a machine with TensorFlow; ImageNet needs its manu
 """
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
-import math
 import os
 from typing import Any, Iterator
 
 import numpy as np
 from absl import logging
+from etils import epath  # local folders and gs:// alike
+from PIL import Image
 
-STATE_FORMAT = 1
+from dmd_jax.data.indexed import parallel_map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +102,6 @@ def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> tuple
 
   Raises ``FileNotFoundError`` naming the folder and how to prepare the dataset when there is none.
   """
-  from etils import epath  # local folders and gs:// alike
-
   key, spec = resolve_name(name)
   data_dir = _data_dir(data_dir)
   full = spec.tfds_name + (f"/{spec.config}" if spec.config else "")
@@ -142,8 +127,6 @@ def find_prepared(name: str, data_dir: str | os.PathLike | None = None) -> tuple
 
 def _check_split_and_format(key: str, data_dir: str, full: str, version: str, split: str) -> bool:
   """Checks the split exists and ArrayRecord files are there; True when they are an alternative format."""
-  from etils import epath
-
   folder = epath.Path(data_dir) / full / version
   info = json.loads((folder / "dataset_info.json").read_text())
   fmt = info.get("fileFormat", "tfrecord")
@@ -226,43 +209,29 @@ def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
   image = image[top:top + s, left:left + s]
   if s == size:
     return np.ascontiguousarray(image, np.uint8)
-  from PIL import Image
   out = Image.fromarray(np.ascontiguousarray(image, np.uint8)).resize((size, size), Image.BICUBIC)
   return np.asarray(out, np.uint8)
 
 
-class _Process:
-  """Record index → processed example (a picklable ``grain`` random map, for worker processes)."""
-
-  def __init__(self, source, spec: DatasetSpec, image_size: int | None, caption: str, num_records: int):
-    self.source = source
-    self.spec = spec
-    self.image_size = image_size
-    self.caption = caption
-    self.num_records = num_records
-
-  def __call__(self, index, rng: np.random.Generator) -> dict[str, Any]:
-    index = int(index)
-    pad = index >= self.num_records  # single-pass padding row: any real example, dropped later
-    ex = self.source[0 if pad else index]
-    image = np.asarray(ex["image"])
-    if image.ndim == 2:
-      image = image[..., None]
-    if image.shape[-1] == 1:
-      image = np.repeat(image, 3, axis=-1)
-    if self.image_size is not None:
-      image = center_crop_resize(image, self.image_size)
-    out = {"image": np.ascontiguousarray(image, np.uint8), "index": np.int64(-1 if pad else index)}
-    if self.spec.has_label:
-      out["label"] = np.int32(ex["label"])
-    if self.spec.has_captions:
-      texts = _caption_texts(ex)
-      if not texts:
-        out["caption"] = ""
-      else:
-        k = 0 if self.caption == "first" else int(rng.integers(len(texts)))
-        out["caption"] = _to_str(texts[k])
-    return out
+def _example(source, spec: DatasetSpec, image_size: int | None, index: int, num_records: int) -> dict[str, Any]:
+  """Record ``index`` as ``{'image', 'index', 'label' | 'caption'}`` (the first caption); ``index >= num_records``:
+  a padding row (record 0 with index -1), dropped again by :class:`SinglePass`."""
+  pad = index >= num_records
+  ex = source[0 if pad else index]
+  image = np.asarray(ex["image"])
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  if image_size is not None:
+    image = center_crop_resize(image, image_size)
+  out = {"image": np.ascontiguousarray(image, np.uint8), "index": np.int64(-1 if pad else index)}
+  if spec.has_label:
+    out["label"] = np.int32(ex["label"])
+  if spec.has_captions:
+    texts = _caption_texts(ex)
+    out["caption"] = _to_str(texts[0]) if texts else ""
+  return out
 
 
 def _stack(values: list) -> np.ndarray:
@@ -277,132 +246,52 @@ def _stack(values: list) -> np.ndarray:
   return np.stack([np.asarray(v) for v in values])
 
 
-def _batch_fn(examples: list[dict]) -> dict[str, np.ndarray]:
-  return {k: _stack([e[k] for e in examples]) for k in examples[0]}
-
-
 # ---------------------------------------------------------------------------------------------------------
-# The resumable iterator
+# The single pass
 # ---------------------------------------------------------------------------------------------------------
 
-def _jsonable(x):
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (bytes, bytearray)):
-    return {"__bytes__": base64.b64encode(bytes(x)).decode("ascii")}
-  if isinstance(x, np.generic):
-    return x.item()
-  return x
+class SinglePass:
+  """This process's batches of one pass over a split in record order (module docstring); ``len()`` batches,
+  the same on every process. ``config`` says what the pass is (``num_records``: the split's size)."""
 
+  def __init__(self, source, spec: DatasetSpec, config: dict[str, Any], image_size: int | None,
+               process_index: int, process_count: int):
+    self.source, self.spec, self.config, self.image_size = source, spec, dict(config), image_size
+    self.process_index, self.process_count = process_index, process_count
+    n, g = config["num_records"], config["global_batch_size"]
+    self.num_batches = -(-n // g)
 
-def _from_jsonable(x):
-  if isinstance(x, dict):
-    if set(x) == {"__bytes__"}:
-      return base64.b64decode(x["__bytes__"])
-    return {k: _from_jsonable(v) for k, v in x.items()}
-  if isinstance(x, list):
-    return [_from_jsonable(v) for v in x]
-  return x
-
-
-class ResumableIterator(Iterator[dict[str, np.ndarray]]):
-  """A per-process iterator of batches (dicts of numpy arrays) whose position is a JSON-able dict.
-
-  ``get_state()`` → ``{'format', 'config', 'batches', 'grain'}``; ``set_state(state)`` checks that ``config``
-  (dataset, split, seed, global batch size, epochs, image size, ...) matches this pipeline's and restores the
-  grain iterator, so the next batches are exactly those the saved iterator would have produced next.
-  ``num_batches`` is the number of batches per process of a finite stream (``None`` when infinite).
-  """
-
-  def __init__(self, grain_iter, config: dict[str, Any], num_batches: int | None, drop_padding: bool):
-    self._it = grain_iter
-    self.config = dict(config)
-    self.num_batches = num_batches
-    self.batches = 0
-    self._drop_padding = drop_padding
-
-  def __iter__(self):
-    return self
-
-  def __len__(self):
-    if self.num_batches is None:
-      raise TypeError("an infinite pipeline (num_epochs=None) has no length")
+  def __len__(self) -> int:
     return self.num_batches
 
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._it)
-    self.batches += 1
-    if self._drop_padding:
-      keep = np.asarray(batch["index"]) >= 0
-      if not keep.all():
-        batch = {k: v[keep] for k, v in batch.items()}
-    return batch
-
-  def get_state(self) -> dict[str, Any]:
-    state = {"format": STATE_FORMAT, "config": dict(self.config), "batches": self.batches,
-             "grain": _jsonable(self._it.get_state())}
-    json.dumps(state)  # fail here, not when the checkpoint is written
-    return state
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    if isinstance(state, (str, bytes)):
-      state = json.loads(state)
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or "grain" not in state:
-      raise ValueError(f"not an input-pipeline state (format {STATE_FORMAT}): {str(state)[:200]}")
-    saved = state.get("config", {})
-    diff = {k: (saved.get(k), v) for k, v in self.config.items() if saved.get(k) != v}
-    if diff:
-      raise ValueError("the saved input-pipeline state belongs to a different pipeline; differing settings "
-                       "(saved, now): " + ", ".join(f"{k}={a!r}/{b!r}" for k, (a, b) in sorted(diff.items())))
-    self._it.set_state(_from_jsonable(state["grain"]))
-    self.batches = int(state.get("batches", 0))
-
-  def close(self):
-    """Stops grain's threads and worker processes (call it when done with a ``worker_count > 0`` pipeline)."""
-    close = getattr(self._it, "close", None)
-    if close is not None:
-      close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    n, g = self.config["num_records"], self.config["global_batch_size"]
+    local = g // self.process_count
+    for b in range(self.num_batches):
+      positions = b * g + self.process_index + self.process_count * np.arange(local)
+      examples = parallel_map(
+          lambda i: _example(self.source, self.spec, self.image_size, int(i), n), positions.tolist())
+      batch = {k: _stack([e[k] for e in examples]) for k in examples[0]}
+      keep = batch["index"] >= 0
+      yield batch if keep.all() else {k: v[keep] for k, v in batch.items()}
 
 
-# ---------------------------------------------------------------------------------------------------------
-# The pipeline
-# ---------------------------------------------------------------------------------------------------------
-
-def make_image_pipeline(name: str, split: str, *, data_dir: str | os.PathLike | None, global_batch_size: int,
-                        seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
-                        image_size: int | None = None, process_index: int | None = None,
-                        process_count: int | None = None, worker_count: int = 0,
-                        drop_remainder: bool | None = None, caption: str = "random",
-                        read_threads: int = 4, source=None) -> ResumableIterator:
-  """This process's iterator of ``global_batch_size // process_count`` examples per batch (module docstring).
+def make_single_pass_pipeline(name: str, split: str, *, data_dir: str | os.PathLike | None,
+                              global_batch_size: int, image_size: int | None = None,
+                              process_index: int | None = None, process_count: int | None = None,
+                              source=None) -> SinglePass:
+  """Every example of ``split`` exactly once across processes, in record order (shorter last batch).
 
   Args:
     name: ``'cifar10'``, ``'imagenet_resized/64x64'`` or ``'coco_captions'``.
     split: a tfds split (``'train'``, ``'test'``, ``'validation'``, ``'val'``, ``'train[:1000]'``, ...).
     data_dir: the tfds data dir holding the prepared dataset (``None``: ``$TFDS_DATA_DIR`` or
       ``~/tensorflow_datasets``).
-    global_batch_size: examples per step over all processes; a multiple of ``process_count``.
-    seed: shuffle (per epoch) and caption-choice seed.
-    shuffle, num_epochs: ``num_epochs=None`` repeats forever.
+    global_batch_size: examples per batch over all processes; a multiple of ``process_count``.
     image_size: centre-crop and resize to this square size (required to stack COCO images).
-    process_index, process_count: this process's shard; default ``jax.process_index() / process_count()``.
-    worker_count: grain worker processes (0: threads in this process).
-    drop_remainder: drop the incomplete last global batch; default ``True`` except for a single unshuffled
-      pass (``shuffle=False, num_epochs=1``), which keeps every example (shorter last batch).
-    caption: COCO caption choice, ``'random'`` (seeded per example and epoch) or ``'first'``.
-    read_threads: grain read threads per process.
+    process_index, process_count: this process's share; default ``jax.process_index() / process_count()``.
     source: an already opened random-access source to use instead of ``tfds.data_source`` (tests, tools).
   """
-  import grain
-
   key, spec = resolve_name(name)
   if process_index is None or process_count is None:
     import jax
@@ -415,70 +304,17 @@ def make_image_pipeline(name: str, split: str, *, data_dir: str | os.PathLike | 
   if global_batch_size < 1 or global_batch_size % process_count:
     raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the process count "
                      f"{process_count} (each process takes global_batch_size // process_count examples)")
-  if num_epochs is not None and int(num_epochs) < 1:
-    raise ValueError(f"num_epochs must be None (forever) or >= 1, got {num_epochs}")
-  if caption not in ("random", "first"):
-    raise ValueError(f"caption must be 'random' or 'first', got {caption!r}")
   if image_size is not None and int(image_size) < 1:
     raise ValueError(f"image_size must be positive, got {image_size}")
-  local_batch = global_batch_size // process_count
-  if drop_remainder is None:
-    drop_remainder = shuffle or num_epochs is None
-  if not drop_remainder and num_epochs is None:
-    raise ValueError("drop_remainder=False needs a finite num_epochs")
-
   if source is None:
     source = open_source(key, split, data_dir)
   n = len(source)
   if n == 0:
     raise ValueError(f"split {split!r} of {key!r} is empty")
-  process = _Process(source, spec, None if image_size is None else int(image_size), caption, n)
-
-  ds = grain.MapDataset.range(n)
-  if shuffle:
-    ds = ds.shuffle(seed=int(seed))
-  if num_epochs is None or int(num_epochs) > 1:
-    ds = ds.repeat(None if num_epochs is None else int(num_epochs))
-  if drop_remainder:
-    total = None if num_epochs is None else n * int(num_epochs)
-    if total is not None and total < global_batch_size:
-      raise ValueError(f"split {split!r} of {key!r} has {n} examples × {num_epochs} epochs, fewer than one "
-                       f"global batch of {global_batch_size}")
-    num_batches = None if total is None else total // global_batch_size
-    if total is not None:  # cut the stream at a whole number of global batches
-      ds = ds[:num_batches * global_batch_size]
-  else:  # pad to whole global batches with index-past-the-end rows, dropped again by the iterator
-    total = n * int(num_epochs)
-    num_batches = math.ceil(total / global_batch_size)
-    padded = num_batches * global_batch_size
-    if padded > total:
-      ds = grain.MapDataset.concatenate([ds, grain.MapDataset.range(n, n + padded - total)])
-  ds = ds.random_map(process, seed=int(seed))
-  ds = ds[process_index::process_count]
-  ds = ds.batch(local_batch, drop_remainder=True, batch_fn=_batch_fn)
-  read = grain.ReadOptions(num_threads=max(int(read_threads), 1), prefetch_buffer_size=max(2 * local_batch, 1))
-  ids = ds.to_iter_dataset(read)
-  if worker_count > 0:
-    from absl import flags
-    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (outside an absl app: defaults)
-      flags.FLAGS.mark_as_parsed()
-    ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(worker_count)))
-  config = {"name": key, "split": split, "seed": int(seed), "shuffle": bool(shuffle),
-            "num_epochs": None if num_epochs is None else int(num_epochs),
-            "global_batch_size": global_batch_size,
-            "image_size": None if image_size is None else int(image_size),
-            "drop_remainder": bool(drop_remainder), "caption": caption, "num_records": n,
-            "worker_count": int(worker_count)}
-  if worker_count > 0:  # worker states are per process layout
-    config.update(process_index=process_index, process_count=process_count)
-  logging.info("input pipeline %s[%s]: %d records, global batch %d (%d on process %d/%d), %s batches",
-               key, split, n, global_batch_size, local_batch, process_index, process_count,
-               "infinite" if num_batches is None else num_batches)
-  return ResumableIterator(iter(ids), config, num_batches, drop_padding=not drop_remainder)
-
-
-def make_single_pass_pipeline(name: str, split: str, *, data_dir, global_batch_size: int, **kwargs
-                              ) -> ResumableIterator:
-  """Every example of ``split`` exactly once across processes, in record order (shorter last batch)."""
-  return make_image_pipeline(name, split, data_dir=data_dir, global_batch_size=global_batch_size,
-                             shuffle=False, num_epochs=1, **kwargs)
+  config = {"name": key, "split": split, "global_batch_size": global_batch_size, "num_records": n,
+            "image_size": None if image_size is None else int(image_size)}
+  it = SinglePass(source, spec, config, config["image_size"], process_index, process_count)
+  logging.info("single pass over %s[%s]: %d records, global batch %d (%d on process %d/%d), %d batches",
+               key, split, n, global_batch_size, global_batch_size // process_count, process_index,
+               process_count, len(it))
+  return it

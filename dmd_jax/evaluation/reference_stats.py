@@ -47,7 +47,7 @@ def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module,
   """``(mu, sigma)`` (float64) of the Inception features of every image of a tfds split, cached.
 
   Args:
-    name, split, data_dir: as ``input_pipeline.make_image_pipeline`` (``'cifar10'``,
+    name, split, data_dir: as ``input_pipeline.make_single_pass_pipeline`` (``'cifar10'``,
       ``'imagenet_resized/64x64'``, ``'coco_captions'``; a prepared ArrayRecord dataset under ``data_dir``).
     inception_module, inception_params: the FID Inception (``dmd_jax.convert.inception``).
     protocol: ``'tf1'`` or ``'pytorch_fid'`` (``dmd_jax.evaluation.fid``).
