@@ -98,7 +98,8 @@ def test_local_runs_a_two_process_dmd_jax_job(tmp_path):
              "--config.regression.shard_size=32", "--config.batch_size=8", "--config.regression.batch_size=8",
              timeout=180, env=dict(os.environ))
   assert p.returncode == 0, p.stderr[-4000:]
-  assert sorted(os.listdir(w / "pairs")) == ["shard-00000.npz", "shard-00001.npz", "spec.json"]
+  assert sorted(os.listdir(w / "pairs")) == [f"shard-0000{i}.{k}.npy" for i in (0, 1)
+                                             for k in ("cond", "index", "x", "z")] + ["spec.json"]
   lines = (p.stdout + p.stderr).splitlines()
   assert any(l.startswith("[p0] ") for l in lines) and any(l.startswith("[p1] ") for l in lines)
 
