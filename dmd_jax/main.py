@@ -43,8 +43,8 @@ def main(argv):
   quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  from dmd_jax import modes, preemption, train  # imported here so that --help stays fast
-  preemption.install()   # SIGTERM / SIGINT handling (dmd_jax/preemption.py)
+  from dmd_jax import distributed, modes, preemption, train  # imported here so that --help stays fast
+  preemption.install()   # SIGTERM / SIGINT handling (dmd_jax/preemption.py); again after jax.distributed starts
 
   config = _CONFIG.value
   workdir = _WORKDIR.value
@@ -65,10 +65,9 @@ def main(argv):
       from dmd_jax import teacher_train
     try:
       (train.train if mode == "train" else teacher_train.train)(config, workdir)
-    except train.Preempted as e:   # SIGTERM: checkpoint saved; launchers restart on this exit code
-      from dmd_jax.sharding import PREEMPTED_EXIT_CODE
+    except preemption.Preempted as e:   # SIGTERM: checkpoint saved; launchers restart on this exit code
       print(str(e), file=sys.stderr)
-      sys.exit(PREEMPTED_EXIT_CODE)
+      sys.exit(distributed.PREEMPTED_EXIT_CODE)
   elif mode == "sample":
     modes.sample(config, workdir, _NUM_SAMPLES.value, _OUTPUT.value, _SEED.value, prompt=_PROMPT.value)
   elif mode == "teacher_sample":
@@ -95,22 +94,6 @@ def _exit(code: int, message: str | None = None, trace: bool = False) -> None:
   sys.exit(code)
 
 
-def _collective_failure(e: BaseException) -> str | None:
-  """A one-line explanation when ``e`` is a failed cross-process collective (docs/multihost.md)."""
-  text = str(e)
-  if "Gloo" not in text and "collective" not in text.lower():
-    return None
-  from dmd_jax import sharding
-  why = "timed out" if "timed out" in text.lower() else "failed"
-  try:
-    timeout = f"{sharding.collective_timeout_s():g}"
-  except ValueError:
-    timeout = "?"
-  return (f"a collective across processes {why}: another process is stuck, stopped or gone (its log says why; "
-          f"XLA:CPU collectives wait at most {timeout} s, DMD_JAX_COLLECTIVE_TIMEOUT_S). "
-          f"Rerun the same command to resume from the last checkpoint. ({text.splitlines()[0][:300]})")
-
-
 def run():
   flags.mark_flag_as_required("config")
   try:
@@ -120,8 +103,8 @@ def run():
   except KeyboardInterrupt:                     # a first SIGINT (a second one exits at once: preemption.py)
     _exit(130, "interrupted (SIGINT)", trace=True)
   except Exception as e:                        # pylint: disable=broad-except
-    from dmd_jax.preemption import PeerUnresponsive
-    _exit(1, str(e) if isinstance(e, PeerUnresponsive) else _collective_failure(e), trace=True)
+    from dmd_jax import distributed
+    _exit(1, distributed.explain_failure(e), trace=True)
 
 
 if __name__ == "__main__":

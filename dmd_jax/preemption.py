@@ -1,5 +1,5 @@
 """Stop signals (docs/multihost.md): SIGTERM → the same checkpoint step on every process →
-``sharding.PREEMPTED_EXIT_CODE``; a second SIGTERM or SIGINT → exit at once, even from inside a collective.
+``distributed.PREEMPTED_EXIT_CODE``; a second SIGTERM or SIGINT → exit at once, even from inside a collective.
 
 Python runs a signal handler only when the main thread returns to the interpreter, which never happens while
 it waits for a stuck collective (a peer stopped or gone). So the decisions here are taken on a watcher
@@ -19,12 +19,13 @@ acts:
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import threading
 
 import jax
 from absl import logging
+
+from dmd_jax import distributed
 
 # Exit codes of the immediate exits: what a shell reports for a process killed by the signal.
 SIGTERM_EXIT_CODE = 128 + signal.SIGTERM    # 143
@@ -32,7 +33,7 @@ SIGINT_EXIT_CODE = 128 + signal.SIGINT      # 130
 
 
 class Preempted(Exception):
-  """Raised after a SIGTERM's checkpoint is saved: ``main`` exits with ``sharding.PREEMPTED_EXIT_CODE``."""
+  """Raised after a SIGTERM's checkpoint is saved: ``main`` exits with ``distributed.PREEMPTED_EXIT_CODE``."""
 
 
 def _exit_now(code: int, message: str) -> None:
@@ -96,8 +97,8 @@ _WATCHER: _Watcher | None = None
 
 def install() -> None:
   """Installs the stop-signal handling of the module docstring (main thread only; idempotent). Called by
-  ``main`` first and by ``sharding.maybe_initialize_distributed`` again after ``jax.distributed.initialize``,
-  whose preemption notifier replaces the SIGTERM handler."""
+  ``main`` first and by ``train.start_process`` again after ``distributed.maybe_initialize`` has initialised
+  ``jax.distributed``, whose preemption notifier replaces the SIGTERM handler."""
   global _WATCHER
   if threading.current_thread() is not threading.main_thread():
     return
@@ -106,47 +107,9 @@ def install() -> None:
   _WATCHER.install()
 
 
-class PeerUnresponsive(RuntimeError):
-  """The coordination service (hosted by process 0) did not answer in time: process 0 is stuck or gone."""
-
-
-class _Caller:
-  """Runs calls on a daemon thread and waits for each at most ``timeout_s``: the coordination service's
-  client has no deadline of its own, and a stopped process 0 (which hosts the service) would otherwise hold
-  the caller forever. A daemon thread (not a ThreadPoolExecutor, whose threads are joined at exit) so that
-  a call stuck for good does not hold the exit."""
-
-  def __init__(self, timeout_s: float):
-    self.timeout_s = timeout_s
-    self._requests: queue.SimpleQueue = queue.SimpleQueue()
-    threading.Thread(target=self._serve, name="dmd_jax-coordination-calls", daemon=True).start()
-
-  def _serve(self) -> None:
-    while True:
-      fn, args, box, done = self._requests.get()
-      try:
-        box.append((True, fn(*args)))
-      except Exception as e:   # pylint: disable=broad-except  (handed to the caller)
-        box.append((False, e))
-      done.set()
-
-  def __call__(self, what: str, fn, *args):
-    box, done = [], threading.Event()
-    self._requests.put((fn, args, box, done))
-    if not done.wait(self.timeout_s):
-      raise PeerUnresponsive(
-          f"the coordination service (process 0) did not answer {what} within {self.timeout_s:g} s "
-          f"(DMD_JAX_COLLECTIVE_TIMEOUT_S): process 0 is stuck, stopped or gone; its log says why. Rerun the "
-          f"same command to resume from the last checkpoint")
-    ok, value = box[0]
-    if not ok:
-      raise value
-    return value
-
-
 class Preemption:
   """SIGTERM (a preemption notice) during the training loop → finish the current step, save a checkpoint,
-  exit with ``sharding.PREEMPTED_EXIT_CODE``; a second SIGTERM exits at once (module docstring). With
+  exit with ``distributed.PREEMPTED_EXIT_CODE``; a second SIGTERM exits at once (module docstring). With
   several processes every one must save at the same step: the first process to see a SIGTERM publishes
   ``stop_at = its step + 2 max_steps_in_flight + 4`` in the coordination service's key-value store (first
   writer wins), and every process polls it each step. Hosts stay within ``max_steps_in_flight`` + 1 steps of
@@ -160,8 +123,8 @@ class Preemption:
     self.stop_at = None
     self._call = None
     if jax.process_count() > 1:
-      from dmd_jax import sharding
-      self._call = _Caller(sharding.collective_timeout_s() if timeout_s is None else timeout_s)
+      self._call = distributed.CoordinationCalls(
+          distributed.collective_timeout_s() if timeout_s is None else timeout_s)
     install()
     if _WATCHER is not None:
       with _WATCHER.lock:
@@ -172,18 +135,17 @@ class Preemption:
     if jax.process_count() == 1:
       return self.signalled
     if self.stop_at is None:
-      from jax._src import distributed
-      client = distributed.global_state.client
+      client = distributed.coordination_client()
       if self.signalled:
         try:
           self._call("a key-value write", client.key_value_set, self.KEY, str(step + self.stop_margin))
-        except PeerUnresponsive:
+        except distributed.PeerUnresponsive:
           raise
         except Exception:   # another process published first: its value holds
           pass
       try:
         value = self._call("a key-value read", client.key_value_try_get, self.KEY)
-      except PeerUnresponsive:
+      except distributed.PeerUnresponsive:
         raise
       except Exception:   # not published: no process has been signalled
         value = None

@@ -8,7 +8,7 @@ from typing import Callable
 
 import jax
 
-from dmd_jax import io, sharding
+from dmd_jax import distributed, io
 
 
 def network_dir(path: str, field: str, network: str, workdir: str | None, write_random: Callable[[str], None],
@@ -28,7 +28,7 @@ def network_dir(path: str, field: str, network: str, workdir: str | None, write_
   dst = io.join(workdir, f"random_{network}")
   if not io.exists(io.join(dst, marker)) and jax.process_index() == 0:
     write_random(dst)
-  sharding.barrier(f"random {network} written")
+  distributed.barrier(f"random {network} written")
   return dst
 
 

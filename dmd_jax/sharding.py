@@ -1,4 +1,4 @@
-"""Meshes, sharding rules and multi-host input.
+"""Meshes, sharding rules and multi-host input (the multi-process plumbing itself: ``distributed.py``).
 
 The mesh has axes ``('data', 'fsdp')``. Batches are sharded over both axes along their leading dimension.
 Parameters and optimizer state (the teacher's too) are sharded FSDP-style: an array with at least
@@ -7,109 +7,14 @@ size; smaller arrays are replicated.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
-
-
-# The exit code of a run stopped by SIGTERM after saving its checkpoint (a preemption): launchers restart on it.
-PREEMPTED_EXIT_CODE = 42
-
-
-def maybe_initialize_distributed(enabled: bool | None = None, heartbeat_timeout_s: int | None = None) -> None:
-  """Calls ``jax.distributed.initialize`` on a multi-process job (docs/multihost.md).
-
-  The process learns its place from the environment: ``JAX_COORDINATOR_ADDRESS=host:port`` with
-  ``DMD_JAX_NUM_PROCESSES`` and ``DMD_JAX_PROCESS_ID`` (set by ``launch/local.py`` and any launcher that
-  knows them), else JAX's own cluster detection (Cloud TPU pods, SLURM, GKE). ``enabled=True`` forces the
-  call (config ``distributed='yes'``), ``False`` never makes it, ``None`` makes it when the environment
-  describes a cluster. A peer that stops sending heartbeats for ``heartbeat_timeout_s`` (default
-  ``DMD_JAX_HEARTBEAT_TIMEOUT_S`` or 100) ends the others with an error instead of a hang, and so does a
-  collective that waits longer than ``DMD_JAX_COLLECTIVE_TIMEOUT_S`` (default 300) on XLA:CPU
-  (:func:`add_collective_timeout`). The stop-signal handling (``preemption.install``) is installed again
-  afterwards: JAX's preemption notifier replaces the SIGTERM handler.
-  """
-  if enabled is False or jax.distributed.is_initialized():
-    return
-  env = os.environ
-  explicit = {}
-  for name, key in (("num_processes", "DMD_JAX_NUM_PROCESSES"), ("process_id", "DMD_JAX_PROCESS_ID")):
-    if env.get(key, "") != "":
-      try:
-        explicit[name] = int(env[key])
-      except ValueError:
-        raise ValueError(f"{key}={env[key]!r} is not an integer") from None
-  if len(explicit) == 1:
-    raise ValueError("set both DMD_JAX_NUM_PROCESSES and DMD_JAX_PROCESS_ID, or neither")
-  if explicit and not env.get("JAX_COORDINATOR_ADDRESS"):
-    raise ValueError("DMD_JAX_NUM_PROCESSES / DMD_JAX_PROCESS_ID need JAX_COORDINATOR_ADDRESS=host:port")
-  if explicit and not 0 <= explicit["process_id"] < explicit["num_processes"]:
-    raise ValueError(f"DMD_JAX_PROCESS_ID={explicit['process_id']} is not in [0, "
-                     f"DMD_JAX_NUM_PROCESSES={explicit['num_processes']})")
-  cluster = (bool(env.get("JAX_COORDINATOR_ADDRESS"))
-             or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-             or int(env.get("SLURM_NTASKS", "1")) > 1)
-  if heartbeat_timeout_s is None:
-    heartbeat_timeout_s = int(env.get("DMD_JAX_HEARTBEAT_TIMEOUT_S", "100"))
-  if enabled or cluster:
-    timeout = add_collective_timeout(env)
-    jax.distributed.initialize(coordinator_address=env.get("JAX_COORDINATOR_ADDRESS") or None,
-                               heartbeat_timeout_seconds=heartbeat_timeout_s, **explicit)
-    logging.info("jax.distributed: process %d of %d, %d local / %d global devices; XLA:CPU collectives "
-                 "time out after %s s", jax.process_index(), jax.process_count(), jax.local_device_count(),
-                 jax.device_count(), timeout)
-    from dmd_jax import preemption
-    preemption.install()
-
-
-COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_timeout_seconds"
-DEFAULT_COLLECTIVE_TIMEOUT_S = 300
-
-
-def collective_timeout_s(env=os.environ) -> float:
-  """The timeout in effect for collectives (and the calls to the coordination service that
-  ``preemption.Preemption`` waits for): ``--xla_cpu_collective_timeout_seconds`` in ``XLA_FLAGS``, else
-  ``DMD_JAX_COLLECTIVE_TIMEOUT_S``, else 300."""
-  for f in env.get("XLA_FLAGS", "").split():
-    if f.startswith(COLLECTIVE_TIMEOUT_FLAG + "="):
-      try:
-        return float(f.split("=", 1)[1])
-      except ValueError:
-        break
-  raw = env.get("DMD_JAX_COLLECTIVE_TIMEOUT_S", "")
-  try:
-    timeout = int(raw) if raw else DEFAULT_COLLECTIVE_TIMEOUT_S
-  except ValueError:
-    raise ValueError(f"DMD_JAX_COLLECTIVE_TIMEOUT_S={raw!r} is not an integer number of seconds") from None
-  if timeout <= 0:
-    raise ValueError(f"DMD_JAX_COLLECTIVE_TIMEOUT_S={raw!r} must be > 0")
-  return timeout
-
-
-def add_collective_timeout(env=os.environ) -> int | str:
-  """Appends ``--xla_cpu_collective_timeout_seconds=DMD_JAX_COLLECTIVE_TIMEOUT_S`` (default 300) to
-  ``env['XLA_FLAGS']`` unless the flag is already there (the user's value is kept), and returns the timeout
-  in effect. XLA reads ``XLA_FLAGS`` when the backend starts, so this works only before the first JAX
-  computation (as ``jax.distributed.initialize`` must come first anyway). XLA:CPU's default is 30 minutes:
-  a peer that is alive but stuck (stopped, deadlocked) would hold every other process in its gloo collective
-  that long. The flag bounds XLA:CPU's collectives only (GPU / TPU: docs/multihost.md), so it is added only
-  when ``JAX_PLATFORMS`` is ``cpu`` (as ``launch/local.py`` sets it): an accelerator's XLA build is not handed
-  a CPU flag it was never tested with."""
-  if env.get("JAX_PLATFORMS", "").strip().lower() != "cpu":
-    return "XLA's default (not a CPU-only run)"
-  flags = env.get("XLA_FLAGS", "").split()
-  for f in flags:
-    if f.startswith(COLLECTIVE_TIMEOUT_FLAG + "="):
-      return f.split("=", 1)[1]
-  timeout = int(collective_timeout_s(env))
-  env["XLA_FLAGS"] = " ".join(flags + [f"{COLLECTIVE_TIMEOUT_FLAG}={timeout}"])
-  return timeout
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, devices=None) -> Mesh:
@@ -197,17 +102,7 @@ def gather(x: jax.Array) -> np.ndarray:
     return np.asarray(jax.device_get(x))
   if x.is_fully_replicated:
     return np.asarray(x.addressable_data(0))
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def barrier(name: str) -> None:
-  """Waits until every process reaches the barrier ``name`` (nothing with one process). Every process must
-  call the same barriers in the same order: a process that lists a folder, writes a file or decides between
-  two code paths puts a barrier before and after, so all see the same state (docs/multihost.md)."""
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 def process_share(n: int) -> slice:

@@ -9,7 +9,7 @@ import sys
 from typing import Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The trainer's exit code after a SIGTERM and a saved checkpoint (dmd_jax/sharding.py: PREEMPTED_EXIT_CODE).
+# The trainer's exit code after a SIGTERM and a saved checkpoint (dmd_jax/distributed.py: PREEMPTED_EXIT_CODE).
 PREEMPTED_EXIT_CODE = 42
 
 

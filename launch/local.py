@@ -6,7 +6,7 @@
 Each child runs ``sys.executable -m dmd_jax.main <arguments after -->`` with ``JAX_PLATFORMS=cpu``,
 ``--xla_force_host_platform_device_count=K`` added to ``XLA_FLAGS`` and its place in the job in the
 environment (``JAX_COORDINATOR_ADDRESS=127.0.0.1:<port>``, ``DMD_JAX_NUM_PROCESSES``, ``DMD_JAX_PROCESS_ID``;
-see ``dmd_jax/sharding.py``). Cloud clients are pointed at 127.0.0.1 so that nothing probes a metadata
+see ``dmd_jax/distributed.py``). Cloud clients are pointed at 127.0.0.1 so that nothing probes a metadata
 server or reads the user's credentials (``CHILD_ENV`` below; ``--allow_cloud`` keeps the environment as it is).
 
 Output lines are prefixed ``[p<i>] `` (stdout to stdout, stderr to stderr) and, with ``--log_dir``, written to

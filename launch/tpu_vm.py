@@ -18,7 +18,7 @@ Steps (each a gcloud command; ``--dry_run`` prints them, one a line, and runs no
      remote exit codes of a multi-worker ssh
 
 Exit code: a worker's failure code, else 42 when a worker was preempted (SIGTERM → checkpoint → exit 42,
-dmd_jax/sharding.py), else 0. With --restart_on_preemption a 42 reruns step 4 (the trainer resumes from the
+dmd_jax/distributed.py), else 0. With --restart_on_preemption a 42 reruns step 4 (the trainer resumes from the
 latest checkpoint in its workdir); with --create, a slice that is no longer ACTIVE (a preempted spot slice) is
 deleted, requested again, and steps 2-4 rerun. --stop sends SIGTERM to the trainers (they checkpoint and exit).
 Multi-worker ssh needs your key in an ssh-agent: ``ssh-add ~/.ssh/google_compute_engine``.

@@ -9,7 +9,7 @@ With --build the image is built from launch/Dockerfile (``pip install -e '.[EXTR
 first. The workload runs ``cd /app && exec python -m dmd_jax.main ARGS`` on every VM of every slice; JAX finds its
 place from the variables GKE sets (TPU_WORKER_HOSTNAMES, ...). xpk restarts the whole JobSet, up to
 --max_restarts times, when a container exits with 42 (the trainer's preemption exit code: SIGTERM →
-checkpoint → exit, dmd_jax/sharding.py) or 127-255; other exit codes fail the workload. --grace_period is the
+checkpoint → exit, dmd_jax/distributed.py) or 127-255; other exit codes fail the workload. --grace_period is the
 time a pod has between SIGTERM and SIGKILL: enough to write a checkpoint. ``--dry_run`` prints the commands,
 one a line, and runs nothing.
 """

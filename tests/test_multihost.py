@@ -141,7 +141,7 @@ def toy_one(tmp_path_factory):
 
 def test_sigterm_to_every_process_saves_one_checkpoint_exits_42_and_the_rerun_resumes(toy_two):
   err = toy_two["preempted_log"]
-  assert toy_two["code"] == 42, err[-4000:]                      # sharding.PREEMPTED_EXIT_CODE
+  assert toy_two["code"] == 42, err[-4000:]                      # distributed.PREEMPTED_EXIT_CODE
   assert err.count("forwarding SIGTERM") == 1
   assert err.count("every process saves and stops after step") == 2, err[-4000:]
   assert err.count("stopped by SIGTERM at step") == 2, err[-4000:]
@@ -303,8 +303,8 @@ def test_a_silent_coordination_service_ends_the_preemption_poll(monkeypatch):
   error (measured by hand with 2 real processes, SIGSTOP of process 0 and a 10 s timeout: process 1 exited
   20.1 s after the stop)."""
   import jax
-  from jax._src import distributed
-  from dmd_jax import preemption
+  from jax._src import distributed as jax_distributed
+  from dmd_jax import distributed, preemption
 
   release = threading.Event()
 
@@ -313,12 +313,12 @@ def test_a_silent_coordination_service_ends_the_preemption_poll(monkeypatch):
       release.wait()
 
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(distributed.global_state, "client", Silent())
+  monkeypatch.setattr(jax_distributed.global_state, "client", Silent())
   monkeypatch.setattr(preemption, "install", lambda: None)   # keep this test process's signal handlers
   p = preemption.Preemption(4, timeout_s=0.5)
   t0 = time.time()
   try:
-    with pytest.raises(preemption.PeerUnresponsive, match="did not answer a key-value read within 0.5 s"):
+    with pytest.raises(distributed.PeerUnresponsive, match="did not answer a key-value read within 0.5 s"):
       p.should_stop(1)
     assert time.time() - t0 < 3
   finally:
@@ -327,35 +327,36 @@ def test_a_silent_coordination_service_ends_the_preemption_poll(monkeypatch):
 
 
 def test_the_collective_timeout_is_added_to_xla_flags_without_clobbering_them():
-  from dmd_jax import sharding
+  from dmd_jax import distributed
   env = {"JAX_PLATFORMS": "cpu"}
-  assert sharding.add_collective_timeout(env) == 300
+  assert distributed.add_collective_timeout(env) == 300
   assert env["XLA_FLAGS"] == "--xla_cpu_collective_timeout_seconds=300"
   gpu = {"JAX_PLATFORMS": "cuda", "XLA_FLAGS": "--xla_dump_to=/tmp/x"}   # a CPU flag is never handed to them
-  assert "default" in str(sharding.add_collective_timeout(gpu)) and gpu["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+  assert "default" in str(distributed.add_collective_timeout(gpu)) and gpu["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
   env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "DMD_JAX_COLLECTIVE_TIMEOUT_S": "12"}
-  assert sharding.add_collective_timeout(env) == 12 and sharding.collective_timeout_s(env) == 12
+  assert distributed.add_collective_timeout(env) == 12 and distributed.collective_timeout_s(env) == 12
   assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4 --xla_cpu_collective_timeout_seconds=12"
   env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_cpu_collective_timeout_seconds=7 --xla_dump_to=/tmp/x",
          "DMD_JAX_COLLECTIVE_TIMEOUT_S": "12"}   # the user's own flag wins
-  assert sharding.add_collective_timeout(env) == "7" and sharding.collective_timeout_s(env) == 7.0
+  assert distributed.add_collective_timeout(env) == "7" and distributed.collective_timeout_s(env) == 7.0
   assert env["XLA_FLAGS"] == "--xla_cpu_collective_timeout_seconds=7 --xla_dump_to=/tmp/x"
   for bad in ("x", "0", "-3"):
     with pytest.raises(ValueError, match="DMD_JAX_COLLECTIVE_TIMEOUT_S"):
-      sharding.add_collective_timeout({"JAX_PLATFORMS": "cpu", "DMD_JAX_COLLECTIVE_TIMEOUT_S": bad})
+      distributed.add_collective_timeout({"JAX_PLATFORMS": "cpu", "DMD_JAX_COLLECTIVE_TIMEOUT_S": bad})
 
 
-# A process with jax.distributed initialised (1 process: JAX's preemption notifier replaces the SIGTERM
-# handler, preemption.install() takes it back), waiting, with a training loop's Preemption or without.
+# A process started as dmd_jax.main starts one: preemption.install(), then train.start_process initialises
+# jax.distributed (1 process: JAX's preemption notifier replaces the SIGTERM handler) and installs the stop-signal
+# handling again; then waiting, with a training loop's Preemption or without.
 SIGNALS = """
-import signal, sys, time
+import signal, sys, time, types
 # SIGINT as in a terminal: the suite may run as a background job, whose children inherit SIGINT ignored
 # (POSIX shells do that to asynchronous commands), and a process keeps an inherited ignored SIGINT
 signal.signal(signal.SIGINT, signal.default_int_handler)
-from dmd_jax import preemption, sharding
+from dmd_jax import preemption, train
 preemption.install()
-sharding.maybe_initialize_distributed(True)
+train.start_process(types.SimpleNamespace(distributed="yes"), sys.argv[2])
 if sys.argv[1] == "loop":
   preemption.Preemption(4)
 print("ready", flush=True)
@@ -367,12 +368,12 @@ except KeyboardInterrupt:   # (dmd_jax.main would exit with 130 here: only the w
 
 
 @pytest.mark.parametrize("where", ["outside", "loop"])
-def test_sigterm_outside_the_training_loop_exits_at_once_and_a_second_signal_always_does(where):
+def test_sigterm_outside_the_training_loop_exits_at_once_and_a_second_signal_always_does(where, tmp_path):
   sys.path.insert(0, os.path.join(ROOT, "launch"))
   import local
   env = local.child_env(_env(), 0, 1, 1, local.free_port())
-  proc = subprocess.Popen([sys.executable, "-c", SIGNALS, where], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, "-c", SIGNALS, where, str(tmp_path / "w")], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     assert proc.stdout.readline() == "ready\n", proc.stderr.read()[-3000:]
     proc.send_signal(signal.SIGTERM)
@@ -394,7 +395,7 @@ def test_sigterm_outside_the_training_loop_exits_at_once_and_a_second_signal_alw
       proc.kill()
       proc.wait()
   assert time.time() - t0 < 3
-  if where == "outside":     # before preemption.install() came back, SIGTERM did nothing here
+  if where == "outside":     # had train.start_process not installed it again, SIGTERM would do nothing here
     assert code == 143 and "SIGTERM outside the training loop" in err, (code, err[-3000:])
   else:
     assert code == 130 and "SIGINT while a SIGTERM is pending" in err, (code, err[-3000:])

@@ -94,7 +94,7 @@ def test_sigterm_saves_then_resume_matches(tmp_path, uninterrupted):
   proc = _start_and_wait_for_checkpoint(str(d))
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
-  assert proc.returncode == 42, err[-3000:]     # sharding.PREEMPTED_EXIT_CODE: launchers restart on it
+  assert proc.returncode == 42, err[-3000:]     # distributed.PREEMPTED_EXIT_CODE: launchers restart on it
   assert "stopped by SIGTERM" in err
   stopped = _latest_step(d)
   assert 100 <= stopped < 2000

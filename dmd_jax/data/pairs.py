@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dmd_jax import io, sharding
+from dmd_jax import distributed, io, sharding
 from dmd_jax.loop import Progress
 
 SHARD_FORMAT = "npy"      # spec.json's 'shard_format': one .npy file per array of a shard
@@ -180,9 +180,9 @@ def build_pairs(store: PairStore, sample_fn: Callable, mesh, key, sample_shape: 
   stored condition id, ``lookup(ids)`` what ``sample_fn`` takes (a label, a prompt embedding).
   """
   # every process lists the folder between two barriers: the same list, before any shard is written
-  sharding.barrier("pairs: list the missing shards")
+  distributed.barrier("pairs: list the missing shards")
   todo = store.missing_shards()
-  sharding.barrier("pairs: missing shards listed")
+  distributed.barrier("pairs: missing shards listed")
   if not todo:
     return
   n_dev = mesh.devices.size

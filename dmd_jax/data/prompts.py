@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dmd_jax import io, sharding
+from dmd_jax import distributed, io, sharding
 from dmd_jax.data.input_pipeline import coco_captions
 from dmd_jax.loop import Progress
 
@@ -137,9 +137,9 @@ def cached_embeddings(workdir: str, prompts: Sequence[str], encode: Callable, en
   path = io.join(workdir, f"prompt_embeddings_{cache_key(prompts, encoder_id, dtype)}.npy")
   n_proc, me = jax.process_count(), jax.process_index()
   # every process decides between two barriers: the same decision, before anything is written
-  sharding.barrier(f"prompt embeddings {path}: check")
+  distributed.barrier(f"prompt embeddings {path}: check")
   missing = not io.exists(path)
-  sharding.barrier(f"prompt embeddings {path}: checked")
+  distributed.barrier(f"prompt embeddings {path}: checked")
   if missing:
     logging.info("embedding %d prompts with the text encoder (cached in %s)", len(prompts), path)
     np_dtype = _DTYPES[dtype]
@@ -150,7 +150,7 @@ def cached_embeddings(workdir: str, prompts: Sequence[str], encode: Callable, en
       part = lambda p: f"{path}.part{p}of{n_proc}.npy"
       if share.stop > share.start:
         _embed(part(me), prompts[share], encode, np_dtype, chunk)
-      sharding.barrier(f"prompt embeddings {path}: parts written")
+      distributed.barrier(f"prompt embeddings {path}: parts written")
       if me == 0:
         pieces = [io.load_npy(io.local_copy(part(p)), mmap=True) for p in range(n_proc) if io.exists(part(p))]
         with io.open_memmap_for_write(path, pieces[0].dtype, (len(prompts),) + pieces[0].shape[1:]) as arr:
@@ -160,7 +160,7 @@ def cached_embeddings(workdir: str, prompts: Sequence[str], encode: Callable, en
             start += len(piece)
         for p in range(n_proc):
           io.remove(part(p))
-      sharding.barrier(f"prompt embeddings {path}: joined")
+      distributed.barrier(f"prompt embeddings {path}: joined")
   table = io.load_npy(io.local_copy(path), mmap=True)   # a remote cache is memory-mapped from a local copy
   if table.shape[0] != len(prompts):
     raise ValueError(f"{path} holds {table.shape[0]} embeddings for {len(prompts)} prompts: delete it")

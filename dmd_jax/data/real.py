@@ -66,7 +66,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from dmd_jax import io, sharding, streams
+from dmd_jax import distributed, io, sharding, streams
 from dmd_jax.data import digits, input_pipeline as ip
 from dmd_jax.data.indexed import StepIndexed, parallel_map
 from dmd_jax.data.pairs import PairRows, PairStore
@@ -386,9 +386,9 @@ def build_latents(store: PairStore, encode_fn, frozen, mesh, load_images, chunk:
   (``load_images(record_indices) -> float32 [n, S, S, 3]``); the latents are gathered and process 0 writes the
   shard, atomically (docs/multihost.md). ``encode_fn(frozen, images) -> latents`` (``Teacher.encode``) runs
   jitted over ``mesh``, ``frozen`` (the parameters on the mesh) passed as an argument, not baked in."""
-  sharding.barrier("real latents: list the missing shards")   # the same list on every process, before any write
+  distributed.barrier("real latents: list the missing shards")   # the same list on every process, before any write
   todo = store.missing_shards()
-  sharding.barrier("real latents: missing shards listed")
+  distributed.barrier("real latents: missing shards listed")
   if not todo:
     return 0
   n_dev = mesh.devices.size
@@ -488,7 +488,7 @@ class CocoLatents(_Records):
     if built:
       logging.info("real latents: %d shards of %d coco_captions[%s] images at %dpx built in %s", built, n,
                    cfg.split, self.image_size, self.store.directory)
-    sharding.barrier("real latents built")
+    distributed.barrier("real latents built")
     self.latents: PairRows = self.store.rows()
 
   def _read(self, idx):
