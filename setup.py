@@ -15,7 +15,6 @@ setup(
         "orbax-checkpoint>=0.12,<0.13",
         "etils[epath]>=1.7",
         "ml-collections>=1.0,<2",
-        "clu>=0.0.12",
         "tensorboardX>=2.6,<3",
         "tensorflow-datasets>=4.9.8,<5",
         "array-record>=0.7",

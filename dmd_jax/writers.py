@@ -1,8 +1,10 @@
-"""Metric writers: ``clu.metric_writers`` to stdout (absl logging) and TensorBoard event files; and the
-progress log's filter (:func:`quiet_library_logs`).
+"""Metric writers: stdout (absl logging) and TensorBoard event files behind one interface; and the progress
+log's filter (:func:`quiet_library_logs`).
 
-clu's own TensorBoard writer needs TensorFlow or torch; ``TensorboardXWriter`` implements clu's
-``MetricWriter`` interface on the pure-Python ``tensorboardX`` event-file writer instead.
+:class:`MetricWriter` is clu's ``metric_writers.MetricWriter`` interface (the same methods and arguments), and
+:class:`LoggingWriter` / :class:`MultiWriter` write what clu's do; clu itself is not imported: its
+``metric_writers`` package imports its TensorFlow summary writer, and this library does not need TensorFlow.
+``TensorboardXWriter`` writes the TensorBoard event files with the pure-Python ``tensorboardX``.
 
 Remote logdirs (``gs://``): tensorboardX's own ``gs://`` support needs ``google-cloud-storage`` and its own
 credentials; here the event files of a remote logdir go through ``dmd_jax.io`` instead (the same
@@ -14,13 +16,11 @@ the file (on ``gs://``: uploaded) when it returns.
 """
 from __future__ import annotations
 
-import importlib.util
+import abc
 import logging as std_logging
-import sys
 import threading
-import types
 from io import BytesIO
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from absl import logging
@@ -28,26 +28,157 @@ from absl import logging
 from dmd_jax import io
 
 
-def _without_tensorflow():
-  """clu 0.0.12's ``metric_writers/__init__`` imports its TensorFlow summary writer unconditionally.
-  When TensorFlow is absent, register a stand-in for that one module so the rest of clu imports;
-  using the stand-in raises."""
-  name = "clu.metric_writers.summary_writer"
-  if name in sys.modules or importlib.util.find_spec("tensorflow") is not None:
-    return
-  stub = types.ModuleType(name)
+class MetricWriter(abc.ABC):
+  """Where metrics go (clu's ``MetricWriter`` interface). ``step`` is the training step; a mapping's keys are the
+  metrics' names. Images are ``[N, H, W, C]`` or ``[H, W, C]``, videos ``[N, T, H, W, C]`` or ``[T, H, W, C]``,
+  audios ``[N, T, C]`` in [-1, 1]."""
 
-  class SummaryWriter:  # pylint: disable=too-few-public-methods
-    def __init__(self, *args, **kwargs):
-      raise ImportError("clu's SummaryWriter needs TensorFlow; dmd_jax writes TensorBoard files with "
-                        "dmd_jax.writers.TensorboardXWriter")
+  @abc.abstractmethod
+  def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Mapping[str, Any] | None = None):
+    """Arbitrary tensors (``metadata``: a summary's metadata, where the backend has such)."""
 
-  stub.SummaryWriter = SummaryWriter
-  sys.modules[name] = stub
+  @abc.abstractmethod
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    """Scalar values."""
+
+  @abc.abstractmethod
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    """Images."""
+
+  @abc.abstractmethod
+  def write_videos(self, step: int, videos: Mapping[str, Any]):
+    """Videos."""
+
+  @abc.abstractmethod
+  def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
+    """Audio clips at ``sample_rate`` Hz."""
+
+  @abc.abstractmethod
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    """Text snippets."""
+
+  @abc.abstractmethod
+  def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                       num_buckets: Mapping[str, int] | None = None):
+    """Histograms of the arrays' values (``num_buckets``: per name; the backend's default otherwise)."""
+
+  @abc.abstractmethod
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    """Hyperparameters (a flat mapping), once."""
+
+  @abc.abstractmethod
+  def flush(self):
+    """Writes out what was buffered."""
+
+  @abc.abstractmethod
+  def close(self):
+    """Flushes, then releases the writer; nothing may be written after."""
 
 
-_without_tensorflow()
-from clu import metric_writers  # noqa: E402  (after the stand-in above)
+def _histogram(array: np.ndarray, num_buckets: int | None) -> tuple[np.ndarray, np.ndarray] | None:
+  """``(counts, edges)`` of ``num_buckets`` (default 30, at least 2) equal bins over the values' range (one bin
+  of width 1 around a constant array); None for an empty array."""
+  num_buckets = max(num_buckets or 30, 2)
+  if array.size == 0:
+    return None
+  lo, hi = np.min(array), np.max(array)
+  if lo == hi:
+    return np.asarray([array.size], dtype=np.int64), np.asarray([hi - 0.5, hi + 0.5], dtype=np.float64)
+  counts, edges = np.histogram(array, bins=num_buckets, range=(lo, hi))
+  return counts, np.asarray(edges, dtype=np.float64)
+
+
+class LoggingWriter(MetricWriter):
+  """Every write as one INFO line of absl's log, in clu's ``LoggingWriter`` format (``[step] a=1, b=0.5``;
+  arrays by their shapes)."""
+
+  def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Mapping[str, Any] | None = None):
+    logging.info("[%d] Got raw tensors: %s.", step, {k: np.shape(v) for k, v in values.items()})
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    values = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(scalars.items())]
+    logging.info("[%d] %s", step, ", ".join(values))
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    logging.info("[%d] Got images: %s.", step, {k: np.shape(v) for k, v in images.items()})
+
+  def write_videos(self, step: int, videos: Mapping[str, Any]):
+    logging.info("[%d] Got videos: %s.", step, {k: np.shape(v) for k, v in videos.items()})
+
+  def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
+    logging.info("[%d] Got audios: %s.", step, {k: np.shape(v) for k, v in audios.items()})
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    logging.info("[%d] Got texts: %s.", step, texts)
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                       num_buckets: Mapping[str, int] | None = None):
+    num_buckets = num_buckets or {}
+    for key, value in arrays.items():
+      histogram = _histogram(np.asarray(value), num_buckets.get(key))
+      if histogram is None:
+        continue
+      counts, edges = histogram
+      bins = [f"[{edges[i]:.3g}, {edges[i + 1]:.3g}): {c}" for i, c in enumerate(counts[:-1])]
+      bins.append(f"[{edges[-2]:.3g}, {edges[-1]:.3g}]: {counts[-1]}")   # the last bin is closed
+      logging.info("[%d] Histogram for %r = {%s}", step, key, ", ".join(bins))
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    logging.info("[Hyperparameters] %s", hparams)
+
+  def flush(self):
+    logging.flush()
+
+  def close(self):
+    self.flush()
+
+
+class MultiWriter(MetricWriter):
+  """Every write to each of ``writers``, in order."""
+
+  def __init__(self, writers: Sequence[MetricWriter]):
+    self._writers = tuple(writers)
+
+  def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Mapping[str, Any] | None = None):
+    for w in self._writers:
+      w.write_summaries(step, values, metadata)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for w in self._writers:
+      w.write_scalars(step, scalars)
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    for w in self._writers:
+      w.write_images(step, images)
+
+  def write_videos(self, step: int, videos: Mapping[str, Any]):
+    for w in self._writers:
+      w.write_videos(step, videos)
+
+  def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int):
+    for w in self._writers:
+      w.write_audios(step, audios, sample_rate=sample_rate)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    for w in self._writers:
+      w.write_texts(step, texts)
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                       num_buckets: Mapping[str, int] | None = None):
+    for w in self._writers:
+      w.write_histograms(step, arrays, num_buckets)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    for w in self._writers:
+      w.write_hparams(hparams)
+
+  def flush(self):
+    for w in self._writers:
+      w.flush()
+
+  def close(self):
+    for w in self._writers:
+      w.close()
 
 
 class RemoteEventFile:
@@ -131,8 +262,12 @@ class _Drain:
       return self._cv.wait_for(lambda: self._written >= self._queued, timeout)
 
 
-class TensorboardXWriter(metric_writers.MetricWriter):
+class TensorboardXWriter(MetricWriter):
+  """TensorBoard event files in ``logdir`` (local, or remote through :class:`RemoteEventFile`), written by
+  tensorboardX. Videos and audios are not written."""
+
   def __init__(self, logdir: str):
+    # imported here: tensorboardX imports torch when torch is installed (1.2 s), and only process 0 writes files
     from tensorboardX import SummaryWriter, record_writer
     logdir = str(logdir)
     if io.is_remote(logdir):
@@ -142,7 +277,7 @@ class TensorboardXWriter(metric_writers.MetricWriter):
     file_writer = getattr(self._writer, "file_writer", None)
     self._drain = _Drain(getattr(file_writer, "event_writer", None))
 
-  def write_summaries(self, step: int, values: Mapping[str, Any], metadata=None):
+  def write_summaries(self, step: int, values: Mapping[str, Any], metadata: Mapping[str, Any] | None = None):
     for key, value in values.items():
       self._writer.add_scalar(key, float(np.asarray(value)), global_step=step)
 
@@ -167,7 +302,8 @@ class TensorboardXWriter(metric_writers.MetricWriter):
     for key, value in texts.items():
       self._writer.add_text(key, value, global_step=step)
 
-  def write_histograms(self, step: int, arrays: Mapping[str, Any], num_buckets=None):
+  def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                       num_buckets: Mapping[str, int] | None = None):
     for key, value in arrays.items():
       self._writer.add_histogram(key, np.asarray(value), global_step=step)
 
@@ -183,12 +319,12 @@ class TensorboardXWriter(metric_writers.MetricWriter):
     self._writer.close()
 
 
-def create_writer(workdir: str, is_main: bool) -> metric_writers.MetricWriter:
+def create_writer(workdir: str, is_main: bool) -> MetricWriter:
   """Logging on every process; TensorBoard event files in ``workdir`` on process 0 only."""
-  writers = [metric_writers.LoggingWriter()]
+  writers = [LoggingWriter()]
   if is_main:
     writers.append(TensorboardXWriter(workdir))
-  return metric_writers.MultiWriter(writers)
+  return MultiWriter(writers)
 
 
 class _QuietLibraries:
