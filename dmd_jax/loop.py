@@ -10,8 +10,8 @@ What :func:`run` does after each step, in order:
 1. bounds the dispatch queue: it keeps the metrics of at most ``max_in_flight`` steps that have been dispatched
    but not read back, and hands the oldest to ``on_retired`` (read on the host, which waits for that step);
 2. every ``log_every`` steps and at the last: the step's metrics (``prepare_metrics`` may merge or check
-   them), read to floats, plus ``steps_per_sec``, to the writer and the log line ``<what> step i/n  x steps/s
-   ETA s``;
+   them), read to floats, plus ``steps_per_sec``, to the writer and the log line ``<what> i/n steps  (x steps/s,
+   ETA s)``;
 3. its ``actions`` whose ``every`` divides the step (evaluations, callbacks); their time is not counted in
    the rate or in ``train_seconds``;
 4. a checkpoint every ``checkpoint_every`` steps, at ``total``, and when a SIGTERM asked every process to stop
@@ -41,7 +41,7 @@ MAX_STEPS_IN_FLIGHT = 4
 
 
 class Progress:
-  """``<what> i/n (<rate> <unit>/s, ETA <s> s)`` log lines for a job of ``total`` items.
+  """``<what> i/n <unit>  [detail]  (<rate> <unit>/s, ETA <s> s)`` log lines for a job of ``total`` items.
 
   The rate is over the items done since this object was made (or since ``start``), with ``paused`` time
   excluded (:meth:`pause`): it is what the remaining items should take.
@@ -76,7 +76,7 @@ class Progress:
     if log:
       overall = self.rate()
       eta = (self.total - done) / overall if overall > 0 else float("inf")
-      logging.info("%s %d/%d%s  %.1f %s/s  ETA %.0f s", self.what, done, self.total,
+      logging.info("%s %d/%d %s%s  (%.1f %s/s, ETA %.0f s)", self.what, done, self.total, self.unit,
                    f"  {detail}" if detail else "", rate, self.unit, eta)
     return rate
 
@@ -99,7 +99,7 @@ class Result:
 
 
 def run(step_fn: Callable[[Any, int], tuple[Any, Mapping[str, Any]]], state, *, start: int, total: int,
-        what: str = "step", log_every: int = 100, writer=None, log_keys: Sequence[str] = (),
+        what: str = "train", log_every: int = 100, writer=None, log_keys: Sequence[str] = (),
         prepare_metrics: Callable[[int, Mapping[str, Any]], Mapping[str, Any]] | None = None,
         on_retired: Callable[[Mapping[str, Any]], None] | None = None,
         actions: Sequence[Action] = (), checkpointer=None, checkpoint_every: int = 0,
@@ -150,7 +150,7 @@ def run(step_fn: Callable[[Any, int], tuple[Any, Mapping[str, Any]]], state, *, 
           logging.warning("stopped by SIGTERM at step %d; rerun the same command to resume", step)
           raise Preempted(f"preempted: the checkpoint of step {step} is saved in {checkpointer.directory}; "
                           "rerun to resume")
-        raise Preempted(f"preempted after {what} {step} (nothing saved)")
+        raise Preempted(f"preempted after {what} step {step} (nothing saved)")
       if on_step is not None:
         on_step(step)
   finally:

@@ -205,7 +205,7 @@ def train(config, workdir: str) -> dict | None:
     return metrics
 
   done = loop.run(lambda st, i: step_fn(st, example if i == start else batch_for(i), key), state,
-                  start=start, total=total, what="teacher step", log_every=cfg.log_every, writer=writer,
+                  start=start, total=total, what="teacher training", log_every=cfg.log_every, writer=writer,
                   log_keys=("loss",), prepare_metrics=check_loss, checkpointer=ckpt,
                   checkpoint_every=cfg.checkpoint_every, meta=lambda step: {**meta, "step": step})
   state, step, train_seconds = done.state, done.step, done.train_seconds

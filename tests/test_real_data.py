@@ -333,7 +333,7 @@ def test_coco_latents(tmp_path, data_dir, monkeypatch):
   p = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env_with_devices(4, fast_compile=True),
                      capture_output=True, text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-3000:]
-  assert "real latents: 6/6  shard 2/2 written" in p.stderr
+  assert "real latents: 6/6 images  shard 2/2 written" in p.stderr
   four = _shards(str(tmp_path / "four" / "real_latents"))
   assert four.keys() == shards.keys()
   assert rel_err(np.concatenate([s["x"] for s in four.values()]), latents) <= 1e-5

@@ -259,7 +259,7 @@ def train_classifier(directory: str, *, size: int = 16, steps: int = DEFAULT_STE
     return {"params": p, "opt_state": o}, {"loss": loss}
 
   t0 = time.perf_counter()
-  done = loop.run(one_step, state, start=start, total=steps, what="digits classifier step",
+  done = loop.run(one_step, state, start=start, total=steps, what="digits classifier",
                   log_every=max(steps // 5, 1), log_keys=("loss",), checkpointer=ckpt,
                   checkpoint_every=checkpoint_every, on_step=on_step, preemptible=False,
                   meta=lambda step: {"settings": settings, "step": step,

@@ -17,13 +17,12 @@ Each has ``run(generator_params, step, final) -> results`` (a dict merged into `
 """
 from __future__ import annotations
 
-import time
 
 import jax
 import numpy as np
 from absl import logging
 
-from dmd_jax import io, pretrained, sharding, streams
+from dmd_jax import io, loop, pretrained, sharding, streams
 from dmd_jax.evaluation import images as image_io
 from dmd_jax.evaluation import sampling
 from dmd_jax.evaluation.digits import DigitsEvaluator
@@ -115,17 +114,17 @@ class FidEvaluator:
   def __init__(self, run, writer):
     self.ctx, self.writer = run, writer
 
-  def _stats(self, chunks):
+  def _stats(self, chunks, num: int):
     from dmd_jax.evaluation import fid
     module, params = _inception(self.ctx)
     e = self.ctx.config.eval
     stats = fid.FeatureStats()
-    t0 = time.time()
+    progress = loop.Progress("FID:", num, unit="images")
     for x, _ in chunks:   # every process holds the chunk; each feeds its share, the features are gathered
       images = image_io.to_uint8(sampling.to_outputs(self.ctx, x))[sharding.process_share(len(x))]
       stats.update(fid.inception_features(module, params, images, protocol=e.protocol, batch_size=e.batch_size,
                                           mesh=self.ctx.mesh, log_every=0))
-      logging.info("FID: %d images (%.1f images/s)", stats.count, stats.count / (time.time() - t0))
+      progress.update(stats.count)
     return stats.mu_sigma()
 
   def _reference(self):
@@ -140,7 +139,7 @@ class FidEvaluator:
     cache = io.join(run.workdir, f"fid_reference_teacher_{e.num_samples}.npz")
     return _cached_reference(run, cache, lambda: self._stats(sampling.sample_chunks(
         run, sampling.teacher_fn(run), run.frozen["teacher"], e.num_samples,
-        streams.key(run.config.seed, "teacher_reference"), e.batch_size)))
+        streams.key(run.config.seed, "teacher_reference"), e.batch_size), e.num_samples))
 
   def fid(self, params, num: int) -> float:
     from dmd_jax.evaluation import fid
@@ -148,7 +147,7 @@ class FidEvaluator:
     ref = self._reference()
     mu, sigma = self._stats(sampling.sample_chunks(run, run.sample, params, num,
                                                    streams.key(run.config.seed, "fid"),
-                                                   run.config.eval.batch_size))
+                                                   run.config.eval.batch_size), num)
     return fid.frechet_distance(mu, sigma, *ref)
 
   def run(self, params, step, final):

@@ -33,18 +33,16 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dmd_jax import io, sharding
+from dmd_jax import io, loop, sharding
 from dmd_jax.sharding import BATCH_AXES
 
 INCEPTION_SIZE = 299
@@ -200,7 +198,7 @@ def inception_features(module, params: Any, images: np.ndarray, protocol: str = 
     return np.asarray(multihost_utils.global_array_to_host_local_array(out, mesh, P(BATCH_AXES)))
 
   feats, pending = [], None
-  t0 = time.perf_counter()
+  progress = loop.Progress("FID features:", n_steps, unit="batches")
   for i in range(n_steps):
     chunk = images[i * local_batch:(i + 1) * local_batch]
     n_valid = chunk.shape[0]
@@ -212,9 +210,7 @@ def inception_features(module, params: Any, images: np.ndarray, protocol: str = 
       feats.append(to_local(pending[0])[:pending[1]])
     pending = (out, n_valid)
     if log_every and (i + 1) % log_every == 0 and jax.process_index() == 0:
-      done = min((i + 1) * local_batch, n_local) * n_proc
-      rate = done / (time.perf_counter() - t0)
-      logging.info("FID features: step %d/%d, ~%d images, %.1f images/s", i + 1, n_steps, done, rate)
+      progress.update(i + 1, f"~{min((i + 1) * local_batch, n_local) * n_proc} images")
   if pending is not None:
     feats.append(to_local(pending[0])[:pending[1]])
   local = np.concatenate(feats, axis=0) if feats else np.zeros((0, FEATURE_DIM), np.float32)

@@ -18,7 +18,6 @@ protocol; ImageNet-64's is the training set as EDM's ``dataset_tool.py`` resized
 from __future__ import annotations
 
 import os
-import time
 
 import jax
 import numpy as np
@@ -26,7 +25,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dmd_jax import io, sharding
+from dmd_jax import io, loop, sharding
 from dmd_jax.data import input_pipeline
 from dmd_jax.evaluation import coco_fid, fid
 
@@ -99,7 +98,7 @@ def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module,
                                                 image_size=None if clean else image_size)
   total = it.config["num_records"]
   stats = fid.FeatureStats()
-  t0 = time.perf_counter()
+  progress = loop.Progress("FID reference statistics:", total, unit="images")
   logging.info("FID reference statistics of %s[%s] (%d images, protocol %s) → %s", key, sub_split, total,
                protocol, cache_path)
   for i, batch in enumerate(it):
@@ -109,15 +108,14 @@ def reference_stats_from_tfds(name: str, split: str, data_dir, inception_module,
                                    batch_size=batch_size, mesh=mesh, gather=True, log_every=0)
     stats.update(feats)
     if log_every and ((i + 1) % log_every == 0 or i + 1 == len(it)) and jax.process_index() == 0:
-      rate = stats.count / max(time.perf_counter() - t0, 1e-9)
-      logging.info("FID reference statistics: %d/%d images, %.1f images/s", stats.count, total, rate)
+      progress.update(stats.count)
   if stats.count != total:
     raise RuntimeError(f"reference statistics saw {stats.count} images, expected {total}")
   mu, sigma = stats.mu_sigma()
   if jax.process_index() == 0:
     _save(cache_path, mu, sigma, {**meta, "count": stats.count})
   logging.info("FID reference statistics: %d images in %.1f s, written to %s", stats.count,
-               time.perf_counter() - t0, cache_path)
+               progress.seconds, cache_path)
   return mu, sigma
 
 
