@@ -38,6 +38,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dmd_jax import export_lib, families, io, modes, train
+from dmd_jax.writers import quiet_library_logs
 
 
 def _writer(family: str) -> Callable[..., dict]:
@@ -121,7 +122,6 @@ def _define_flags() -> dict:
 
 
 def main(argv, f: Mapping[str, Any]):
-  from dmd_jax.writers import quiet_library_logs
   quiet_library_logs()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from dmd_jax import checkpoint, io
+from safetensors.numpy import save_file
 
 MANIFEST = "dmd_jax_generator.json"
 FORMAT = "dmd_jax.export"
@@ -114,7 +115,6 @@ def jsonable(v):
 
 def save_safetensors(path: str, tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
   """A float32 state dict as ``.safetensors`` (no pickles); ``metadata`` as the file's string metadata."""
-  from safetensors.numpy import save_file
   os.makedirs(os.path.dirname(path), exist_ok=True)
   save_file(dict(tensors), path, metadata={"format": "pt", **(metadata or {})})
   os.chmod(path, 0o644)   # safetensors creates its files owner-only; an export is meant to be shared

@@ -9,6 +9,10 @@ from typing import Callable
 import jax
 
 from dmd_jax import distributed, io
+from dmd_jax.convert import lpips as lpips_convert
+from dmd_jax.convert.common import write_random_network
+from dmd_jax.convert import inception as inception_convert
+from dmd_jax.convert import clip as clip_convert
 
 
 def network_dir(path: str, field: str, network: str, workdir: str | None, write_random: Callable[[str], None],
@@ -34,8 +38,6 @@ def network_dir(path: str, field: str, network: str, workdir: str | None, write_
 
 def lpips(config, workdir: str | None) -> dict:
   """The LPIPS-VGG weights of ``regression.lpips_path`` (docs/method.md §5)."""
-  from dmd_jax.convert import lpips as lpips_convert
-  from dmd_jax.convert.common import write_random_network
   seed = config.seed
   path = network_dir(config.regression.lpips_path, "regression.lpips_path", "lpips", workdir,
                      lambda dst: write_random_network(dst, lpips_convert.trunk_expected_shapes("torchvision"),
@@ -45,8 +47,6 @@ def lpips(config, workdir: str | None) -> dict:
 
 def inception(config, workdir: str | None):
   """``(module, params)`` of the FID Inception of ``eval.inception_path`` (docs/method.md §8)."""
-  from dmd_jax.convert import inception as inception_convert
-  from dmd_jax.convert.common import write_random_network
   seed = config.seed
   path = network_dir(config.eval.inception_path, "eval.inception_path", "inception", workdir,
                      lambda dst: write_random_network(dst, inception_convert.expected_shapes(),
@@ -56,7 +56,6 @@ def inception(config, workdir: str | None):
 
 def clip(config, workdir: str | None):
   """``(module, params, tokenizer)`` of the CLIP-score model of ``eval.clip_path`` (docs/method.md §8)."""
-  from dmd_jax.convert import clip as clip_convert
   # the random stand-in (:tiny) is seeded so that its scores are not all clamped to 0 by max(cos, 0)
   path = network_dir(config.eval.clip_path, "eval.clip_path", "clip", workdir,
                      lambda dst: clip_convert.write_random_converted_clip(dst, seed=3))

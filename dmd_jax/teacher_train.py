@@ -38,6 +38,12 @@ from absl import logging
 from dmd_jax import checkpoint, io, loop, sharding, streams, writers
 from dmd_jax.data.indexed import EpochSampler
 from dmd_jax.models import edm as edm_models
+from dmd_jax.data import digits
+from dmd_jax.families.edm import convert as edm_convert
+from dmd_jax.convert.common import save_converted
+from dmd_jax.evaluation import images as image_io
+from dmd_jax.samplers import edm_heun_sample
+from dmd_jax import train as train_lib
 
 TEACHER_FOLDER = "teacher"
 CHECKPOINT_FOLDER = "teacher_train"
@@ -47,7 +53,6 @@ def dataset(config) -> tuple[np.ndarray, np.ndarray]:
   """The training images ``[N, S, S, C]`` in [-1, 1] and int32 labels of ``teacher_train.dataset``."""
   name = config.teacher_train.dataset
   if name == "digits":
-    from dmd_jax.data import digits
     return digits.load(config.digits.image_size)
   raise ValueError(f"teacher_train.dataset must be 'digits', got {name!r}")
 
@@ -104,8 +109,6 @@ def train_step(state, x, labels, key, *, module, optimizer, cfg):
 
 
 def _write_teacher(workdir: str, ema, kw: dict, step: int) -> str:
-  from dmd_jax.families.edm import convert as edm_convert
-  from dmd_jax.convert.common import save_converted
   dst = io.join(workdir, TEACHER_FOLDER)
   save_converted(dst, jax.device_get(ema), {"network": edm_convert.NETWORK, "init_kwargs": kw,
                                             "source": f"dmd_jax --mode=teacher_train, step {step} (EMA)"})
@@ -115,8 +118,6 @@ def _write_teacher(workdir: str, ema, kw: dict, step: int) -> str:
 def _sample_grid(config, module, ema, workdir: str) -> str:
   """A PNG of Heun samples of the EMA weights: 10 per class (one row per class), noise from the
   ``'sample_grid'`` stream."""
-  from dmd_jax.evaluation import images as image_io
-  from dmd_jax.samplers import edm_heun_sample
   s = config.schedule
   label_dim, per = module.label_dim, 10
   rows = max(label_dim, 1)
@@ -136,7 +137,6 @@ def train(config, workdir: str) -> dict | None:
   """Trains (or resumes) the teacher of ``config.teacher_train`` in ``workdir`` and writes it (module
   docstring). Returns ``{'teacher': folder, 'steps', 'train_seconds', 'final_loss'}``; None if it had
   finished already (the teacher folder is rewritten when missing)."""
-  from dmd_jax import train as train_lib
   cfg = config.teacher_train
   t_start = time.time()
   workdir = train_lib.start_process(config, workdir)

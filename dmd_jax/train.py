@@ -16,6 +16,8 @@ from absl import logging
 from dmd_jax import checkpoint, distributed, dmd, families, io, loop, lora, preemption, sharding, streams, writers
 from dmd_jax.data.indexed import StepIndexed
 from dmd_jax.data.pairs import PairRows, PairStore, build_pairs
+from dmd_jax.data.real import make_real_data
+from dmd_jax.evaluation import evaluators as evaluators_lib
 from dmd_jax.families.base import Teacher
 
 
@@ -310,7 +312,6 @@ def batches(run: Run, pairs: PairRows | None, real=None):
 
 
 def train(config, workdir: str) -> dict | None:
-  from dmd_jax.evaluation import evaluators as evaluators_lib
   t_start = time.time()
   run = setup(config, workdir)
   workdir = run.workdir
@@ -343,7 +344,6 @@ def train(config, workdir: str) -> dict | None:
     logging.info("regression set: %d pairs", len(pairs))
   real = None
   if run.hyper.gan:
-    from dmd_jax.data.real import make_real_data
     real = make_real_data(run, config.gan.real_data)
     if latest is not None:
       real.restore(meta_restored["real_data"])

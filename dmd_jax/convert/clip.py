@@ -32,6 +32,8 @@ from dmd_jax.convert.common import (ConversionError, check_state_dict, expected_
                                     save_converted, torch_shape, unflatten_params, weight_files)
 from dmd_jax.models import clip as clip_lib
 from dmd_jax.models.attention import check_implementation
+from safetensors.numpy import save_file
+from dmd_jax.convert.common import random_state_dict
 
 HELP = "transformers CLIPModel folder (config.json + model.safetensors / pytorch_model.bin + tokenizer files)"
 # Buffers some files carry; never parameters.
@@ -184,9 +186,7 @@ def write_random_converted_clip(dst: str | os.PathLike, seed: int = 0, config: M
   """Writes a random ``CLIPModel`` folder (``config.json``, ``model.safetensors``, the tiny tokenizer of
   :func:`write_tokenizer_files`) to ``<dst>-source`` and converts it into ``dst``. Returns
   ``dst``."""
-  from safetensors.numpy import save_file
 
-  from dmd_jax.convert.common import random_state_dict
   dst = os.fspath(dst)
   src = dst + "-source"
   config = dict(config or TINY_CLIP_MODEL)

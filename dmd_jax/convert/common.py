@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from dmd_jax import io
+from safetensors.numpy import load, load_file
 
 
 class ConversionError(ValueError):
@@ -37,7 +38,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if ext == ".npz":
     sd = io.load_npz(path)
   elif ext == ".safetensors":
-    from safetensors.numpy import load, load_file
     data = io.read_bytes(path) if remote else None
     try:
       sd = load(data) if remote else load_file(path)

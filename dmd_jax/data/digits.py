@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import jax
 
 NUM_IMAGES = 1797
 NUM_CLASSES = 10
@@ -41,7 +42,6 @@ def load(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
   raw, labels = _load_raw()
   x = raw / (GREY_LEVELS / 2) - 1.0
   if size != 8:
-    import jax
     x = np.asarray(jax.image.resize(x, (len(x), size, size), "linear"), np.float32)
   x = np.clip(x, -1.0, 1.0)[..., None]
   x.setflags(write=False)

@@ -43,6 +43,7 @@ from etils import epath  # local folders and gs:// alike
 from PIL import Image
 
 from dmd_jax.data.indexed import parallel_map
+import jax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +295,6 @@ def make_single_pass_pipeline(name: str, split: str, *, data_dir: str | os.PathL
   """
   key, spec = resolve_name(name)
   if process_index is None or process_count is None:
-    import jax
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   process_index, process_count = int(process_index), int(process_count)

@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax.evaluation import images as image_io
+from PIL import Image
+from dmd_jax.evaluation.coco_fid import center_crop_resize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -63,7 +65,6 @@ def shortest_side_size(height: int, width: int, size: int = 224) -> tuple[int, i
 
 def resize_and_crop(image, size: int = 224) -> np.ndarray:
   """One image (PIL, or uint8 HWC) → uint8 ``[size, size, 3]``: bicubic shortest-side resize, center crop."""
-  from PIL import Image
   img = image_io.to_pil_rgb(image, "CLIP images")
   w, h = img.size
   nh, nw = shortest_side_size(h, w, size)
@@ -82,7 +83,6 @@ def preprocess_images(images: Sequence[Any] | np.ndarray, size: int = 224,
   :func:`normalize` finishes on the device). ``resize_256`` first center-crops to a square and resizes to
   256 with Lanczos, as the GigaGAN / DMD2 evaluation code does."""
   if resize_256:
-    from dmd_jax.evaluation.coco_fid import center_crop_resize
     images = [center_crop_resize(image_io.to_pil_rgb(im, "CLIP images"), 256) for im in images]
   out = [resize_and_crop(im, size) for im in images]
   return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)

@@ -23,6 +23,7 @@ import numpy as np
 
 from dmd_jax.evaluation import fid
 from dmd_jax.evaluation import images as image_io
+from PIL import Image
 
 COCO_SIZE = 256
 
@@ -38,7 +39,6 @@ def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
 
 def center_crop_resize(image, size: int = COCO_SIZE) -> np.ndarray:
   """One image (PIL or uint8 HWC) → uint8 ``[size, size, 3]``: square center crop, PIL Lanczos resize."""
-  from PIL import Image
   img = image_io.to_pil_rgb(image)
   img = img.crop(center_crop_box(*img.size))
   if img.size != (size, size):
@@ -49,7 +49,6 @@ def center_crop_resize(image, size: int = COCO_SIZE) -> np.ndarray:
 def clean_resize(image: np.ndarray, size: int = fid.INCEPTION_SIZE) -> np.ndarray:
   """clean-fid's "clean" resize of one uint8 (or float) HWC RGB image → float32 ``[size, size, 3]`` in
   [0, 255]: each channel as a float32 PIL ``F`` image, bicubic, clipped to [0, 255]."""
-  from PIL import Image
   a = np.asarray(image)
   if a.ndim != 3 or a.shape[-1] != 3:
     raise ValueError(f"clean_resize takes an HWC RGB image, got shape {a.shape}")

@@ -77,6 +77,10 @@ from flax import traverse_util
 
 from dmd_jax import checkpoint, io, loop
 from dmd_jax.data import digits as digits_data
+from dmd_jax.evaluation import fid
+from jax.experimental import multihost_utils
+from dmd_jax.evaluation import sampling
+from dmd_jax import streams
 
 DEFAULT_STEPS = 500
 DEFAULT_CHECKPOINT_EVERY = 100
@@ -324,7 +328,6 @@ def class_accuracy(logits: np.ndarray, labels) -> float:
 
 def feature_fid(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
   """FID between two feature sets (``fid.FeatureStats`` + ``fid.frechet_distance``, float64)."""
-  from dmd_jax.evaluation import fid
   stats = []
   for f in (feats_a, feats_b):
     s = fid.FeatureStats(f.shape[1])
@@ -466,7 +469,6 @@ def _agree(flag: bool) -> bool:
   """Process 0's ``flag`` on every process (so all of them take the same branch around collectives)."""
   if jax.process_count() == 1:
     return flag
-  from jax.experimental import multihost_utils
   return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
@@ -508,17 +510,13 @@ class DigitsEvaluator:
     return run.cache["digits_classifier"]
 
   def _metrics(self, x, cond) -> dict:
-    from dmd_jax.evaluation import sampling
-    from dmd_jax.families.base import ClassLabels
     run = self.ctx
     module, params, ref, _, _ = self._classifier()
-    labels = np.asarray(cond) if isinstance(run.teacher.conditions, ClassLabels) else None
+    labels = np.asarray(cond) if getattr(run.teacher.conditions, "num_classes", None) else None
     images = np.asarray(sampling.to_outputs(run, x), np.float32)
     return _json_ready(digits_metrics(images, labels, module, params, ref=ref))
 
   def _teacher(self, n: int) -> dict:
-    from dmd_jax import streams
-    from dmd_jax.evaluation import sampling
     run = self.ctx
     cache = io.join(run.workdir, f"digits_teacher_metrics_{n}.json")
     if _agree(io.exists(cache)):
@@ -532,8 +530,6 @@ class DigitsEvaluator:
     return metrics
 
   def run(self, params, step, final):
-    from dmd_jax import streams
-    from dmd_jax.evaluation import sampling
     run = self.ctx
     n = int(run.config.eval.num_samples)
     if n <= K_NEAREST:

@@ -26,6 +26,12 @@ from dmd_jax import io, loop, pretrained, sharding, streams
 from dmd_jax.evaluation import images as image_io
 from dmd_jax.evaluation import sampling
 from dmd_jax.evaluation.digits import DigitsEvaluator
+from dmd_jax.evaluation import fid
+from dmd_jax.data.toy import GaussianMixture
+from dmd_jax.evaluation import toy as toy_eval
+from dmd_jax.evaluation import text_to_image as t2i
+from dmd_jax.data.prompts import prompts_from_config
+from dmd_jax.evaluation.reference_stats import reference_stats_from_tfds
 
 
 def _replicated(run, params):
@@ -42,7 +48,6 @@ def _inception(run):
 
 def _cached_reference(run, cache: str, compute) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of the teacher's samples: read from ``cache``, else ``compute()`` and written there."""
-  from dmd_jax.evaluation import fid
   if io.exists(cache):
     ref = fid.load_reference_stats(cache)
     return ref["mu"], ref["sigma"]
@@ -57,12 +62,10 @@ class ToyEvaluator:
   """Generator vs teacher samples against the true mixture: TV, precision, mode shares, MMD² (and its floor)."""
 
   def __init__(self, run, writer):
-    from dmd_jax.data.toy import GaussianMixture
     self.ctx, self.writer = run, writer
     self.mixture = GaussianMixture.from_config(run.config.toy)
 
   def run(self, params, step, final):
-    from dmd_jax.evaluation import toy as toy_eval
     if not final:
       return {}
     run, config = self.ctx, self.ctx.config
@@ -115,7 +118,6 @@ class FidEvaluator:
     self.ctx, self.writer = run, writer
 
   def _stats(self, chunks, num: int):
-    from dmd_jax.evaluation import fid
     module, params = _inception(self.ctx)
     e = self.ctx.config.eval
     stats = fid.FeatureStats()
@@ -128,7 +130,6 @@ class FidEvaluator:
     return stats.mu_sigma()
 
   def _reference(self):
-    from dmd_jax.evaluation import fid
     run, e = self.ctx, self.ctx.config.eval
     if not e.reference_stats:
       raise ValueError("eval.reference_stats is empty: pass an .npz with mu and sigma (e.g. EDM's fid-refs), "
@@ -142,7 +143,6 @@ class FidEvaluator:
         streams.key(run.config.seed, "teacher_reference"), e.batch_size), e.num_samples))
 
   def fid(self, params, num: int) -> float:
-    from dmd_jax.evaluation import fid
     run = self.ctx
     ref = self._reference()
     mu, sigma = self._stats(sampling.sample_chunks(run, run.sample, params, num,
@@ -182,30 +182,24 @@ class CocoEvaluator:
     return self.ctx.cache["clip"]
 
   def _captions(self) -> list[str]:
-    from dmd_jax.evaluation import text_to_image as t2i
     config = self.ctx.config
     e, n = config.eval, config.eval.num_samples
     if e.captions == "coco_captions":
       return t2i.coco_captions(e.data_dir, e.captions_split, n, self.ctx.workdir)
     if e.captions == "train_prompts":
-      from dmd_jax.data.prompts import prompts_from_config
       base = prompts_from_config(config.data)
     else:
       base = t2i.read_captions(e.captions)
     return [base[i % len(base)] for i in range(n)]
 
   def _evaluator(self, with_clip: bool):
-    from dmd_jax.evaluation import text_to_image as t2i
     e = self.ctx.config.eval
     return t2i.CocoEvaluator(self.ctx.mesh, _inception(self.ctx) if e.inception_path else None,
                              self._clip() if with_clip else None, e.batch_size, e.clip_resize_256)
 
   def _reference(self, captions):
-    from dmd_jax.evaluation import fid
-    from dmd_jax.evaluation import text_to_image as t2i
     run, e = self.ctx, self.ctx.config.eval
     if e.reference_stats == "tfds":
-      from dmd_jax.evaluation.reference_stats import reference_stats_from_tfds
       module, params = _inception(run)
       cache = io.join(run.workdir, f"fid_reference_coco_{t2i.split_tag(e.reference_split)}.npz")
       return reference_stats_from_tfds("coco_captions", e.reference_split, e.data_dir or None, module, params,
@@ -228,7 +222,6 @@ class CocoEvaluator:
     return ref["mu"], ref["sigma"]
 
   def run(self, params, step, final):
-    from dmd_jax.evaluation import text_to_image as t2i
     run, e = self.ctx, self.ctx.config.eval
     if not final or not (e.inception_path or e.clip_path) or e.num_samples <= 0:
       if final:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from dmd_jax import io
+from PIL import Image
 
 
 def to_uint8(x) -> np.ndarray:
@@ -24,7 +25,6 @@ def grid(images: np.ndarray, cols: int) -> np.ndarray:
 
 def save_png(path: str, image_hwc: np.ndarray) -> None:
   """Writes a uint8 HWC image (1 or 3 channels) as a PNG, atomically (local or ``gs://``)."""
-  from PIL import Image
   img = image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc
   with io.atomic_write(path) as f:
     Image.fromarray(img).save(f, format="PNG")
@@ -33,7 +33,6 @@ def save_png(path: str, image_hwc: np.ndarray) -> None:
 def to_pil_rgb(image, what: str = "images"):
   """A PIL RGB image from a PIL image (any mode) or a uint8 HW / HWC (1 or 3 channels) array; ``what`` names
   the images in errors."""
-  from PIL import Image
   if isinstance(image, Image.Image):
     return image if image.mode == "RGB" else image.convert("RGB")
   a = np.asarray(image)

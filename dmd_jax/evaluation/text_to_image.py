@@ -32,11 +32,12 @@ from dmd_jax import io, loop, sharding
 from dmd_jax.evaluation import clip_score as clip_lib
 from dmd_jax.evaluation import coco_fid, fid
 from dmd_jax.evaluation import images as image_io
+from dmd_jax.data import input_pipeline
+from dmd_jax.data.prompts import read_prompts_file
 
 def coco_captions(data_dir: str, split: str, num: int, cache_dir: str | None) -> list[str]:
   """The first caption of each of the first ``num`` images of ``split`` (record order), cached as
   ``<cache_dir>/coco_captions_<split>_<num>.txt`` (one a line)."""
-  from dmd_jax.data import input_pipeline
   cache = io.join(cache_dir, f"coco_captions_{split_tag(split)}_{num}.txt") if cache_dir else None
   if cache and io.exists(cache):
     return read_captions(cache)
@@ -48,7 +49,6 @@ def coco_captions(data_dir: str, split: str, num: int, cache_dir: str | None) ->
 
 def read_captions(path: str) -> list[str]:
   """One caption a line (``eval.captions=FILE``; whitespace stripped, blank lines skipped)."""
-  from dmd_jax.data.prompts import read_prompts_file
   return read_prompts_file(path, "eval.captions")
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from dmd_jax import io
 from dmd_jax.data.toy import GaussianMixture
+from PIL import Image, ImageDraw
 
 MMD_SAMPLES = 5000
 MMD_BANDWIDTH = 0.1
@@ -78,7 +79,6 @@ def toy_metrics(samples: np.ndarray, mixture: GaussianMixture, seed: int = 0,
 def scatter_png(path: str, panels: list[tuple[str, np.ndarray]], mixture: GaussianMixture,
                 size: int = 420, max_points: int = 5000) -> None:
   """Side-by-side scatter plots (one panel per ``(title, samples)``) with the true means marked."""
-  from PIL import Image, ImageDraw
 
   lo = mixture.means.min(0) - 0.35 * max(np.ptp(mixture.means[:, 0]), 1.0)
   hi = mixture.means.max(0) + 0.35 * max(np.ptp(mixture.means[:, 0]), 1.0)

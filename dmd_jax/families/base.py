@@ -22,6 +22,10 @@ import numpy as np
 
 from dmd_jax import streams
 from dmd_jax.data.indexed import EpochSampler
+from dmd_jax.models.gan_head import ConvGANHead
+from dmd_jax import dmd
+from dmd_jax.models.lpips import LPIPS, lpips_distance
+from dmd_jax import pretrained
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -177,7 +181,6 @@ class Critic:
 def conv_critic(features: Callable, feature_shape: Callable) -> Critic:
   """The image families' critic: :class:`~dmd_jax.models.gan_head.ConvGANHead` on ``features``;
   ``feature_shape()`` gives the bottleneck's ``[H, W, C]`` (to initialise the head)."""
-  from dmd_jax.models.gan_head import ConvGANHead
   head = ConvGANHead()
 
   def init(rng):
@@ -256,14 +259,12 @@ def distance(config) -> Callable:
   """The regression distance ``(lpips_params, x, y) -> [N]`` (docs/method.md §5): 'lpips' (VGG LPIPS after
   bilinear upsampling to ``regression.lpips_resize``; the papers'), or 'l2' / 'mse' (``lpips_params``
   unused)."""
-  from dmd_jax import dmd
   r = config.regression
   if r.distance != "lpips":
     if r.distance not in dmd.REGRESSION_DISTANCES:
       raise ValueError(f"regression.distance must be 'lpips' or one of {sorted(dmd.REGRESSION_DISTANCES)}, "
                        f"got {r.distance!r}")
     return dmd.REGRESSION_DISTANCES[r.distance]
-  from dmd_jax.models.lpips import LPIPS, lpips_distance
   module, resize = LPIPS(), int(r.lpips_resize)
   return lambda p, x, y: lpips_distance(module, p, x, y, resize_to=resize)
 
@@ -272,7 +273,6 @@ def distance_params(config, workdir: str | None) -> dict:
   """The frozen parameters of :func:`distance`: the LPIPS weights, or ``{}`` for 'l2' / 'mse'."""
   if config.regression.distance != "lpips":
     return {}
-  from dmd_jax import pretrained
   return pretrained.lpips(config, workdir)
 
 
@@ -281,6 +281,5 @@ def abstract_distance_params(config) -> dict:
   ``{}`` for 'l2' / 'mse'."""
   if config.regression.distance != "lpips":
     return {}
-  from dmd_jax.models.lpips import LPIPS
   image = jnp.zeros((1, 16, 16, 3), jnp.float32)
   return jax.eval_shape(lambda: LPIPS().init(jax.random.PRNGKey(0), image, image))["params"]

@@ -33,6 +33,8 @@ from dmd_jax.models import clip as clip_lib
 from dmd_jax.models import unet2d as unet_lib
 from dmd_jax.models.attention import check_implementation
 from dmd_jax.models import vae as vae_lib
+from dmd_jax.convert.common import random_state_dict
+from safetensors.numpy import save_file
 
 HELP = "Stable Diffusion 1.x/2.x folder in diffusers layout (UNet, VAE, CLIP text encoder, tokenizer)"
 NETWORKS = ("unet", "vae", "text_encoder")
@@ -297,7 +299,6 @@ SD15_SCHEDULER = {
 def random_torch_state_dict(name: str, config: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
   """A random state dict in PyTorch layout and naming for the ``unet`` / ``vae`` / ``text_encoder`` built
   from ``config`` — the keys and shapes the converter expects, from the Flax module (no torch)."""
-  from dmd_jax.convert.common import random_state_dict
   module, inputs = _build(name, config, jnp.float32)
   shapes = {torch_key(p): torch_shape(p.rsplit("/", 1)[-1], s)
             for p, s in expected_shapes(module, inputs).items()}
@@ -310,7 +311,6 @@ def write_random_pipeline(dst: str | os.PathLike, seed: int = 0, unet_config=Non
   ``vae/``, ``text_encoder/`` (config.json + weights), ``tokenizer/`` (:func:`write_tokenizer_files`),
   ``scheduler/`` (SD 1.5's) and ``model_index.json``. Defaults: the ``TINY_*`` configurations. Returns ``dst``.
   Convert it like a real pipeline (``convert_pipeline``)."""
-  from safetensors.numpy import save_file
   dst = os.fspath(dst)
   configs = {"unet": dict(unet_config or TINY_UNET), "vae": dict(vae_config or TINY_VAE),
              "text_encoder": dict(text_config or TINY_CLIP)}
