@@ -112,3 +112,16 @@ def dmd2(c, *, ttur: int, lr: float, batch_size: int, num_train_steps: int, gan_
   c.gan.critic_weight = gan_critic if gan_generator else 0.0
   c.gan.real_data.update(real_data)
   return c
+
+
+def generator_steps(config) -> tuple[int, ...]:
+  """``generator.steps`` checked: () (one step), or strictly decreasing timesteps that start at the schedule's
+  last one (the generator's own pure-noise level; docs/method.md §7)."""
+  steps = tuple(int(t) for t in config.generator.get("steps", ()))
+  if not steps:
+    return ()
+  last = config.schedule.num_timesteps - 1
+  if steps[0] != last or any(b >= a for a, b in zip(steps, steps[1:])) or steps[-1] < 0:
+    raise ValueError(f"generator.steps must be strictly decreasing timesteps in [0, {last}] starting at {last} "
+                     f"(the generator's pure-noise level), got {steps}")
+  return steps

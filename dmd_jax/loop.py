@@ -10,7 +10,7 @@ What :func:`run` does after each step, in order:
 1. bounds the dispatch queue: it keeps the metrics of at most ``max_in_flight`` steps that have been dispatched
    but not read back, and hands the oldest to ``on_retired`` (read on the host, which waits for that step);
 2. every ``log_every`` steps and at the last: the step's metrics (``prepare_metrics`` may merge or check
-   them), read to floats, plus ``steps_per_sec``, to the writer and the log line ``<what> i/n steps  (x steps/s,
+   them), read to floats, plus ``steps_per_sec``, to the writer and the log line ``<what> step i/n  (x steps/s,
    ETA s)``;
 3. its ``actions`` whose ``every`` divides the step (evaluations, callbacks); their time is not counted in
    the rate or in ``train_seconds``;
@@ -41,14 +41,15 @@ MAX_STEPS_IN_FLIGHT = 4
 
 
 class Progress:
-  """``<what> i/n <unit>  [detail]  (<rate> <unit>/s, ETA <s> s)`` log lines for a job of ``total`` items.
+  """``<what> i/n <unit>  [detail]  (<rate> <unit>/s, ETA <s> s)`` log lines for a job of ``total`` items (the
+  count's unit left out with ``count_unit=False``: ``train step 20/60  (2.3 steps/s, ETA 17 s)``).
 
   The rate is over the items done since this object was made (or since ``start``), with ``paused`` time
   excluded (:meth:`pause`): it is what the remaining items should take.
   """
 
-  def __init__(self, what: str, total: int, unit: str = "steps", start: int = 0):
-    self.what, self.total, self.unit = what, int(total), unit
+  def __init__(self, what: str, total: int, unit: str = "steps", start: int = 0, count_unit: bool = True):
+    self.what, self.total, self.unit, self.count_unit = what, int(total), unit, count_unit
     self._t0 = self._last_t = time.perf_counter()
     self._start = self._last_done = int(start)
     self._paused = 0.0
@@ -76,8 +77,8 @@ class Progress:
     if log:
       overall = self.rate()
       eta = (self.total - done) / overall if overall > 0 else float("inf")
-      logging.info("%s %d/%d %s%s  (%.1f %s/s, ETA %.0f s)", self.what, done, self.total, self.unit,
-                   f"  {detail}" if detail else "", rate, self.unit, eta)
+      logging.info("%s %d/%d%s%s  (%.1f %s/s, ETA %.0f s)", self.what, done, self.total,
+                   f" {self.unit}" if self.count_unit else "", f"  {detail}" if detail else "", rate, self.unit, eta)
     return rate
 
 
@@ -110,7 +111,7 @@ def run(step_fn: Callable[[Any, int], tuple[Any, Mapping[str, Any]]], state, *, 
   ``meta(step)`` its JSON metadata. ``on_step(step)``: called last after every step, its checkpoint included
   (tests interrupt a fit with it). ``preemptible``: agree a stop step on SIGTERM across processes (needs the
   same loop on every process)."""
-  progress = Progress(what, total, "steps", start)
+  progress = Progress(f"{what} step", total, "steps", start, count_unit=False)
   preemption = Preemption(max_in_flight) if preemptible else None
   in_flight: collections.deque = collections.deque()
   last_metrics: dict = {}

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from dmd_jax import checkpoint, distributed, dmd, families, io, loop, lora, preemption, sharding, streams, writers
+from dmd_jax import checkpoint, config_lib, distributed, dmd, families, io, loop, lora, preemption, sharding, streams, writers
 from dmd_jax.data.indexed import StepIndexed
 from dmd_jax.data.pairs import PairRows, PairStore, build_pairs
 from dmd_jax.data.real import make_real_data
@@ -135,7 +135,7 @@ def make_hyper(config, mesh) -> dmd.DMDHyper:
   n = config.dmd.fake_updates_per_generator_update
   if n < 1:
     raise ValueError(f"dmd.fake_updates_per_generator_update must be >= 1, got {n}")
-  steps = generator_steps(config)
+  steps = config_lib.generator_steps(config)
   g = config.gan
   if g.generator_weight < 0 or g.critic_weight < 0:
     raise ValueError(f"gan.generator_weight and gan.critic_weight must be >= 0, got {g.generator_weight} and "
@@ -168,19 +168,6 @@ def make_hyper(config, mesh) -> dmd.DMDHyper:
       gan_critic_weight=float(g.critic_weight),
       gan_max_timestep=max_t,
   )
-
-
-def generator_steps(config) -> tuple[int, ...]:
-  """``generator.steps`` checked: () (one step), or strictly decreasing timesteps that start at the schedule's
-  last one (the generator's own pure-noise level; docs/method.md §7)."""
-  steps = tuple(int(t) for t in config.generator.get("steps", ()))
-  if not steps:
-    return ()
-  last = config.schedule.num_timesteps - 1
-  if steps[0] != last or any(b >= a for a, b in zip(steps, steps[1:])) or steps[-1] < 0:
-    raise ValueError(f"generator.steps must be strictly decreasing timesteps in [0, {last}] starting at {last} "
-                     f"(the generator's pure-noise level), got {steps}")
-  return steps
 
 
 def init_state(teacher: Teacher, hyper: dmd.DMDHyper, key, frozen: dict, lora_plans: dict | None = None):

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import os
 
-from dmd_jax import export_lib, io, schedules
+from dmd_jax import config_lib, export_lib, io, schedules
 from dmd_jax.families.edm import convert as edm_convert
 from dmd_jax.families.edm import teacher as edm_teacher
 
 
-def _edm_sigmas(config, steps) -> list[float]:
-  """The generator's sigmas: its own at pure noise, then the schedule's at its later timesteps ``steps[1:]``."""
+def _edm_sigmas(config) -> list[float]:
+  """The generator's sigmas: its own at pure noise, then the schedule's at its later timesteps."""
+  steps = config_lib.generator_steps(config)
   table = schedules.from_config(config.schedule).sigmas
   return [float(config.generator.sigma)] + [float(table[t]) for t in steps[1:]]
 
@@ -31,7 +32,7 @@ def write(out_dir: str, run, params, teacher_src: str | None = None) -> dict:
   export_lib.write_json(os.path.join(out_dir, "init_kwargs.json"), init_kwargs)
   export_lib.wrote(os.path.join(out_dir, "init_kwargs.json"), out_dir)
   module = edm_convert.edm_models.edm_module_from_kwargs(init_kwargs)
-  sigmas = _edm_sigmas(config, run.hyper.generator_steps)
+  sigmas = _edm_sigmas(config)
   steps = [int(t) for t in run.hyper.generator_steps] or None
   return {
       "files": {"weights": "generator.safetensors (EDMPrecond state dict, EDM's names, float32)",

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from dmd_jax import export_lib, io, lora
+from dmd_jax import config_lib, export_lib, io, lora
 from dmd_jax.families.sd import convert as sd_convert
 from dmd_jax.families.sd import teacher as sd_teacher
 
@@ -33,8 +33,9 @@ def check_teacher_src(teacher_src: str) -> None:
                             f"{', '.join(m + '/' for m in missing)}")
 
 
-def _sd_timesteps(config, steps) -> list[int]:
-  """The generator's timesteps: its own at pure noise, then its later ones ``steps[1:]``."""
+def _sd_timesteps(config) -> list[int]:
+  """The generator's timesteps: its own at pure noise, then its later ones."""
+  steps = config_lib.generator_steps(config)
   return [int(config.generator.timestep)] + [int(t) for t in steps[1:]]
 
 
@@ -60,7 +61,7 @@ def write(out_dir: str, run, params, teacher_src: str | None = None) -> dict:
     _copy_sd_pipeline(teacher_src, out_dir, unet_config, schedule)
     pipeline = True
 
-  timesteps = _sd_timesteps(config, run.hyper.generator_steps)
+  timesteps = _sd_timesteps(config)
   abar = schedule.alphas_cumprod
   res, _, ch = run.teacher.sample_shape
   return {
