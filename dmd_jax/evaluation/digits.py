@@ -203,7 +203,7 @@ def train_classifier(directory: str, *, size: int = 16, steps: int = DEFAULT_STE
                      checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY, module: DigitsClassifier | None = None,
                      write: bool = True, on_step: Callable[[int], None] | None = None) -> Classifier:
   """The digits classifier of ``directory``: loaded when a finished one with these settings is there, else
-  trained (resuming from ``classifier_checkpoint.npz`` when present) and saved there.
+  trained (resuming from the Orbax checkpoint in ``checkpoints/`` when present) and saved there.
 
   Args:
     directory: its folder (local or remote, through ``dmd_jax.io``).
@@ -211,7 +211,7 @@ def train_classifier(directory: str, *, size: int = 16, steps: int = DEFAULT_STE
     steps: Adam steps of ``batch_size`` digits of the train split.
     seed: initial parameters (``PRNGKey(seed)``), batch order and shifts (:func:`batch_plan`), and the split.
     held_out_fraction: the held-out split (``digits.split``), which gives ``held_out_accuracy``.
-    checkpoint_every: a resumable checkpoint every this many steps (0: none).
+    checkpoint_every: a resumable checkpoint every this many steps (0: none; none either with several processes).
     module: the architecture (default ``DigitsClassifier(size=size)``).
     write: write files (False on processes other than 0: they train the same classifier in memory).
     on_step: called with the number of steps done after each step (and its checkpoint); tests use it to
@@ -243,7 +243,9 @@ def train_classifier(directory: str, *, size: int = 16, steps: int = DEFAULT_STE
   x_train, y_train = np.asarray(images[train_idx]), np.asarray(labels[train_idx])
   params = module.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 1), jnp.float32))["params"]
   state = {"params": params, "opt_state": _optimizer(learning_rate, steps).init(params)}
-  ckpt = checkpoint.Checkpointer(directory, max_to_keep=1) if write and checkpoint_every > 0 else None
+  # Orbax saves are collective: with several processes (only process 0 writes) the ~20 s fit is not resumable
+  resumable = write and checkpoint_every > 0 and jax.process_count() == 1
+  ckpt = checkpoint.Checkpointer(directory, max_to_keep=1) if resumable else None
   start, seconds = 0, 0.0
   if ckpt is not None and ckpt.latest_step() is not None:
     start = ckpt.latest_step()
