@@ -19,9 +19,9 @@ from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
+from safetensors.numpy import save_file
 
 from dmd_jax import checkpoint, io
-from safetensors.numpy import save_file
 
 MANIFEST = "dmd_jax_generator.json"
 FORMAT = "dmd_jax.export"

@@ -68,17 +68,16 @@ class Progress:
     """Items per second since the start."""
     return (self._last_done - self._start) / max(self.seconds, 1e-9)
 
-  def update(self, done: int, detail: str = "", log: bool = True) -> float:
-    """Records that ``done`` items are done; logs a line (unless ``log=False``) and returns the rate since the
-    previous update (items per second)."""
+  def update(self, done: int, detail: str = "") -> float:
+    """Records that ``done`` items are done, logs the line and returns the rate since the previous update
+    (items per second)."""
     now = time.perf_counter()
     rate = (done - self._last_done) / max(now - self._last_t, 1e-9)
     self._last_t, self._last_done = now, int(done)
-    if log:
-      overall = self.rate()
-      eta = (self.total - done) / overall if overall > 0 else float("inf")
-      logging.info("%s %d/%d%s%s  (%.1f %s/s, ETA %.0f s)", self.what, done, self.total,
-                   f" {self.unit}" if self.count_unit else "", f"  {detail}" if detail else "", rate, self.unit, eta)
+    overall = self.rate()
+    eta = (self.total - done) / overall if overall > 0 else float("inf")
+    logging.info("%s %d/%d%s%s  (%.1f %s/s, ETA %.0f s)", self.what, done, self.total,
+                 f" {self.unit}" if self.count_unit else "", f"  {detail}" if detail else "", rate, self.unit, eta)
     return rate
 
 
@@ -107,10 +106,10 @@ def run(step_fn: Callable[[Any, int], tuple[Any, Mapping[str, Any]]], state, *, 
         meta: Callable[[int], dict] | None = None, on_step: Callable[[int], None] | None = None,
         max_in_flight: int = MAX_STEPS_IN_FLIGHT, preemptible: bool = True) -> Result:
   """Runs ``state, metrics = step_fn(state, step)`` for ``step = start .. total-1`` with the periodic work of
-  the module docstring. ``log_keys``: metrics shown on the progress line. ``checkpointer``: a ``dmd_jax.checkpoint.Checkpointer`` (None: no checkpoints);
-  ``meta(step)`` its JSON metadata. ``on_step(step)``: called last after every step, its checkpoint included
-  (tests interrupt a fit with it). ``preemptible``: agree a stop step on SIGTERM across processes (needs the
-  same loop on every process)."""
+  the module docstring. ``log_keys``: metrics shown on the progress line. ``checkpointer``: a
+  ``dmd_jax.checkpoint.Checkpointer`` (None: no checkpoints); ``meta(step)`` its JSON metadata.
+  ``on_step(step)``: called last after every step, its checkpoint included (tests interrupt a fit with it).
+  ``preemptible``: agree a stop step on SIGTERM across processes (needs the same loop on every process)."""
   progress = Progress(f"{what} step", total, "steps", start, count_unit=False)
   preemption = Preemption(max_in_flight) if preemptible else None
   in_flight: collections.deque = collections.deque()

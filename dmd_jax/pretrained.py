@@ -9,10 +9,10 @@ from typing import Callable
 import jax
 
 from dmd_jax import distributed, io
+from dmd_jax.convert import clip as clip_convert
+from dmd_jax.convert import inception as inception_convert
 from dmd_jax.convert import lpips as lpips_convert
 from dmd_jax.convert.common import write_random_network
-from dmd_jax.convert import inception as inception_convert
-from dmd_jax.convert import clip as clip_convert
 
 
 def network_dir(path: str, field: str, network: str, workdir: str | None, write_random: Callable[[str], None],

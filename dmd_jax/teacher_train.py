@@ -36,14 +36,14 @@ import optax
 from absl import logging
 
 from dmd_jax import checkpoint, io, loop, sharding, streams, writers
-from dmd_jax.data.indexed import EpochSampler
-from dmd_jax.models import edm as edm_models
-from dmd_jax.data import digits
-from dmd_jax.families.edm import convert as edm_convert
-from dmd_jax.convert.common import save_converted
-from dmd_jax.evaluation import images as image_io
-from dmd_jax.samplers import edm_heun_sample
 from dmd_jax import train as train_lib
+from dmd_jax.convert.common import save_converted
+from dmd_jax.data import digits
+from dmd_jax.data.indexed import EpochSampler
+from dmd_jax.evaluation import images as image_io
+from dmd_jax.families.edm import convert as edm_convert
+from dmd_jax.models import edm as edm_models
+from dmd_jax.samplers import edm_heun_sample
 
 TEACHER_FOLDER = "teacher"
 CHECKPOINT_FOLDER = "teacher_train"

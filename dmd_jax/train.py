@@ -13,7 +13,8 @@ from typing import Any
 import jax
 from absl import logging
 
-from dmd_jax import checkpoint, config_lib, distributed, dmd, families, io, loop, lora, preemption, sharding, streams, writers
+from dmd_jax import (checkpoint, config_lib, distributed, dmd, families, io, loop, lora, preemption, sharding,
+                     streams, writers)
 from dmd_jax.data.indexed import StepIndexed
 from dmd_jax.data.pairs import PairRows, PairStore, build_pairs
 from dmd_jax.data.real import make_real_data

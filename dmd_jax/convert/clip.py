@@ -26,14 +26,14 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from dmd_jax.convert.common import (ConversionError, check_state_dict, expected_shapes, flatten_params,
-                                    from_torch, load_converted, load_state_dict, read_folder_config,
-                                    save_converted, torch_shape, unflatten_params, weight_files)
+                                    from_torch, load_converted, load_state_dict, random_state_dict,
+                                    read_folder_config, save_converted, torch_shape, unflatten_params,
+                                    weight_files)
 from dmd_jax.models import clip as clip_lib
 from dmd_jax.models.attention import check_implementation
-from safetensors.numpy import save_file
-from dmd_jax.convert.common import random_state_dict
 
 HELP = "transformers CLIPModel folder (config.json + model.safetensors / pytorch_model.bin + tokenizer files)"
 # Buffers some files carry; never parameters.

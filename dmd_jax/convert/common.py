@@ -15,9 +15,9 @@ from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
+from safetensors.numpy import load, load_file
 
 from dmd_jax import io
-from safetensors.numpy import load, load_file
 
 
 class ConversionError(ValueError):

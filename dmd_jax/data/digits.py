@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import jax
+import numpy as np
 
 NUM_IMAGES = 1797
 NUM_CLASSES = 10

@@ -37,13 +37,13 @@ import json
 import os
 from typing import Any, Iterator
 
+import jax
 import numpy as np
 from absl import logging
 from etils import epath  # local folders and gs:// alike
 from PIL import Image
 
 from dmd_jax.data.indexed import parallel_map
-import jax
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,9 +41,9 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from dmd_jax.evaluation import images as image_io
-from PIL import Image
 from dmd_jax.evaluation.coco_fid import center_crop_resize
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

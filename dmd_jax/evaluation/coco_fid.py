@@ -20,10 +20,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from dmd_jax.evaluation import fid
 from dmd_jax.evaluation import images as image_io
-from PIL import Image
 
 COCO_SIZE = 256
 

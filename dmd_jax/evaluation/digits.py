@@ -17,9 +17,9 @@ It is cached in its folder (``<workdir>/digits_classifier`` for the evaluator): 
 written in that order, so ``classifier.json`` marks a finished classifier. A later call with the same settings
 loads them; **a call with different settings raises a ValueError naming the differences** (the metrics are
 only comparable under one classifier, so a folder holds one; delete it or use another folder). Training is
-resumable: it runs in the project's one loop (``dmd_jax/loop.py``), which every ``checkpoint_every`` steps writes an
-Orbax checkpoint to ``checkpoints/`` (params, Adam state; the settings and the train time so far in its metadata);
-a killed training resumes from it, and the folder is removed once the classifier is written. The batch
+resumable: it runs in the project's one loop (``dmd_jax/loop.py``), which every ``checkpoint_every`` steps
+writes an Orbax checkpoint to ``checkpoints/`` (params, Adam state; the settings and the train time so far in
+its metadata); a killed training resumes from it, and the folder is removed once the classifier is written. The batch
 of step ``s`` (its rows and shifts) is a pure function of ``(seed, s)`` (``np.random.default_rng([seed,
 _ORDER_SALT, s])``), and the initial parameters of ``PRNGKey(seed)``, so the data order needs no state and a
 resumed training ends with bitwise the parameters of an uninterrupted one. The classifier's seed is its own
@@ -74,13 +74,11 @@ import numpy as np
 import optax
 from absl import logging
 from flax import traverse_util
-
-from dmd_jax import checkpoint, io, loop
-from dmd_jax.data import digits as digits_data
-from dmd_jax.evaluation import fid
 from jax.experimental import multihost_utils
-from dmd_jax.evaluation import sampling
-from dmd_jax import streams
+
+from dmd_jax import checkpoint, io, loop, streams
+from dmd_jax.data import digits as digits_data
+from dmd_jax.evaluation import fid, sampling
 
 DEFAULT_STEPS = 500
 DEFAULT_CHECKPOINT_EVERY = 100

@@ -17,20 +17,18 @@ Each has ``run(generator_params, step, final) -> results`` (a dict merged into `
 """
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 from absl import logging
 
 from dmd_jax import io, loop, pretrained, sharding, streams
-from dmd_jax.evaluation import images as image_io
-from dmd_jax.evaluation import sampling
-from dmd_jax.evaluation.digits import DigitsEvaluator
-from dmd_jax.evaluation import fid
-from dmd_jax.data.toy import GaussianMixture
-from dmd_jax.evaluation import toy as toy_eval
-from dmd_jax.evaluation import text_to_image as t2i
 from dmd_jax.data.prompts import prompts_from_config
+from dmd_jax.data.toy import GaussianMixture
+from dmd_jax.evaluation import fid, sampling
+from dmd_jax.evaluation import images as image_io
+from dmd_jax.evaluation import text_to_image as t2i
+from dmd_jax.evaluation import toy as toy_eval
+from dmd_jax.evaluation.digits import DigitsEvaluator
 from dmd_jax.evaluation.reference_stats import reference_stats_from_tfds
 
 

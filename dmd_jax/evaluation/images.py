@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 from dmd_jax import io
-from PIL import Image
 
 
 def to_uint8(x) -> np.ndarray:

@@ -29,11 +29,11 @@ import jax
 import numpy as np
 
 from dmd_jax import io, loop, sharding
+from dmd_jax.data import input_pipeline
+from dmd_jax.data.prompts import read_prompts_file
 from dmd_jax.evaluation import clip_score as clip_lib
 from dmd_jax.evaluation import coco_fid, fid
 from dmd_jax.evaluation import images as image_io
-from dmd_jax.data import input_pipeline
-from dmd_jax.data.prompts import read_prompts_file
 
 def coco_captions(data_dir: str, split: str, num: int, cache_dir: str | None) -> list[str]:
   """The first caption of each of the first ``num`` images of ``split`` (record order), cached as

@@ -11,10 +11,10 @@
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from dmd_jax import io
 from dmd_jax.data.toy import GaussianMixture
-from PIL import Image, ImageDraw
 
 MMD_SAMPLES = 5000
 MMD_BANDWIDTH = 0.1

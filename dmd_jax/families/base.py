@@ -20,12 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax import streams
+from dmd_jax import dmd, pretrained, streams
 from dmd_jax.data.indexed import EpochSampler
 from dmd_jax.models.gan_head import ConvGANHead
-from dmd_jax import dmd
 from dmd_jax.models.lpips import LPIPS, lpips_distance
-from dmd_jax import pretrained
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -24,17 +24,17 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import save_file
 
 from dmd_jax.convert.clip import load_tokenizer, write_tokenizer_files
 from dmd_jax.convert.common import (ConversionError, check_state_dict, expected_shapes, flatten_params,
-                                    from_torch, load_converted, load_state_dict, read_folder_config,
-                                    save_converted, to_torch, torch_shape, unflatten_params, weight_files)
+                                    from_torch, load_converted, load_state_dict, random_state_dict,
+                                    read_folder_config, save_converted, to_torch, torch_shape, unflatten_params,
+                                    weight_files)
 from dmd_jax.models import clip as clip_lib
 from dmd_jax.models import unet2d as unet_lib
-from dmd_jax.models.attention import check_implementation
 from dmd_jax.models import vae as vae_lib
-from dmd_jax.convert.common import random_state_dict
-from safetensors.numpy import save_file
+from dmd_jax.models.attention import check_implementation
 
 HELP = "Stable Diffusion 1.x/2.x folder in diffusers layout (UNet, VAE, CLIP text encoder, tokenizer)"
 NETWORKS = ("unet", "vae", "text_encoder")
