@@ -26,6 +26,7 @@ FAMILIES = {
     "toy": "dmd_jax.families.toy",
     "edm": "dmd_jax.families.edm",
     "sd": "dmd_jax.families.sd",
+    "sdxl": "dmd_jax.families.sdxl",
 }
 
 

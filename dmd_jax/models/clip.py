@@ -1,26 +1,34 @@
 """CLIP transformers in Flax Linen: the text transformer (``transformers.CLIPTextModel``'s ``text_model``, the
-Stable Diffusion text encoder) and, for CLIP score, the vision tower and the two-tower :class:`CLIPModel`.
+Stable Diffusion text encoder), the text transformer with its projection (``transformers.CLIPTextModelWithProjection``,
+SDXL's second text encoder) and, for CLIP score, the vision tower and the two-tower :class:`CLIPModel`.
 
     text = CLIPTextTransformer(CLIPTextConfig.from_hf(json.load(open('text_encoder/config.json'))))
     hidden = text.apply({'params': p}, input_ids)                       # last_hidden_state [B, L, D]
     hidden, pooled = text.apply({'params': p}, input_ids, return_pooled=True)
+    penultimate = text.apply({'params': p}, input_ids, hidden_layer=-2)  # transformers' hidden_states[-2]
+
+    text2 = CLIPTextModelWithProjection(CLIPTextConfig.from_hf(json.load(open('text_encoder_2/config.json'))))
+    penultimate, text_embeds = text2.apply({'params': q}, input_ids, hidden_layer=-2)   # [B, L, D], [B, P]
 
     clip = CLIPModel(CLIPConfig.from_hf(json.load(open('clip/config.json'))))   # a transformers CLIPModel
     img = clip.apply({'params': q}, pixels_nhwc, method='get_image_features')
     txt = clip.apply({'params': q}, input_ids, method='get_text_features')
 
-Stable Diffusion 1.x conditions on ``last_hidden_state`` (after the final LayerNorm). The pre-LN encoder
+Stable Diffusion 1.x conditions on ``last_hidden_state`` (after the final LayerNorm); SDXL on both encoders'
+penultimate hidden states (``hidden_layer=-2``: the output of the second-to-last encoder layer, without the final
+LayerNorm) and on the second encoder's ``text_embeds`` (``text_projection`` of the pooled output). The pre-LN encoder
 (:class:`CLIPEncoder`) takes an optional additive mask; the vision tower (patch embedding + class token +
 ``pre_layrnorm`` + the same encoder + ``post_layernorm``) reuses it unmasked. Parameter names mirror
 the PyTorch state dict (the text transformer's without the ``text_model.`` prefix:
-``encoder.layers.3.mlp.fc1.weight`` ↔ ``encoder/layers_3/mlp/fc1/kernel``). LayerNorm statistics and the
+``encoder.layers.3.mlp.fc1.weight`` ↔ ``encoder/layers_3/mlp/fc1/kernel``; :class:`CLIPTextModelWithProjection`'s
+with it, ``text_model/encoder/layers_3/mlp/fc1/kernel``, and ``text_projection/kernel``). LayerNorm statistics and the
 softmax are float32. ``attention`` chooses the attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see
 ``dmd_jax.models.attention``; the text tower's causal mask always takes the XLA path).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -110,7 +118,8 @@ class CLIPEncoderLayer(nn.Module):
 
 class CLIPEncoder(nn.Module):
   """The pre-LayerNorm transformer shared by the text and vision towers; ``mask`` is additive
-  (``[L, L]`` or ``[B, 1, L, L]``, 0 to keep and -inf to drop)."""
+  (``[L, L]`` or ``[B, 1, L, L]``, 0 to keep and -inf to drop). ``return_hidden_states`` also returns the
+  ``num_layers + 1`` states transformers' ``hidden_states`` holds (the input, then each layer's output)."""
   num_layers: int
   heads: int
   intermediate_size: int
@@ -120,11 +129,13 @@ class CLIPEncoder(nn.Module):
   attention: str = "auto"
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, return_hidden_states: bool = False):
+    states = [x]
     for i in range(self.num_layers):
       x = CLIPEncoderLayer(self.heads, self.intermediate_size, self.hidden_act, self.eps, self.dtype,
                            self.attention, name=f"layers_{i}")(x, mask)
-    return x
+      states.append(x)
+    return (x, tuple(states)) if return_hidden_states else x
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -145,30 +156,59 @@ class CLIPTextEmbeddings(nn.Module):
 
 class CLIPTextTransformer(nn.Module):
   """``input_ids [B, L]`` → ``last_hidden_state [B, L, D]`` (float32): token + position embeddings, causal
-  pre-LN transformer, final LayerNorm. ``return_pooled`` adds the state at the first end-of-text token
-  (the last-id argmax for legacy configs with ``eos_token_id == 2``, as transformers does)."""
+  pre-LN transformer, final LayerNorm.
+
+  ``hidden_layer`` (an int) returns transformers' ``hidden_states[hidden_layer]`` instead, float32: index 0 is the
+  embeddings, ``i`` the output of encoder layer ``i`` (1-based), negative indices count from the end (``-1`` the last
+  layer's output, ``-2`` SDXL's penultimate state); these states are not final-LayerNormed. ``return_pooled``
+  adds the final-LayerNormed last layer's state at the first end-of-text token (the last-id argmax for legacy
+  configs with ``eos_token_id == 2``, as transformers does), whatever ``hidden_layer`` is."""
   config: CLIPTextConfig
   dtype: Dtype = jnp.float32
   attention: str = "auto"
 
   @nn.compact
-  def __call__(self, input_ids, return_pooled: bool = False):
+  def __call__(self, input_ids, return_pooled: bool = False, hidden_layer: Optional[int] = None):
     cfg = self.config
+    n_states = cfg.num_hidden_layers + 1
+    if hidden_layer is not None and not -n_states <= hidden_layer < n_states:
+      raise ValueError(f"hidden_layer={hidden_layer} is out of range: the text encoder has {n_states} hidden states "
+                       f"(the embeddings and {cfg.num_hidden_layers} layers)")
     input_ids = jnp.asarray(input_ids, jnp.int32)
     n = input_ids.shape[-1]
     x = CLIPTextEmbeddings(cfg.vocab_size, cfg.max_position_embeddings, cfg.hidden_size, self.dtype,
                            name="embeddings")(input_ids)
     causal = jnp.where(jnp.tril(jnp.ones((n, n), bool)), 0.0, -jnp.inf).astype(jnp.float32)
-    x = CLIPEncoder(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act,
-                    cfg.layer_norm_eps, self.dtype, self.attention, name="encoder")(x, causal)
+    x, states = CLIPEncoder(cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size,
+                            cfg.hidden_act, cfg.layer_norm_eps, self.dtype, self.attention,
+                            name="encoder")(x, causal, return_hidden_states=True)
     x = LayerNorm(cfg.layer_norm_eps, jnp.float32, name="final_layer_norm")(x)
+    out = x if hidden_layer is None else states[hidden_layer].astype(jnp.float32)
     if not return_pooled:
-      return x
+      return out
     if cfg.eos_token_id == 2:
       idx = jnp.argmax(input_ids, axis=-1)
     else:
       idx = jnp.argmax(input_ids == cfg.eos_token_id, axis=-1)
-    return x, x[jnp.arange(x.shape[0]), idx]
+    return out, x[jnp.arange(x.shape[0]), idx]
+
+
+class CLIPTextModelWithProjection(nn.Module):
+  """transformers' ``CLIPTextModelWithProjection`` (SDXL's second text encoder, OpenCLIP ViT-bigG/14):
+  ``input_ids [B, L]`` → ``(hidden [B, L, D], text_embeds [B, projection_dim])``, both float32. ``hidden`` is
+  :class:`CLIPTextTransformer`'s output for ``hidden_layer`` (``last_hidden_state`` by default, ``-2`` for
+  SDXL's penultimate state); ``text_embeds`` is ``text_projection`` (linear, no bias) of the pooled output.
+  Parameters: ``text_model/...`` (the transformer) and ``text_projection/kernel``, as the PyTorch keys."""
+  config: CLIPTextConfig
+  dtype: Dtype = jnp.float32
+  attention: str = "auto"
+
+  @nn.compact
+  def __call__(self, input_ids, hidden_layer: Optional[int] = None):
+    hidden, pooled = CLIPTextTransformer(self.config, self.dtype, self.attention, name="text_model")(
+        input_ids, return_pooled=True, hidden_layer=hidden_layer)
+    text_embeds = dense(self.config.projection_dim, self.dtype, "text_projection", use_bias=False)(pooled)
+    return hidden, text_embeds.astype(jnp.float32)
 
 
 def dummy_inputs(config: CLIPTextConfig, batch: int = 1):

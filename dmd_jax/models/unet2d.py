@@ -1,4 +1,5 @@
-"""The Stable Diffusion UNet (diffusers' ``UNet2DConditionModel``, SD 1.x / 2.x) in Flax Linen, NHWC.
+"""The Stable Diffusion UNet (diffusers' ``UNet2DConditionModel``: SD 1.x / 2.x, and SDXL with its ``text_time``
+added conditioning) in Flax Linen, NHWC.
 
 Built from a diffusers ``unet/config.json`` through :class:`UNetConfig`; values this port does not implement
 raise a ``ValueError`` that names the key and the value. Parameter names mirror the diffusers state dict with
@@ -12,6 +13,11 @@ epsilon is float32.
 
 ``attention`` chooses the attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see ``dmd_jax.models.attention``). The
 norms, convs and resnet / resampling blocks are ``dmd_jax.models.layers`` (shared with ``vae.py``).
+
+SDXL (``addition_embed_type="text_time"``): the call takes ``added_cond={'text_embeds': [B, P], 'time_ids': [B, 6]}``
+(the pooled text embedding and the size / crop conditioning). Each time id gets the sinusoidal embedding of width
+``addition_time_embed_dim``; ``[text_embeds, those 6 embeddings]`` (width ``projection_class_embeddings_input_dim``)
+goes through ``add_embedding`` (linear, SiLU, linear) and is added to the timestep embedding.
 """
 from __future__ import annotations
 
@@ -153,12 +159,13 @@ class Transformer2DModel(nn.Module):
 _FIXED = dict(
     mid_block_type="UNetMidBlock2DCrossAttn", only_cross_attention=False, act_fn="silu", dropout=0.0,
     reverse_transformer_layers_per_block=None, encoder_hid_dim=None, encoder_hid_dim_type=None,
-    num_attention_heads=None, dual_cross_attention=False, class_embed_type=None, addition_embed_type=None,
-    addition_time_embed_dim=None, num_class_embeds=None, resnet_time_scale_shift="default",
-    resnet_skip_time_act=False, resnet_out_scale_factor=1.0, time_embedding_type="positional",
-    time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
-    projection_class_embeddings_input_dim=None, attention_type="default", class_embeddings_concat=False,
-    mid_block_only_cross_attention=None, cross_attention_norm=None)
+    num_attention_heads=None, dual_cross_attention=False, class_embed_type=None, num_class_embeds=None,
+    resnet_time_scale_shift="default", resnet_skip_time_act=False, resnet_out_scale_factor=1.0,
+    time_embedding_type="positional", time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None,
+    attention_type="default", class_embeddings_concat=False, mid_block_only_cross_attention=None,
+    cross_attention_norm=None)
+# The added conditionings (addition_embed_type) this port implements: None (SD 1.x / 2.x) and SDXL's.
+_ADDITIONS = (None, "text_time")
 # Arguments that do not change the network (or only matter with features rejected above).
 _IGNORED = ("sample_size", "addition_embed_type_num_heads")
 _DOWN = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -180,7 +187,9 @@ def _per_block(cfg: Mapping[str, Any], key: str, n: int, kind=int) -> tuple:
 class UNetConfig:
   """The UNet's architecture, normalised from a diffusers config: per-block values are tuples over the down
   blocks (the up blocks use them reversed). ``num_heads`` is diffusers' ``attention_head_dim`` (which, for
-  historical reasons, holds the number of heads; the head width is ``channels // num_heads``)."""
+  historical reasons, holds the number of heads; the head width is ``channels // num_heads``).
+  ``addition_embed_type`` is None or ``'text_time'`` (SDXL); with ``'text_time'``, ``addition_time_embed_dim`` and
+  ``projection_class_embeddings_input_dim`` are set (both None otherwise)."""
   in_channels: int = 4
   out_channels: int = 4
   center_input_sample: bool = False
@@ -202,6 +211,9 @@ class UNetConfig:
   time_embedding_dim: Optional[int] = None
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
+  addition_embed_type: Optional[str] = None
+  addition_time_embed_dim: Optional[int] = None
+  projection_class_embeddings_input_dim: Optional[int] = None
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any]) -> "UNetConfig":
@@ -213,7 +225,8 @@ class UNetConfig:
         block_out_channels=cls.block_out_channels, layers_per_block=2, downsample_padding=1,
         mid_block_scale_factor=1, norm_num_groups=32, norm_eps=1e-5, cross_attention_dim=1280,
         transformer_layers_per_block=1, attention_head_dim=8, use_linear_projection=False,
-        upcast_attention=False, time_embedding_dim=None, conv_in_kernel=3, conv_out_kernel=3)
+        upcast_attention=False, time_embedding_dim=None, conv_in_kernel=3, conv_out_kernel=3,
+        addition_embed_type=None, addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
     cfg = dict(defaults)
     for k, v in config.items():
       if k.startswith("_") or k in _IGNORED:
@@ -251,6 +264,18 @@ class UNetConfig:
     for k in ("conv_in_kernel", "conv_out_kernel"):
       if cfg[k] % 2 != 1:
         raise ValueError(f"unsupported UNet config: {k}={cfg[k]!r} (odd sizes only)")
+    addition = cfg["addition_embed_type"]
+    if addition not in _ADDITIONS:
+      raise ValueError(f"unsupported UNet config: addition_embed_type={addition!r} (this port implements "
+                       f"{' and '.join(map(repr, _ADDITIONS))})")
+    add_dims = dict(addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
+    if addition == "text_time":  # (diffusers reads these two keys only for this addition type)
+      for k in add_dims:
+        v = cfg[k]
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+          raise ValueError(f"unsupported UNet config: addition_embed_type='text_time' needs a positive int {k} "
+                           f"(got {k}={v!r})")
+        add_dims[k] = v
     return cls(
         in_channels=int(cfg["in_channels"]), out_channels=int(cfg["out_channels"]),
         center_input_sample=bool(cfg["center_input_sample"]), flip_sin_to_cos=bool(cfg["flip_sin_to_cos"]),
@@ -266,7 +291,8 @@ class UNetConfig:
         use_linear_projection=bool(cfg["use_linear_projection"]),
         upcast_attention=bool(cfg["upcast_attention"]),
         time_embedding_dim=None if cfg["time_embedding_dim"] is None else int(cfg["time_embedding_dim"]),
-        conv_in_kernel=int(cfg["conv_in_kernel"]), conv_out_kernel=int(cfg["conv_out_kernel"]))
+        conv_in_kernel=int(cfg["conv_in_kernel"]), conv_out_kernel=int(cfg["conv_out_kernel"]),
+        addition_embed_type=addition, **add_dims)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -373,10 +399,36 @@ class TimestepEmbedding(nn.Module):
     return dense(self.dim, self.dtype, "linear_2")(nn.silu(dense(self.dim, self.dtype, "linear_1")(x)))
 
 
+def text_time_input(config: UNetConfig, added_cond: Optional[Mapping[str, Any]], batch: int):
+  """The input of SDXL's ``add_embedding``, float32 ``[B, projection_class_embeddings_input_dim]``:
+  ``[text_embeds, emb(time_ids[:, 0]), ..., emb(time_ids[:, -1])]`` with ``emb`` the sinusoidal embedding of
+  width ``addition_time_embed_dim`` (the UNet's ``flip_sin_to_cos`` / ``freq_shift``). ``text_embeds`` ``[B, P]``
+  and ``time_ids`` ``[B, n]`` may also be given once (``[P]`` / ``[n]`` or a batch of 1) for the whole batch."""
+  if added_cond is None or not {"text_embeds", "time_ids"} <= set(added_cond):
+    got = None if added_cond is None else sorted(added_cond)
+    raise ValueError("this UNet has addition_embed_type='text_time' (SDXL) and needs "
+                     f"added_cond={{'text_embeds': [B, P], 'time_ids': [B, 6]}} (got {got})")
+  text = jnp.asarray(added_cond["text_embeds"], jnp.float32)
+  ids = jnp.asarray(added_cond["time_ids"], jnp.float32)
+  text = jnp.broadcast_to(text, (batch, text.shape[-1]))
+  ids = jnp.broadcast_to(ids, (batch, ids.shape[-1]))
+  d = config.addition_time_embed_dim
+  width = text.shape[-1] + ids.shape[-1] * d
+  if width != config.projection_class_embeddings_input_dim:
+    raise ValueError(f"added_cond: text_embeds {text.shape[-1]} wide + {ids.shape[-1]} time ids x "
+                     f"addition_time_embed_dim {d} = {width}, but projection_class_embeddings_input_dim is "
+                     f"{config.projection_class_embeddings_input_dim}")
+  emb = timestep_embedding(ids.reshape(-1), d, config.flip_sin_to_cos, config.freq_shift).reshape(batch, -1)
+  return jnp.concatenate([text, emb], axis=-1)
+
+
 class UNet2DConditionModel(nn.Module):
   """``apply({'params': p}, latents [B,H,W,C], timesteps [B] or scalar, text [B,L,D]) -> eps [B,H,W,C]``
   (float32). With ``return_mid_features=True`` returns ``(eps, mid)``, ``mid`` the mid-block output
   ``[B, H/2^k, W/2^k, C_last]`` in ``dtype`` (the bottleneck DMD2's GAN head reads).
+
+  ``added_cond`` is SDXL's added conditioning, ``{'text_embeds': [B, P], 'time_ids': [B, 6]}`` (see
+  :func:`text_time_input`): required by a ``text_time`` UNet, refused by the others (a ``ValueError`` either way).
 
   ``remat`` rematerialises each down/mid/up block in the backward pass (gradient checkpointing);
   ``attention`` is the attention kernel ('auto' | 'xla' | 'cudnn' | 'splash', see ``dmd_jax.models.attention``).
@@ -387,7 +439,8 @@ class UNet2DConditionModel(nn.Module):
   attention: str = "auto"
 
   @nn.compact
-  def __call__(self, sample, timesteps, encoder_hidden_states, return_mid_features: bool = False):
+  def __call__(self, sample, timesteps, encoder_hidden_states, added_cond: Optional[Mapping[str, Any]] = None,
+               return_mid_features: bool = False):
     cfg = self.config
     wrap = nn.remat if self.remat else (lambda m: m)
     ch = cfg.block_out_channels
@@ -401,6 +454,12 @@ class UNet2DConditionModel(nn.Module):
     temb = timestep_embedding(t, ch[0], cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
     temb_dim = cfg.time_embedding_dim or 4 * ch[0]
     temb = TimestepEmbedding(temb_dim, self.dtype, name="time_embedding")(temb)
+    if cfg.addition_embed_type == "text_time":
+      add = text_time_input(cfg, added_cond, b).astype(self.dtype)
+      temb = temb + TimestepEmbedding(temb_dim, self.dtype, name="add_embedding")(add)
+    elif added_cond is not None:
+      raise ValueError("added_cond was given to a UNet without addition_embed_type (only SDXL's 'text_time' UNets "
+                       "take it)")
     context = jnp.asarray(encoder_hidden_states).astype(self.dtype)
 
     x = conv(ch[0], cfg.conv_in_kernel, self.dtype, "conv_in")(sample.astype(self.dtype))
@@ -439,7 +498,15 @@ class UNet2DConditionModel(nn.Module):
 
 
 def dummy_inputs(config: UNetConfig, batch: int = 1):
-  """Smallest inputs that trace the whole network (for ``init`` / ``eval_shape``)."""
+  """Smallest inputs that trace the whole network (for ``init`` / ``eval_shape``): ``(latents, timesteps, text)``,
+  plus ``added_cond`` for a ``text_time`` UNet (6 time ids as SDXL's base model has, 1 if the width leaves no room
+  for 6; the rest of ``projection_class_embeddings_input_dim`` as text_embeds: only the sum sets the shapes)."""
   s = 2 ** (len(config.block_out_channels) - 1)
-  return (jnp.zeros((batch, s, s, config.in_channels), jnp.float32), jnp.zeros((batch,), jnp.float32),
-          jnp.zeros((batch, 1, config.cross_attention_dim[0]), jnp.float32))
+  inputs = (jnp.zeros((batch, s, s, config.in_channels), jnp.float32), jnp.zeros((batch,), jnp.float32),
+            jnp.zeros((batch, 1, config.cross_attention_dim[0]), jnp.float32))
+  if config.addition_embed_type == "text_time":
+    width, d = config.projection_class_embeddings_input_dim, config.addition_time_embed_dim
+    n = 6 if width > 6 * d else 1
+    inputs += ({"text_embeds": jnp.zeros((batch, width - n * d), jnp.float32),
+                "time_ids": jnp.zeros((batch, n), jnp.float32)},)
+  return inputs

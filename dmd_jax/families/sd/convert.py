@@ -38,8 +38,12 @@ from dmd_jax.models.attention import check_implementation
 
 HELP = "Stable Diffusion 1.x/2.x folder in diffusers layout (UNet, VAE, CLIP text encoder, tokenizer)"
 NETWORKS = ("unet", "vae", "text_encoder")
+TOKENIZERS = ("tokenizer",)
+# The kinds of network a diffusers SD-style folder holds, by the weight-file stem of their subfolder. A subfolder's
+# kind is its name unless the caller says otherwise (SDXL's text_encoder_2/ is a "text_encoder_with_projection").
 _WEIGHT_NAMES = {
-    "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+    "unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model",
+    "text_encoder_with_projection": "model"}
 _TORCH_NAMES = {"diffusion_pytorch_model": "diffusion_pytorch_model", "model": "pytorch_model"}
 # Module names that hold a PyTorch ModuleList/Sequential: `<name>_<i>` in Flax is `<name>.<i>` in PyTorch.
 _LISTS = re.compile(r"^(down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks|"
@@ -110,8 +114,8 @@ def _rename_old_vae_attention(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray
 def _subfolder(src_dir: str, name: str) -> str:
   path = os.path.join(src_dir, name)
   if not os.path.isdir(path):
-    raise ConversionError(f"{src_dir!r} has no {name}/ subfolder (expected a diffusers-layout folder with "
-                          f"unet/, vae/, text_encoder/, tokenizer/)")
+    raise ConversionError(f"{src_dir!r} has no {name}/ subfolder (expected a pipeline folder in diffusers layout: "
+                          f"unet/, vae/, text encoder and tokenizer folders, scheduler/)")
   return path
 
 
@@ -143,8 +147,20 @@ def build_text_encoder(config: Mapping[str, Any], dtype=jnp.float32, attention: 
   return module, clip_lib.dummy_inputs(cfg)
 
 
-def _build(name: str, config: Mapping[str, Any], dtype, attention: str = "auto"):
-  builder = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder}[name]
+def build_text_encoder_with_projection(config: Mapping[str, Any], dtype=jnp.float32, attention: str = "auto"):
+  """A transformers ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``)."""
+  cfg = clip_lib.CLIPTextConfig.from_hf(config)
+  module = clip_lib.CLIPTextModelWithProjection(cfg, dtype=dtype, attention=check_implementation(attention))
+  return module, clip_lib.dummy_inputs(cfg)
+
+
+_BUILDERS = {"unet": build_unet, "vae": build_vae, "text_encoder": build_text_encoder,
+             "text_encoder_with_projection": build_text_encoder_with_projection}
+
+
+def _build(name: str, config: Mapping[str, Any], dtype, attention: str = "auto", kind: str | None = None):
+  """The module of subfolder ``name`` (of ``kind``, default ``name``: a key of ``_WEIGHT_NAMES``)."""
+  builder = _BUILDERS[kind or name]
   check_implementation(attention)  # before the config's errors are attributed to the config file
   try:
     return builder(config, dtype=dtype, attention=attention)
@@ -154,19 +170,23 @@ def _build(name: str, config: Mapping[str, Any], dtype, attention: str = "auto")
     raise ConversionError(f"{name}/config.json: {e}") from e
 
 
-def convert_network(src_dir: str, name: str, dtype=jnp.float32, attention: str = "auto"):
-  """Converts one subfolder (``unet``, ``vae`` or ``text_encoder``): ``(module, params, config_dict)``."""
+def convert_network(src_dir: str, name: str, dtype=jnp.float32, attention: str = "auto", kind: str | None = None):
+  """Converts one subfolder (``unet``, ``vae``, ``text_encoder``; any name with ``kind`` one of those or
+  ``text_encoder_with_projection``): ``(module, params, config_dict)``."""
+  kind = kind or name
   folder = _subfolder(src_dir, name)
   config = read_folder_config(folder)
-  module, inputs = _build(name, config, dtype, attention)
-  sd = _read_state_dict(folder, _WEIGHT_NAMES[name])
+  module, inputs = _build(name, config, dtype, attention, kind)
+  sd = _read_state_dict(folder, _WEIGHT_NAMES[kind])
   ignore = ()
-  if name == "vae":
+  if kind == "vae":
     sd = _rename_old_vae_attention(sd)
-  if name == "text_encoder":
+  if kind == "text_encoder":
     # transformers < 5 (and the SD releases) prefix the keys with `text_model.`; 5.x saves them without.
     sd = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in sd.items()}
     ignore = ("embeddings.position_ids",)  # a buffer that older files carry
+  if kind == "text_encoder_with_projection":  # every transformers version keeps `text_model.` here
+    ignore = ("text_model.embeddings.position_ids",)
   params = convert_state_dict(sd, expected_shapes(module, inputs), f"{name} ({folder})", ignore=ignore)
   return module, params, config
 
@@ -178,21 +198,30 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def convert_pipeline(src_dir: str | os.PathLike, dtype=jnp.float32, attention: str = "auto") -> dict[str, Any]:
+def _networks(networks: Mapping[str, str] | None) -> Mapping[str, str]:
+  return {name: name for name in NETWORKS} if networks is None else networks
+
+
+def convert_pipeline(src_dir: str | os.PathLike, dtype=jnp.float32, attention: str = "auto",
+                     networks: Mapping[str, str] | None = None, tokenizers=TOKENIZERS) -> dict[str, Any]:
   """Converts a diffusers SD folder. Returns ``{'unet': (module, params), 'vae': ..., 'text_encoder': ...,
   'tokenizer': CLIPTokenizer, 'configs': {network: original config dict}, 'scheduler_config': dict | None}``.
-  ``dtype`` is the modules' activation dtype (parameters stay float32), ``attention`` their attention kernel."""
+  ``dtype`` is the modules' activation dtype (parameters stay float32), ``attention`` their attention kernel.
+  ``networks`` (``{subfolder: kind}``, default SD's three) and ``tokenizers`` (subfolders) name what the folder
+  holds for other members of the family (SDXL)."""
   src_dir = os.fspath(src_dir)
+  networks = _networks(networks)
   if not os.path.isdir(src_dir):
     raise ConversionError(f"no such folder: {src_dir!r}")
-  for name in NETWORKS + ("tokenizer",):  # fail early, before the (slow) loads
+  for name in tuple(networks) + tuple(tokenizers):  # fail early, before the (slow) loads
     _subfolder(src_dir, name)
   out: dict[str, Any] = {"configs": {}}
-  for name in NETWORKS:
-    module, params, config = convert_network(src_dir, name, dtype, attention)
+  for name, kind in networks.items():
+    module, params, config = convert_network(src_dir, name, dtype, attention, kind)
     out[name] = (module, params)
     out["configs"][name] = config
-  out["tokenizer"] = load_tokenizer(os.path.join(src_dir, "tokenizer"))
+  for name in tokenizers:
+    out[name] = load_tokenizer(os.path.join(src_dir, name))
   out["scheduler_config"] = _read_json(os.path.join(src_dir, "scheduler", "scheduler_config.json"))
   return out
 
@@ -201,33 +230,38 @@ def convert_pipeline(src_dir: str | os.PathLike, dtype=jnp.float32, attention: s
 # The converted folder
 # ---------------------------------------------------------------------------------------------------------
 
-def save_converted_sd(converted: Mapping[str, Any], dst_dir: str | os.PathLike) -> None:
+def save_converted_sd(converted: Mapping[str, Any], dst_dir: str | os.PathLike, networks=NETWORKS,
+                      tokenizers=TOKENIZERS) -> None:
   """Writes ``dst/{unet,vae,text_encoder}/`` (params.npz + config.json), ``dst/tokenizer/`` and
-  ``dst/scheduler/scheduler_config.json``."""
+  ``dst/scheduler/scheduler_config.json`` (``networks`` / ``tokenizers``: other subfolder names)."""
   dst_dir = os.fspath(dst_dir)
   os.makedirs(dst_dir, exist_ok=True)
-  converted["tokenizer"].save_pretrained(os.path.join(dst_dir, "tokenizer"))
+  for name in tokenizers:
+    converted[name].save_pretrained(os.path.join(dst_dir, name))
   if converted.get("scheduler_config") is not None:
     os.makedirs(os.path.join(dst_dir, "scheduler"), exist_ok=True)
     with open(os.path.join(dst_dir, "scheduler", "scheduler_config.json"), "w") as f:
       json.dump(converted["scheduler_config"], f, indent=1, sort_keys=True)
-  for name in NETWORKS:
+  for name in networks:
     save_converted(os.path.join(dst_dir, name), jax.device_get(converted[name][1]), converted["configs"][name])
 
 
-def load_converted_sd(src_dir: str | os.PathLike, dtype=jnp.float32, attention: str = "auto") -> dict[str, Any]:
+def load_converted_sd(src_dir: str | os.PathLike, dtype=jnp.float32, attention: str = "auto",
+                      networks: Mapping[str, str] | None = None, tokenizers=TOKENIZERS) -> dict[str, Any]:
   """Reads what :func:`save_converted_sd` wrote, as the same dict :func:`convert_pipeline` returns
-  (parameter shapes checked against the modules; ``dtype`` and ``attention`` as there)."""
+  (parameter shapes checked against the modules; ``dtype``, ``attention``, ``networks`` and ``tokenizers`` as
+  there)."""
   src_dir = os.fspath(src_dir)
   out: dict[str, Any] = {"configs": {}}
-  for name in NETWORKS:
+  for name, kind in _networks(networks).items():
     params, config = load_converted(os.path.join(src_dir, name))
-    module, inputs = _build(name, config, dtype, attention)
+    module, inputs = _build(name, config, dtype, attention, kind)
     want = expected_shapes(module, inputs)
     check_state_dict(flatten_params(params), want, f"converted {name} ({src_dir})")
     out[name] = (module, params)
     out["configs"][name] = config
-  out["tokenizer"] = load_tokenizer(os.path.join(src_dir, "tokenizer"))
+  for name in tokenizers:
+    out[name] = load_tokenizer(os.path.join(src_dir, name))
   out["scheduler_config"] = _read_json(os.path.join(src_dir, "scheduler", "scheduler_config.json"))
   return out
 
@@ -296,10 +330,12 @@ SD15_SCHEDULER = {
     "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None}
 
 
-def random_torch_state_dict(name: str, config: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
-  """A random state dict in PyTorch layout and naming for the ``unet`` / ``vae`` / ``text_encoder`` built
-  from ``config`` — the keys and shapes the converter expects, from the Flax module (no torch)."""
-  module, inputs = _build(name, config, jnp.float32)
+def random_torch_state_dict(name: str, config: Mapping[str, Any], seed: int = 0,
+                            kind: str | None = None) -> dict[str, np.ndarray]:
+  """A random state dict in PyTorch layout and naming for the ``unet`` / ``vae`` / ``text_encoder`` (or a
+  subfolder ``name`` of ``kind``) built from ``config`` — the keys and shapes the converter expects, from the
+  Flax module (no torch)."""
+  module, inputs = _build(name, config, jnp.float32, kind=kind)
   shapes = {torch_key(p): torch_shape(p.rsplit("/", 1)[-1], s)
             for p, s in expected_shapes(module, inputs).items()}
   return random_state_dict(shapes, seed)
