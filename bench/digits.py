@@ -49,7 +49,7 @@ C1 = ["--config.gan.critic_weight=1"]
 # name -> (variant, extra flags, seed, the row it is initialised from)
 ROWS = {
     "dmd2_s0": ("dmd2", [], 0, None),
-    "dmd_s0": ("dmd", ["--config.eval.digits_teacher=True"], 0, None),   # also the teacher's Heun-18 row
+    "dmd_s0": ("dmd", ["--config.evals.digits.teacher=True"], 0, None),   # also the teacher's Heun-18 row
     "dm_ttur5": ("dmd2", NO_GAN, 0, None),
     "gan3e-2": ("dmd2", ["--config.gan.generator_weight=3e-2"], 0, None),
     "gan1e-1": ("dmd2", ["--config.gan.generator_weight=1e-1"], 0, None),
@@ -98,7 +98,7 @@ def command(name: str, out: str, tiny: bool) -> list[str]:
     return ["--config=" + CONFIG + (":tiny" if tiny else ""), "--mode=teacher_train", f"--workdir={out}/teacher"]
   variant, extra, seed, parent = ROWS[name]
   cmd = [f"--config={CONFIG}:{variant}{t}", f"--config.teacher.path={out}/teacher/teacher",
-         f"--config.seed={seed}", f"--config.eval.every_steps={2 if tiny else EVAL_EVERY}", *extra,
+         f"--config.seed={seed}", f"--config.evals.digits.every_steps={2 if tiny else EVAL_EVERY}", *extra,
          f"--workdir={out}/{name}"]
   if parent:
     cmd.append(f"--config.init_from.workdir={out}/{parent}")

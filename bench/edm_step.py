@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.util
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ import numpy as np  # noqa: E402
 
 from bench import common as bench_common  # noqa: E402
 from bench.common import MIB, host_arrays, measure, nbytes, rss, rss_text  # noqa: E402
-from dmd_jax import sharding, streams, train  # noqa: E402
+from dmd_jax import config_lib, sharding, streams, train  # noqa: E402
 from dmd_jax.families.edm import convert as edm_convert  # noqa: E402
 from dmd_jax.models.attention import IMPLEMENTATIONS  # noqa: E402
 
@@ -63,10 +62,7 @@ STEPS = ("generator step", "fake-score step", "full DMD iteration")
 def load_config(name: str):
   if name not in CONFIGS:
     raise ValueError(f"--config must be one of {sorted(CONFIGS)}, got {name!r}")
-  spec = importlib.util.spec_from_file_location("imagenet64_config", os.path.join(REPO, "configs", "imagenet64.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(CONFIGS[name])
+  return config_lib.load("imagenet64", CONFIGS[name])
 
 
 def random_teacher_dir(workdir: str, seed: int) -> str:

@@ -94,10 +94,10 @@ class Model:
   frozen parameters as shapes): configs, abstract frozen parameters, parameter counts."""
 
   def __init__(self, tiny: bool):
-    from dmd_jax.families.sd.config import sd_config
+    from dmd_jax import config_lib
     from dmd_jax.families.sd import teacher as sd
     self.tiny = tiny
-    self.config = sd_config(tiny=tiny)
+    self.config = config_lib.load("coco", "tiny" if tiny else "")
     self.teacher, self.frozen = sd.abstract(self.config)
     cfgs = sd.network_configs(self.config)
     self.unet_cfg, self.vae_cfg = cfgs["unet"], cfgs["vae"]

@@ -48,22 +48,30 @@ val2014 images, and CLIP score on "A photo depicts <caption>":
   python -m dmd_jax.convert inception --src=pt_inception-2015-12-05-6726825d.pth --dst=nets/inception
   python -m dmd_jax.convert clip --src=CLIP-ViT-g-14-laion2B-s12B-b42K/ --dst=nets/clip_g14
   python -m dmd_jax.main --config=configs/coco.py --workdir=runs/coco --mode=eval --config.teacher.path=... \
-      --config.eval.inception_path=nets/inception --config.eval.clip_path=nets/clip_g14 \
-      --config.eval.data_dir=~/tensorflow_datasets     # a prepared coco_captions/2014 (ArrayRecord)
+      --config.evals.coco.inception_path=nets/inception --config.evals.coco.clip_path=nets/clip_g14 \
+      --config.evals.coco.data_dir=~/tensorflow_datasets     # a prepared coco_captions/2014 (ArrayRecord)
 
-Captions: the first caption of each of the first 30k val2014 images (``eval.captions='coco_captions'``), or
-``eval.captions=FILE`` for a paper's exact caption list. Reference: ``eval.reference_stats='tfds'`` computes
-(once, cached in the workdir) the statistics of every image of ``eval.reference_split``; an ``.npz`` with
-``mu`` / ``sigma`` or ``'teacher'`` (FID to the teacher's guided samples for the same captions) also work.
+Captions: the first caption of each of the first 30k val2014 images (``evals.coco.captions='coco_captions'``),
+or ``evals.coco.captions=FILE`` for a paper's exact caption list. Reference:
+``evals.coco.reference_stats='tfds'`` computes (once, cached in the workdir) the statistics of every image of
+``evals.coco.reference_split``; an ``.npz`` with ``mu`` / ``sigma`` or ``'teacher'`` (FID to the teacher's
+guided samples for the same captions) also work.
 """
-from dmd_jax.config_lib import dmd2, lora, parse_variants
-from dmd_jax.families.sd.config import sd_config
+from dmd_jax.config_lib import coco_eval, cpu_sized, dmd2, evals, grid_eval, lora, parse_variants
+from dmd_jax.families.sd.config import random_pipeline, sd_config
 
 
 def get_config(arg: str = ""):
   v = parse_variants(arg, {"tiny", "dmd2", "stage2", "lora"})
   tiny = "tiny" in v
-  c = sd_config(tiny=tiny)
+  # DMD paper, LAION -> COCO (docs/method.md §6): lr 1e-5, guidance 3, batch 2304 DM + 1152 regression, 20k
+  # iterations, 500k prompts, lambda_reg 0.25 on pairs from PNDM 50 steps
+  c = sd_config(guidance_scale=3.0, lr=1e-5, batch_size=2304, num_train_steps=20_000, regression_weight=0.25,
+                regression_batch_size=1152, num_pairs=500_000, sampler_steps=50, num_prompts=500_000)
+  # docs/method.md §8: COCO-30k FID (clean-fid protocol against the 40,504 val2014 images) and CLIP score
+  # (OpenCLIP ViT-g/14, "A photo depicts <caption>")
+  c.evals = evals(grid=grid_eval(num_samples=16),
+                  coco=coco_eval(num_samples=30_000, batch_size=64))
   if "stage2" in v and "dmd2" not in v:
     raise ValueError("configs/coco.py: 'stage2' is a stage of 'dmd2' (use :dmd2,stage2)")
   if "dmd2" in v:
@@ -72,12 +80,14 @@ def get_config(arg: str = ""):
     dmd2(c, ttur=10, lr=5e-7 if stage2 else 1e-5, batch_size=2048, num_train_steps=2_000 if stage2 else 39_000,
          gan_generator=1e-3 if stage2 else 0.0, gan_critic=1e-2, warmup_processes=64, source="coco_latents",
          dataset="coco_captions", num_images=82_783)   # every image of coco_captions/2014 train
-    if tiny:
-      c.batch_size = c.regression.batch_size = 4
-      c.num_train_steps = 2 if stage2 else 4
-      c.optim.warmup_steps, c.optim.warmup_processes = 2, 1
-      c.gan.real_data.num_images = 6     # the test suite's prepared coco_captions train split has 7
-      c.gan.real_data.shard_size = 3
   if "lora" in v:
     lora(c, rank=4 if tiny else 64)
+  if tiny:   # the test suite: a random-weight tiny pipeline written under the workdir, CPU sizes
+    random_pipeline(c)
+    cpu_sized(c, batch_size=4, num_train_steps=2 if "stage2" in v else 4, checkpoint_every=100, log_every=1,
+              warmup_steps=2, num_pairs=8, pair_shard_size=4, pair_sampler_steps=3)
+    c.evals.grid.num_samples = 4
+    c.evals.coco.update(num_samples=8, batch_size=4)
+    if "dmd2" in v:
+      c.gan.real_data.update(num_images=6, shard_size=3)  # the suite's prepared coco_captions train split has 7
   return c

@@ -31,9 +31,10 @@ Variants (comma-separated):
 """
 import json
 
-from dmd_jax.config_lib import dmd2, parse_variants
-from dmd_jax.families.edm.config import edm_config
 import ml_collections
+
+from dmd_jax.config_lib import cpu_sized, digits_eval, dmd2, evals, grid_eval, parse_variants
+from dmd_jax.families.edm.config import edm_config
 
 TEACHER = dict(
     img_resolution=16, img_channels=1, label_dim=10, model_type="SongUNet", embedding_type="positional",
@@ -48,8 +49,7 @@ def get_config(arg: str = ""):
   c = edm_config(
       lr=2e-4, batch_size=32, num_train_steps=1_000,
       regression_weight=0.25, num_pairs=1_000,
-      sampler_steps=18,                      # EDM Heun, 35 NFE: the pairs and the teacher row of the table
-      tiny_init_kwargs=None)
+      sampler_steps=18)                      # EDM Heun, 35 NFE: the pairs and the teacher row of the table
   c.model.dtype = "float32"                  # CPU: bfloat16 is emulated and slower
   c.digits = ml_collections.ConfigDict(dict(
       image_size=16,
@@ -71,11 +71,9 @@ def get_config(arg: str = ""):
   c.optim.warmup_steps = 100
   c.checkpoint_every = 500
   c.log_every = 100
-  c.eval.evaluators = ("grid", "digits")
-  c.eval.num_samples = 898                   # = the real floor's half (evaluation/digits.py: equal FID bias)
-  c.eval.batch_size = 500
-  c.eval.grid_samples = 100
-  c.eval.digits_teacher = False              # also the teacher's Heun samples' metrics (cached in the workdir)
+  c.evals = evals(grid=grid_eval(num_samples=100),
+                  # 898 = the real floor's half (evaluation/digits.py: equal FID bias)
+                  digits=digits_eval(num_samples=898))
   c.gan.real_data.source = "digits"
   if "dmd2" in v or "steps4" in v:
     dmd2(c, ttur=5, lr=2e-4, batch_size=32, num_train_steps=1_250, gan_generator=3e-3, gan_critic=1e-2,
@@ -88,14 +86,8 @@ def get_config(arg: str = ""):
     c.teacher_train.init_kwargs = json.dumps(TINY_TEACHER)
     c.teacher_train.update(steps=40, batch_size=32, checkpoint_every=20, log_every=10, lr_rampup_images=320)
     c.digits.classifier_steps = 80
-    c.batch_size = c.regression.batch_size = 8
-    c.num_train_steps = 6
-    c.checkpoint_every = 3
-    c.log_every = 3
-    c.regression.num_pairs = 16
-    c.regression.shard_size = 8
-    c.regression.sampler_steps = 4
-    c.eval.num_samples = 64
-    c.eval.batch_size = 32
-    c.eval.grid_samples = 16
+    cpu_sized(c, batch_size=8, num_train_steps=6, checkpoint_every=3, log_every=3, warmup_steps=100,
+              num_pairs=16, pair_shard_size=8, pair_sampler_steps=4)
+    c.evals.grid.num_samples = 16
+    c.evals.digits.num_samples = 64
   return c

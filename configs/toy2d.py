@@ -17,7 +17,7 @@ Variants (``--config=configs/toy2d.py:VARIANT``):
 """
 import ml_collections
 
-from dmd_jax.config_lib import gan_config, init_from_config, optim_config
+from dmd_jax.config_lib import evals, gan_config, init_from_config, optim_config, toy_eval
 from dmd_jax.data.toy import circle_means, grid_means
 
 
@@ -92,9 +92,7 @@ def get_config(arg: str = ""):
 
   c.ema = ml_collections.ConfigDict(dict(decay=0.0))   # EMA of the generator; 0 = off
 
-  c.eval = ml_collections.ConfigDict(dict(
-      evaluators=("toy",),  # evaluation/evaluators.py: TV, precision, mode shares, MMD² and a scatter PNG
-      num_samples=20_000))
+  c.evals = evals(toy=toy_eval(num_samples=20_000))   # TV, precision, mode shares, MMD², a scatter PNG
   if dmd2:
     # DMD2 (docs/method.md §7): no regression pairs, GAN on real mixture draws (generator 3e-2, critic 1e-2).
     # The two time-scale rule stays at 1 here: at this budget 5 fake-score updates per generator update leave

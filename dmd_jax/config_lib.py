@@ -2,7 +2,21 @@
 a teacher family's own builder is its ``dmd_jax/families/<family>/config.py``."""
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import ml_collections
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load(name: str, variant: str = "") -> ml_collections.ConfigDict:
+  """``get_config(variant)`` of ``configs/<name>.py`` (a path to another config file also works)."""
+  path = name if name.endswith(".py") else os.path.join(CONFIGS, f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"dmd_jax_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
 
 
 def parse_variants(arg: str, allowed: set[str]) -> set[str]:
@@ -111,6 +125,84 @@ def dmd2(c, *, ttur: int, lr: float, batch_size: int, num_train_steps: int, gan_
   c.gan.generator_weight = gan_generator
   c.gan.critic_weight = gan_critic if gan_generator else 0.0
   c.gan.real_data.update(real_data)
+  return c
+
+
+# ---- evaluators: ``config.evals.<name> = <one of these>`` (``evaluation/evaluators.py``; type '' = off) ----
+
+def evals(**specs) -> ml_collections.ConfigDict:
+  """``config.evals``: the run's evaluators by name, each a dict with its ``type`` (a key of
+  ``evaluators.EVALUATORS``; '' turns it off, e.g. ``--config.evals.fid.type=``), ``every_steps`` (> 0: also
+  during training, every this many steps; 0: at the end of training and in ``--mode=eval`` only) and its own
+  settings. They run in the order given."""
+  return ml_collections.ConfigDict({name: ml_collections.ConfigDict(spec) for name, spec in specs.items()})
+
+
+def grid_eval(num_samples: int = 64) -> dict:
+  """A PNG of ``num_samples`` generator samples above as many teacher samples from the same noise
+  (``samples/step<N>.png``, at the end of training)."""
+  return dict(type="grid", every_steps=0, num_samples=num_samples)
+
+
+def toy_eval(num_samples: int = 20_000) -> dict:
+  """The toy's distribution metrics (TV, precision, mode shares, MMD²) and a scatter PNG (docs/toy.md)."""
+  return dict(type="toy", every_steps=0, num_samples=num_samples)
+
+
+def fid_eval(*, num_samples: int, batch_size: int, protocol: str, every_steps: int = 0,
+             periodic_num_samples: int = 5_000) -> dict:
+  """FID of one-step samples (docs/method.md §8)."""
+  return dict(
+      type="fid",
+      every_steps=every_steps,          # > 0: a monitoring FID on periodic_num_samples every this many steps
+      num_samples=num_samples,          # the final FID's samples
+      periodic_num_samples=periodic_num_samples,
+      batch_size=batch_size,            # images per generation / Inception step (global)
+      inception_path="",                # a folder written by `python -m dmd_jax.convert inception`; '' = off
+      reference_stats="",               # .npz with mu, sigma (EDM's fid-refs); 'teacher' = the teacher's samples
+      protocol=protocol)                # 'tf1' (EDM / DMD numbers) or 'pytorch_fid'
+
+
+def coco_eval(*, num_samples: int, batch_size: int) -> dict:
+  """Text-to-image: COCO FID under the clean-fid protocol and CLIP score (docs/method.md §8;
+  ``evaluation/text_to_image.py``), at the end of training."""
+  return dict(
+      type="coco",
+      every_steps=0,
+      num_samples=num_samples,          # captions (one image each)
+      batch_size=batch_size,            # images per generation / Inception / CLIP step (global)
+      captions="coco_captions",         # tfds coco_captions/2014 (first caption of each image), 'train_prompts',
+                                        # or a UTF-8 file with one caption a line
+      captions_split="val+test+restval",   # tfds's 2014 splits; val+test+restval = the val2014 images
+      data_dir="",                      # tfds data_dir of the prepared coco_captions (ArrayRecord); '' = default
+      inception_path="",                # a folder written by `python -m dmd_jax.convert inception`
+      reference_stats="tfds",           # 'tfds' (reference_split, cached), an .npz with mu / sigma, or 'teacher'
+      reference_split="val+test+restval",
+      clip_path="",                     # a folder written by `python -m dmd_jax.convert clip` ('' = no CLIP score)
+      clip_resize_256=True)             # Lanczos-256 before CLIP's preprocessing (the GigaGAN / DMD2 eval code)
+
+
+def digits_eval(*, num_samples: int, every_steps: int = 0) -> dict:
+  """The digits proof's metrics in a small classifier's features (``evaluation/digits.py``, docs/digits.md)."""
+  return dict(type="digits", every_steps=every_steps, num_samples=num_samples,
+              teacher=False)            # also the teacher's Heun samples' metrics (cached in the workdir)
+
+
+def cpu_sized(c, *, batch_size: int, num_train_steps: int, checkpoint_every: int, log_every: int,
+              warmup_steps: int, num_pairs: int, pair_shard_size: int, pair_sampler_steps: int,
+              ) -> ml_collections.ConfigDict:
+  """The ``:tiny`` sizes shared by the image configs (each config file states its numbers): float32, DM and
+  regression batches, step counts, warm-up (on one process) and the regression set's size, shards and teacher
+  steps."""
+  c.model.dtype = "float32"
+  if "remat" in c.model:
+    c.model.remat = False
+  c.batch_size = c.regression.batch_size = batch_size
+  c.num_train_steps = num_train_steps
+  c.checkpoint_every = checkpoint_every
+  c.log_every = log_every
+  c.optim.warmup_steps, c.optim.warmup_processes = warmup_steps, 1
+  c.regression.update(num_pairs=num_pairs, shard_size=pair_shard_size, sampler_steps=pair_sampler_steps)
   return c
 
 

@@ -45,18 +45,19 @@ def lpips(config, workdir: str | None) -> dict:
   return lpips_convert.load_converted_lpips(path)[1]
 
 
-def inception(config, workdir: str | None):
-  """``(module, params)`` of the FID Inception of ``eval.inception_path`` (docs/method.md §8)."""
-  seed = config.seed
-  path = network_dir(config.eval.inception_path, "eval.inception_path", "inception", workdir,
+def inception(path: str, what: str, seed: int, workdir: str | None):
+  """``(module, params)`` of the FID Inception at ``path`` (docs/method.md §8; ``what``: the config key that
+  named it, for errors; 'random': a seeded random network written under the workdir)."""
+  path = network_dir(path, what, "inception", workdir,
                      lambda dst: write_random_network(dst, inception_convert.expected_shapes(),
                                                       inception_convert.convert_file, seed))
   return inception_convert.load_converted_inception(path)
 
 
-def clip(config, workdir: str | None):
-  """``(module, params, tokenizer)`` of the CLIP-score model of ``eval.clip_path`` (docs/method.md §8)."""
+def clip(path: str, what: str, workdir: str | None):
+  """``(module, params, tokenizer)`` of the CLIP-score model at ``path`` (docs/method.md §8; ``what``: the
+  config key that named it)."""
   # the random stand-in (:tiny) is seeded so that its scores are not all clamped to 0 by max(cos, 0)
-  path = network_dir(config.eval.clip_path, "eval.clip_path", "clip", workdir,
+  path = network_dir(path, what, "clip", workdir,
                      lambda dst: clip_convert.write_random_converted_clip(dst, seed=3))
   return clip_convert.load_converted_clip(path)

@@ -348,7 +348,6 @@ def train(config, workdir: str) -> dict | None:
   logging.info("compiled the train step in %.1f s", time.time() - t_compile)
 
   # ---- loop (dmd_jax/loop.py) ----
-  eval_every = config.eval.get("every_steps", 0)
   meta = run.checkpoint_meta()
   n_fake = run.hyper.fake_updates_per_generator_update
   curve = EvalCurve(workdir, start, n_fake, run.is_main)
@@ -364,16 +363,18 @@ def train(config, workdir: str) -> dict | None:
     gen = generator_step.get("metrics", {})
     return {**metrics, **{k: v for k, v in gen.items() if k in dmd.GENERATOR_METRICS}}
 
-  def evaluate(step: int, state, train_seconds: float) -> None:
-    periodic = evaluators_lib.run_all(run, evaluators, run.generator_params(state["generator"]), step,
-                                      final=False)
-    curve.add(step, train_seconds, periodic)
+  def periodic(ev):   # one loop action per evaluator with evals.<name>.every_steps > 0
+    def evaluate(step: int, state, train_seconds: float) -> None:
+      curve.add(step, train_seconds, ev.run(run.generator_params(state["generator"]), step, final=False),
+                merge=True)
+    return loop.Action(ev.every_steps, evaluate)
 
   done = loop.run(
       one_step, state, start=start, total=total, log_every=config.log_every, writer=writer,
       prepare_metrics=with_generator_metrics,
       on_retired=lambda m: check_skips(int(m["consecutive_skips"]), config, ckpt),
-      actions=[loop.Action(eval_every, evaluate)], checkpointer=ckpt, checkpoint_every=config.checkpoint_every,
+      actions=[periodic(ev) for ev in evaluators if ev.every_steps], checkpointer=ckpt,
+      checkpoint_every=config.checkpoint_every,
       meta=lambda step: {**meta, "step": step, **({"real_data": real.state()} if real else {})})
   state, step, train_seconds, last_metrics = done.state, done.step, done.train_seconds, done.last_metrics
   writer.flush()
@@ -398,8 +399,8 @@ def generator_updates(step: int, n: int) -> int:
 
 
 class EvalCurve:
-  """``<workdir>/eval_curve.json``: a row for every periodic evaluation (``eval.every_steps``) and the final one
-  — step, generator updates, training seconds so far (the loop's time since the compiled step started, without
+  """``<workdir>/eval_curve.json``: a row for every step with a periodic evaluation (``evals.<name>.every_steps``;
+  evaluators due at the same step share the row) and the final one — step, generator updates, training seconds so far (the loop's time since the compiled step started, without
   the evaluations) and the evaluators' results. A resumed run keeps the rows up to its checkpoint's step and
   adds its own (train seconds continue from the last kept row)."""
 
@@ -409,13 +410,18 @@ class EvalCurve:
     self.rows = [r for r in rows if r["step"] <= start]
     self.offset = self.rows[-1]["train_seconds"] if self.rows else 0.0
 
-  def add(self, step: int, train_seconds: float, results: dict) -> None:
+  def add(self, step: int, train_seconds: float, results: dict, merge: bool = False) -> None:
+    """A row for ``step`` (replacing one there; ``merge``: adding to the results of one written there in this
+    run, for periodic evaluators due at the same step)."""
     results = {k: v for k, v in results.items() if k not in ("step", "train_seconds", "total_seconds", "steps")}
     if not results or not self.is_main:
       return
-    self.rows = [r for r in self.rows if r["step"] < step]
-    self.rows.append({"step": step, "generator_updates": generator_updates(step, self.n_fake),
-                      "train_seconds": self.offset + train_seconds, **results})
+    if merge and self.rows and self.rows[-1]["step"] == step:
+      self.rows[-1].update(results)
+    else:
+      self.rows = [r for r in self.rows if r["step"] < step]
+      self.rows.append({"step": step, "generator_updates": generator_updates(step, self.n_fake),
+                        "train_seconds": self.offset + train_seconds, **results})
     io.write_json(self.path, self.rows)
 
 

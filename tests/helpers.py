@@ -13,7 +13,15 @@ TOY = os.path.join(ROOT, "configs", "toy2d.py")
 FAST = ["--config.generator.hidden=(32,32)", "--config.fake_score.hidden=(32,32)",
         "--config.fake_score.num_fourier=8", "--config.batch_size=64", "--config.regression.batch_size=32",
         "--config.regression.num_pairs=512", "--config.regression.shard_size=128",
-        "--config.eval.num_samples=1000", "--config.log_every=10"]
+        "--config.evals.toy.num_samples=1000", "--config.log_every=10"]
+
+
+def no_evals(*names: str) -> list[str]:
+  """Flags that turn the named evaluators of a config off (``config.evals.<name>.type = ''``)."""
+  return [f"--config.evals.{name}.type=" for name in names]
+
+
+NO_EVALS_TOY, NO_EVALS_EDM, NO_EVALS_SD = no_evals("toy"), no_evals("grid", "fid"), no_evals("grid", "coco")
 
 
 # For the :tiny image configs: compile fast (the programs are tiny; LLVM's optimisation is what takes time).

@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dmd_jax.config_lib import digits_eval
 from dmd_jax.data import digits
 from dmd_jax.evaluation import digits as dm
 from dmd_jax.evaluation import evaluators, sampling
@@ -156,13 +157,14 @@ def test_evaluator(clf_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(sampling, "generate", fake("generate", 0))
   monkeypatch.setattr(sampling, "teacher_samples", fake("teacher", 900))
   monkeypatch.setattr(sampling, "to_outputs", lambda run, v: v)
-  config = ml_collections.ConfigDict({"seed": 0, "eval": {"num_samples": 400, "digits_teacher": True},
-                                      "digits": {"classifier_steps": STEPS}})
+  config = ml_collections.ConfigDict({"seed": 0, "digits": {"classifier_steps": STEPS}})
   teacher = types.SimpleNamespace(sample_shape=(16, 16, 1), conditions=ClassLabels(10, 0))
   run = types.SimpleNamespace(config=config, workdir=str(workdir), teacher=teacher, cache={}, is_main=True)
   writer = _Writer()
-  ev = evaluators.EVALUATORS["digits"](run, writer)
-  periodic = ev.run(None, 5, final=False)["digits"]   # eval.every_steps: the generator's metrics alone
+  spec = ml_collections.ConfigDict(digits_eval(num_samples=400))
+  spec.teacher = True
+  ev = evaluators.EVALUATORS["digits"](run, writer, spec, "digits")
+  periodic = ev.run(None, 5, final=False)["digits"]   # every_steps: the generator's metrics alone
   assert "teacher" not in periodic and "real_floor" not in periodic and periodic["num_samples"] == 400
   assert set(writer.scalars) == {(5, f"eval/digits/{k}") for k in periodic}
   writer.scalars.clear()
@@ -178,7 +180,7 @@ def test_evaluator(clf_dir, tmp_path, monkeypatch):
   cache = workdir / "digits_teacher_metrics_400.json"
   assert json.loads(cache.read_text()) == d["teacher"]
   assert calls == {"generate": 2, "teacher": 1}
-  out2 = evaluators.EVALUATORS["digits"](run, _Writer()).run(None, 8, final=True)
+  out2 = evaluators.EVALUATORS["digits"](run, _Writer(), spec, "digits").run(None, 8, final=True)
   assert calls == {"generate": 3, "teacher": 1}   # the teacher's metrics came from the cache
   assert out2["digits"]["teacher"] == d["teacher"]
   assert "digits_classifier" in run.cache

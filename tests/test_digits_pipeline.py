@@ -55,7 +55,7 @@ def test_dmd_and_dmd2_four_steps_train_sample_and_evaluate(teacher_root, tmp_pat
   teacher = str(teacher_root / "full" / "teacher")
   c = digits_config.get_config("dmd,tiny")
   c.teacher.path = teacher
-  c.eval.digits_teacher = True
+  c.evals.digits.teacher = True
   res = train.train(c, str(tmp_path / "dmd"))
   assert sorted(os.listdir(tmp_path / "dmd" / "pairs")) == [f"shard-0000{i}.{k}.npy" for i in (0, 1)
                                                              for k in ("cond", "index", "x", "z")] + ["spec.json"]
@@ -74,7 +74,7 @@ def test_dmd_and_dmd2_four_steps_train_sample_and_evaluate(teacher_root, tmp_pat
   c2.teacher.path = teacher
   assert c2.gan.real_data.source == "digits" and c2.regression.weight == 0
   c2.num_train_steps = 4        # (the resume of DMD2's real-data state: tests/test_dmd2*.py)
-  c2.eval.evaluators = ("digits",)
+  c2.evals.grid.type = ""
   res2 = train.train(c2, str(tmp_path / "dmd2"))
   assert res2["steps"] == 4 and res2["generator_nfe"] == 4 and not os.path.exists(tmp_path / "dmd2" / "pairs")
   _check_digits(res2, 64)

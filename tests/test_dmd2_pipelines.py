@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from helpers import ROOT, run_main
+from helpers import NO_EVALS_EDM, ROOT, run_main
 
 import tfds_testing
 
@@ -28,12 +28,12 @@ def _runner(workdir, config, tfds_dir):
 def test_cifar10_dmd2_tiny(tmp_path, tfds_dir):
   """GAN head on the DDPM++ encoder output, real CIFAR-10 images and labels, two time-scale rule 5."""
   run = _runner(tmp_path, "cifar10.py:tiny,dmd2", tfds_dir)
-  p = run("--config.num_train_steps=3", "--config.eval.evaluators=()")
+  p = run("--config.num_train_steps=3", *NO_EVALS_EDM)
   assert "real data: cifar10[train], 23 records (32x32 images, resized to 16x16)" in p.stderr
   assert not os.path.exists(tmp_path / "pairs")              # DMD2: no regression pairs
   log = p.stderr
   assert "gan_generator_loss=" in log and "gan_critic_loss=" in log and "skipped_steps=0" in log
-  p = run("--config.num_train_steps=6", "--config.eval.evaluators=()")
+  p = run("--config.num_train_steps=6", *NO_EVALS_EDM)
   assert "resumed from" in p.stderr and "at step 3" in p.stderr
   out = tmp_path / "s.npz"
   run("--mode=sample", "--num_samples=5", f"--output={out}")
@@ -52,11 +52,11 @@ def test_imagenet64_dmd2_tiny_stages(tmp_path, tfds_dir):
   new, real ImageNet-64 images resized to the tiny teacher's 16 px) → sample → eval; ``:dmd2`` (GAN from
   scratch) trains too."""
   ttur, stage2, gan = tmp_path / "ttur", tmp_path / "stage2", tmp_path / "dmd2"
-  p = _runner(ttur, "imagenet64.py:tiny", tfds_dir)("--config.num_train_steps=2", "--config.eval.evaluators=()",
+  p = _runner(ttur, "imagenet64.py:tiny", tfds_dir)("--config.num_train_steps=2", *NO_EVALS_EDM,
                                                    variant=",ttur")
   assert "gan_generator_loss=" not in p.stderr and "skipped_steps=0" in p.stderr
   run = _runner(stage2, "imagenet64.py:tiny", tfds_dir)
-  p = run("--config.num_train_steps=3", "--config.eval.evaluators=()", f"--config.init_from.workdir={ttur}",
+  p = run("--config.num_train_steps=3", *NO_EVALS_EDM, f"--config.init_from.workdir={ttur}",
           variant=",dmd2,stage2")
   assert f"initialised from checkpoint 2 of {ttur}" in p.stderr and "a new GAN head" in p.stderr
   assert "imagenet_resized/64x64[train], 10 records (64x64 images, resized to 16x16)" in p.stderr
@@ -69,6 +69,6 @@ def test_imagenet64_dmd2_tiny_stages(tmp_path, tfds_dir):
   run("--mode=eval", variant=",dmd2,stage2")
   res = json.load(open(stage2 / "eval_step3.json"))
   assert np.isfinite(res["fid"]) and res["generator_nfe"] == 1
-  p = _runner(gan, "imagenet64.py:tiny", tfds_dir)("--config.num_train_steps=2", "--config.eval.evaluators=()",
+  p = _runner(gan, "imagenet64.py:tiny", tfds_dir)("--config.num_train_steps=2", *NO_EVALS_EDM,
                                                   variant=",dmd2")
   assert "gan_generator_loss=" in p.stderr and "initialised from" not in p.stderr

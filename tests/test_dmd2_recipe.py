@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import FAST, ROOT, TOY, run_main
+from helpers import FAST, NO_EVALS_TOY, ROOT, TOY, run_main
 
 from dmd_jax import checkpoint, dmd, families, train
 
@@ -136,7 +136,7 @@ def test_generator_metrics_name_what_they_measure():
 
 
 def test_train_metrics_reach_metrics_json_and_tensorboard(tmp_path):
-  run_main(f"--workdir={tmp_path}", *FAST, "--config.num_train_steps=20", "--config.eval.evaluators=()",
+  run_main(f"--workdir={tmp_path}", *FAST, "--config.num_train_steps=20", *NO_EVALS_TOY,
            "--config.dmd.fake_updates_per_generator_update=5", config=TOY + ":dmd2")
   m = json.load(open(tmp_path / "metrics.json"))
   got = m["train_metrics"]
@@ -168,7 +168,7 @@ def test_init_from_takes_the_networks_and_restarts_optimisers(tmp_path):
   score parameters are the first run's, the head is new, the optimiser states and the step restart at 0; the
   stage then resumes its own checkpoints; resuming a GAN config in the GAN-less workdir is a clear error."""
   a, b = tmp_path / "a", tmp_path / "b"
-  args = [*FAST, "--config.eval.evaluators=()", "--config.checkpoint_every=4"]
+  args = [*FAST, *NO_EVALS_TOY, "--config.checkpoint_every=4"]
   run_main(f"--workdir={a}", *args, "--config.num_train_steps=4", "--config.gan.generator_weight=0",
            "--config.gan.critic_weight=0", config=TOY + ":dmd2")
   p = run_main(f"--workdir={b}", *args, "--config.num_train_steps=1", f"--config.init_from.workdir={a}",

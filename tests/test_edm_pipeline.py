@@ -23,7 +23,7 @@ CONFIGS = {"cifar10": (os.path.join(ROOT, "configs", "cifar10.py:tiny"), 10),
 def test_tiny_config_end_to_end(tmp_path, name):
   config, num_classes = CONFIGS[name]
   run = lambda *a: run_main(f"--workdir={tmp_path}", *a, config=config, fast_compile=True, timeout=900)
-  extra = ["--config.eval.every_steps=2"] if name == "imagenet64" else []   # + a monitoring FID at step 2
+  extra = ["--config.evals.fid.every_steps=2"] if name == "imagenet64" else []   # + a monitoring FID at step 2
   p = run("--config.num_train_steps=4", *extra)
   assert "compiled the train step" in p.stderr
   if extra:

@@ -2,7 +2,6 @@
 shapes only, ``Teacher.init`` copies the teacher from the frozen arrays on the mesh, and the copies are exact and
 distinct buffers (donating the state leaves the frozen teacher intact)."""
 import gc
-import importlib.util
 import os
 import sys
 import types
@@ -12,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax import families, train
+from dmd_jax import config_lib, families, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -20,10 +19,7 @@ from bench.common import host_arrays, nbytes  # noqa: E402  (the benchmarks' wal
 
 
 def _config(name: str, variant: str):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
+  config = config_lib.load(name, variant)
   config.regression.distance = "l2"   # no LPIPS network: only the teacher's arrays are at stake
   return config
 

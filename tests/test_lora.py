@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, env_with_devices, run_main
+from helpers import NO_EVALS_SD, ROOT, env_with_devices, run_main
 
 from dmd_jax import families, lora, sharding, train
 
@@ -159,7 +159,7 @@ def test_coco_tiny_lora_train_resume_sample_export(tmp_path):
   from fixture_testing import rel_err
   from dmd_jax import modes
   # a large learning rate, so that three steps move the adapters far from zero (what the export must carry)
-  flags = ["--config.regression.weight=0", "--config.eval.evaluators=()", "--config.optim.lr=0.01",
+  flags = ["--config.regression.weight=0", *NO_EVALS_SD, "--config.optim.lr=0.01",
            "--config.optim.warmup_steps=1"]
   run = lambda *a, **k: run_main(f"--workdir={tmp_path}", *flags, *a, config=COCO_LORA, fast_compile=True,
                                  timeout=900, **k)

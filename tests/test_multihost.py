@@ -28,7 +28,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import FAST, ROOT, TOY, env_with_devices, main_cmd, read_pairs
+from helpers import FAST, NO_EVALS_TOY, ROOT, TOY, env_with_devices, main_cmd, read_pairs
 
 LOCAL = os.path.join(ROOT, "launch", "local.py")
 TRAIN = FAST + ["--config.num_train_steps=60", "--config.checkpoint_every=20", "--config.log_every=20"]
@@ -158,7 +158,7 @@ def test_two_processes_resumed_equal_one_distributed_process_exactly_and_plain_o
   for k in a:
     np.testing.assert_array_equal(a[k], b[k])
   plain = tmp_path / "plain"       # 1 × 8 without jax.distributed: another summation order (not evaluated)
-  _single(8, f"--workdir={plain}", *TRAIN, "--config.eval.evaluators=()")
+  _single(8, f"--workdir={plain}", *TRAIN, *NO_EVALS_TOY)
   diff = _max_difference(_state(plain, 60), two)
   print(f"2 x 4 with a SIGTERM and a resume: {toy_two['seconds']:.0f} s; |plain 1x8 - 2x4| max {diff:.2e} "
         f"over every state array")

@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 
+from helpers import NO_EVALS_EDM
 from test_multihost import COCO_TINY, IMAGENET_TINY, LIMIT, ROOT, _env, _launch, _pairs, _state
 
 # the slow set (docs/status.md "The tests"): still run by the README test command and CI, after the rest
@@ -23,7 +24,7 @@ def test_imagenet64_tiny_two_processes_equal_one_distributed_process(tmp_path):
   all state arrays (about 880) but 6: the output convolution's kernel of the generator and of the fake score
   and their Adam moments: their gradients differ in the last bits (relative <= 4e-7, measured), so
   one of their reductions is summed in another order across 2 processes than within 1."""
-  args = ["--config.num_train_steps=2", "--config.regression.num_pairs=8", "--config.eval.evaluators=()"]
+  args = ["--config.num_train_steps=2", "--config.regression.num_pairs=8", *NO_EVALS_EDM]
   times = {}
   for n, k in ((2, 2), (1, 4)):
     t0 = time.time()
@@ -73,7 +74,7 @@ def test_coco_tiny_eval_across_two_processes_equals_one(tmp_path):
     for f in glob.glob(str(d / "fid_reference_*")):   # each evaluation computes its own reference
       os.remove(f)
     t0 = time.time()
-    _launch(n, k, f"--workdir={d}", "--mode=eval", "--config.eval.grid_samples=0", config=COCO_TINY,
+    _launch(n, k, f"--workdir={d}", "--mode=eval", "--config.evals.grid.type=", config=COCO_TINY,
             fast_compile=True)
     times[f"{n}x{k}"] = round(time.time() - t0, 1)
     (ref,) = glob.glob(str(d / "fid_reference_teacher_8_*.npz"))

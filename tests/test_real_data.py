@@ -3,7 +3,6 @@ built by ``train.setup`` from the ``:tiny`` configs (random-weight teachers writ
 tiny prepared tfds datasets of ``tests/tfds_testing.py`` (the real ArrayRecord read and decode path)."""
 import dataclasses
 import glob
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ from PIL import Image
 import tfds_testing
 from fixture_testing import rel_err
 from helpers import ROOT, env_with_devices, read_shards
-from dmd_jax import streams, train
+from dmd_jax import config_lib, streams, train
 from dmd_jax.data import input_pipeline as ip
 from dmd_jax.data import real
 from dmd_jax.data.pairs import PairStore
@@ -27,10 +26,7 @@ from dmd_jax.data.toy import GaussianMixture
 
 
 def load_config(name: str, variant: str):
-  spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
+  config = config_lib.load(name, variant)
   if "regression" in config and "distance" in config.regression:
     config.regression.distance = "l2"    # no LPIPS network: nothing here reads it
   return config

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import ROOT, read_shards, run_main
+from helpers import NO_EVALS_SD, ROOT, read_shards, run_main
 
 COCO_TINY = os.path.join(ROOT, "configs", "coco.py:tiny")
 
@@ -21,7 +21,7 @@ def test_coco_tiny_train_resume_sample(tmp_path):
   run = lambda *a, **k: run_main(f"--workdir={tmp_path}", *a, config=COCO_TINY, fast_compile=True,
                                  timeout=900, **k)
   # the grids and the COCO metrics: after the resume
-  p = run("--config.num_train_steps=2", "--config.eval.grid_samples=0", "--config.eval.num_samples=0")
+  p = run("--config.num_train_steps=2", "--config.evals.grid.type=", "--config.evals.coco.num_samples=0")
   assert "compiled the train step" in p.stderr and "embedding 8 prompts" in p.stderr
   assert os.path.isfile(tmp_path / "random_sd" / "unet" / "params.npz")
   assert os.path.isfile(tmp_path / "random_sd-source" / "unet" / "diffusion_pytorch_model.safetensors")
@@ -66,9 +66,10 @@ def test_coco_tiny_train_resume_sample(tmp_path):
   # --mode=eval on COCO captions and reference images from a prepared tfds coco_captions (tiny, written here)
   import tfds_testing
   data_dir = tfds_testing.prepare(str(tmp_path / "tfds"), [tfds_testing.CocoCaptions])
-  p = run("--mode=eval", "--config.eval.captions=coco_captions", "--config.eval.captions_split=val",
-          "--config.eval.reference_stats=tfds", "--config.eval.reference_split=train",
-          f"--config.eval.data_dir={data_dir}", "--config.eval.num_samples=5", "--config.eval.grid_samples=0")
+  p = run("--mode=eval", "--config.evals.coco.captions=coco_captions", "--config.evals.coco.captions_split=val",
+          "--config.evals.coco.reference_stats=tfds", "--config.evals.coco.reference_split=train",
+          f"--config.evals.coco.data_dir={data_dir}", "--config.evals.coco.num_samples=5",
+          "--config.evals.grid.type=")
   e = json.load(open(tmp_path / "eval_step3.json"))
   assert e["num_samples"] == 5 and e["captions"] == "coco_captions" and np.isfinite(e["fid"])
   assert 0 < e["clip_score"] <= 100
@@ -88,13 +89,13 @@ def test_coco_tiny_train_resume_sample(tmp_path):
   stage = lambda workdir, variant, *a, **k: run_main(
       f"--workdir={workdir}", f"--config.gan.real_data.data_dir={data_dir}", *a, config=COCO_TINY + variant,
       timeout=900, fast_compile=True, **k)
-  p = stage(dmd2_dir, ",dmd2", "--config.num_train_steps=3", "--config.eval.evaluators=()")
+  p = stage(dmd2_dir, ",dmd2", "--config.num_train_steps=3", *NO_EVALS_SD)
   assert "compiled the train step" in p.stderr and "gan_critic_loss" not in p.stderr
   assert not os.path.exists(dmd2_dir / "pairs") and not os.path.exists(dmd2_dir / "real_latents")
   m = json.load(open(dmd2_dir / "metrics.json"))
   assert m["steps"] == 3 and "regression_loss" not in p.stderr
   from_stage1 = f"--config.init_from.workdir={dmd2_dir}"
-  p = stage(stage2_dir, ",dmd2,stage2", "--config.num_train_steps=2", "--config.eval.evaluators=()", from_stage1)
+  p = stage(stage2_dir, ",dmd2,stage2", "--config.num_train_steps=2", *NO_EVALS_SD, from_stage1)
   assert f"initialised from checkpoint 3 of {dmd2_dir}" in p.stderr and "a new GAN head" in p.stderr
   assert "real latents: 2 shards of 6 coco_captions[train] images at 16px built" in p.stderr
   shards = read_shards(stage2_dir / "real_latents")
@@ -105,7 +106,7 @@ def test_coco_tiny_train_resume_sample(tmp_path):
   assert json.load(open(stage2_dir / "metrics.json"))["steps"] == 2
   stage(stage2_dir, ",dmd2,stage2", "--mode=sample", "--prompt=a red bus", "--num_samples=4", f"--output={out}")
   assert Image.open(out).size == (2 * 18 + 2, 2 * 18 + 2)
-  stage(stage2_dir, ",dmd2,stage2", "--mode=eval", "--config.eval.num_samples=4", "--config.eval.grid_samples=0")
+  stage(stage2_dir, ",dmd2,stage2", "--mode=eval", "--config.evals.coco.num_samples=4", "--config.evals.grid.type=")
   e = json.load(open(stage2_dir / "eval_step2.json"))
   assert e["num_samples"] == 4 and np.isfinite(e["fid"]) and 0 < e["clip_score"] <= 100
 
@@ -118,10 +119,10 @@ def _fast_jit(f, *args):
 
 def test_real_denoiser_guidance(tmp_path):
   from dmd_jax import families
-  from dmd_jax.families.sd.config import sd_config
+  from dmd_jax import config_lib
   from dmd_jax.families.sd.convert import load_converted_sd
   from dmd_jax.families.sd.teacher import real_denoiser
-  config = sd_config(tiny=True)
+  config = config_lib.load("coco", "tiny")
   config.regression.distance = "mse"    # no LPIPS needed here
   nets, frozen = families.build(config, str(tmp_path))
   teacher = frozen["teacher"]
@@ -191,13 +192,12 @@ def test_prompt_embeddings_cached_once(tmp_path):
 def test_caption_images_and_clip_score(tmp_path):
   """COCO evaluation plumbing: image i is decode(G(z_i, embed(caption_i))) with z_i from fold_in(seed, i),
   whatever the chunking; the evaluator's CLIP score is clip_score on those images and captions."""
-  from dmd_jax import families, sharding
-  from dmd_jax.families.sd.config import sd_config
+  from dmd_jax import config_lib, families, sharding
   from dmd_jax.convert import clip as clip_convert
   from dmd_jax.evaluation import clip_score
   from dmd_jax.evaluation import images as image_io
   from dmd_jax.evaluation import text_to_image as t2i
-  config = sd_config(tiny=True)
+  config = config_lib.load("coco", "tiny")
   config.regression.distance = "mse"    # no LPIPS needed here
   nets, frozen = families.build(config, str(tmp_path))
   mesh = sharding.make_mesh()

@@ -58,7 +58,7 @@ and as the "training set" (near-copies, with ``τ`` of that half) — the floor 
 class accuracy is mostly on digits the classifier trained on, so it is near 1 by construction.
 
 ``DigitsEvaluator`` (registered as ``'digits'`` in ``evaluators.py``) runs all of it on the final generator, and
-the generator's metrics alone every ``eval.every_steps`` (the trainer's ``eval_curve.json``).
+the generator's metrics alone every ``evals.digits.every_steps`` (the trainer's ``eval_curve.json``).
 """
 from __future__ import annotations
 
@@ -478,13 +478,13 @@ def _json_ready(metrics: dict) -> dict:
 
 
 class DigitsEvaluator:
-  """Digits metrics (module docstring) of ``eval.num_samples`` final generator samples, the real-vs-real
-  floor, and with ``eval.digits_teacher`` the teacher's own samples (cached in
+  """Digits metrics (module docstring) of ``num_samples`` generator samples (``config.evals.digits``), the
+  real-vs-real floor, and with ``teacher`` the teacher's own samples (cached in
   ``<workdir>/digits_teacher_metrics_<n>.json``). The classifier is trained on first use into
   ``<workdir>/digits_classifier`` (``digits.classifier_steps``, ``digits.classifier_seed``)."""
 
-  def __init__(self, run, writer):
-    self.ctx, self.writer = run, writer
+  def __init__(self, run, writer, spec, name: str = "digits"):
+    self.ctx, self.writer, self.spec, self.name = run, writer, spec, name
 
   def _size(self) -> int:
     shape = tuple(self.ctx.teacher.sample_shape)
@@ -531,19 +531,19 @@ class DigitsEvaluator:
 
   def run(self, params, step, final):
     run = self.ctx
-    n = int(run.config.eval.num_samples)
+    n = int(self.spec.num_samples)
     if n <= K_NEAREST:
-      raise ValueError(f"the digits evaluator needs eval.num_samples > {K_NEAREST}, got {n}")
+      raise ValueError(f"the digits evaluator needs evals.{self.name}.num_samples > {K_NEAREST}, got {n}")
     _, _, _, floor, info = self._classifier()
     x, cond = sampling.generate(run, params, n, streams.key(run.config.seed, "fid"))
     results = dict(self._metrics(x, cond))
     scalars = {f"eval/digits/{k}": v for k, v in results.items() if v is not None}
-    if not final:   # eval.every_steps: the generator's metrics alone, the same samples' count and noise
+    if not final:   # every_steps: the generator's metrics alone, the same samples' count and noise
       self.writer.write_scalars(step, scalars)
       logging.info("digits metrics at step %d (%d samples): FID %.3f, precision %.3f, recall %.3f", step, n,
                    results["fid"], results["precision"], results["recall"])
       return {"digits": results}
-    if run.config.eval.get("digits_teacher", False):
+    if self.spec.get("teacher", False):
       results["teacher"] = self._teacher(n)
       scalars.update({f"eval/digits/teacher/{k}": v for k, v in results["teacher"].items() if v is not None})
     results["real_floor"] = floor

@@ -1,19 +1,21 @@
-"""Evaluators, built from ``eval.evaluators`` and run by the loop (at ``eval.every_steps`` with
-``final=False``, and at the end of training with ``final=True``) and by ``--mode=eval``.
+"""Evaluators, built from ``config.evals`` (``{name: dict(type=..., every_steps=..., ...)}``, the dicts of
+``config_lib``'s ``*_eval`` builders) and run by the loop (every ``every_steps`` with ``final=False``, and at
+the end of training with ``final=True``) and by ``--mode=eval``.
 
-Each has ``run(generator_params, step, final) -> results`` (a dict merged into ``metrics.json`` /
-``eval_step<N>.json``) and writes its scalars to the run's metric writer:
+Each is built as ``EVALUATORS[type](run, writer, spec, name)`` and has ``run(generator_params, step, final) ->
+results`` (a dict merged into ``metrics.json`` / ``eval_step<N>.json``); it writes its scalars to the run's
+metric writer:
 
 - ``toy``: distribution metrics of generator and teacher samples against the true mixture, and a scatter
   PNG (``evaluation/toy.py``);
 - ``grid``: a PNG of one-step samples above teacher samples drawn from the same noise;
-- ``fid``: FID of ``eval.num_samples`` one-step samples (a monitoring FID of ``eval.periodic_num_samples``
-  when not final) against ``eval.reference_stats`` (docs/method.md §8);
+- ``fid``: FID of ``num_samples`` one-step samples (a monitoring FID of ``periodic_num_samples`` when not
+  final) against ``reference_stats`` (docs/method.md §8);
 - ``coco``: COCO-30k FID (clean-fid protocol) and CLIP score of text-to-image generators (docs/method.md §8,
   ``evaluation/text_to_image.py``);
-- ``digits``: the digits proof's metrics of ``eval.num_samples`` final samples in the features of a small
-  classifier trained on the digits (FID, class accuracy, k-NN precision / recall, near-copies), the
-  real-vs-real floor, and the teacher's (``eval.digits_teacher``) (``evaluation/digits.py``).
+- ``digits``: the digits proof's metrics of ``num_samples`` samples in the features of a small classifier
+  trained on the digits (FID, class accuracy, k-NN precision / recall, near-copies), the real-vs-real floor,
+  and the teacher's (``teacher``) (``evaluation/digits.py``).
 """
 from __future__ import annotations
 
@@ -36,12 +38,14 @@ def _replicated(run, params):
   return jax.device_put(params, sharding.replicated(run.mesh))
 
 
-def _inception(run):
-  """``(module, replicated params)`` of the FID Inception, loaded once per run."""
-  if "inception" not in run.cache:
-    module, params = pretrained.inception(run.config, run.workdir)
-    run.cache["inception"] = (module, _replicated(run, params))
-  return run.cache["inception"]
+def _inception(run, path: str, what: str):
+  """``(module, replicated params)`` of the FID Inception at ``path`` (named ``what`` in errors), loaded once
+  per run."""
+  key = ("inception", path)
+  if key not in run.cache:
+    module, params = pretrained.inception(path, what, run.config.seed, run.workdir)
+    run.cache[key] = (module, _replicated(run, params))
+  return run.cache[key]
 
 
 def _cached_reference(run, cache: str, compute) -> tuple[np.ndarray, np.ndarray]:
@@ -59,15 +63,15 @@ def _cached_reference(run, cache: str, compute) -> tuple[np.ndarray, np.ndarray]
 class ToyEvaluator:
   """Generator vs teacher samples against the true mixture: TV, precision, mode shares, MMD² (and its floor)."""
 
-  def __init__(self, run, writer):
-    self.ctx, self.writer = run, writer
+  def __init__(self, run, writer, spec, name: str = "toy"):
+    self.ctx, self.writer, self.spec = run, writer, spec
     self.mixture = GaussianMixture.from_config(run.config.toy)
 
   def run(self, params, step, final):
     if not final:
       return {}
-    run, config = self.ctx, self.ctx.config
-    n, seed = config.eval.num_samples, config.seed
+    run = self.ctx
+    n, seed = self.spec.num_samples, run.config.seed
     gen, _ = sampling.generate(run, params, n, streams.key(seed, "toy_generator"))
     teach, _ = sampling.teacher_samples(run, n, streams.key(seed, "toy_teacher"))
     floor = toy_eval.mmd2_floor(self.mixture, seed)
@@ -84,14 +88,14 @@ class ToyEvaluator:
 
 
 class GridEvaluator:
-  """``eval.grid_samples`` one-step samples above as many teacher samples from the same noise, one PNG."""
+  """``num_samples`` one-step samples above as many teacher samples from the same noise, one PNG."""
 
-  def __init__(self, run, writer):
-    self.ctx = run
+  def __init__(self, run, writer, spec, name: str = "grid"):
+    self.ctx, self.spec = run, spec
 
   def run(self, params, step, final):
     run = self.ctx
-    num = run.config.eval.get("grid_samples", 64)
+    num = self.spec.num_samples
     if not final or num <= 0:
       return {}
     key = streams.key(run.config.seed, "sample_grid")
@@ -109,15 +113,15 @@ class GridEvaluator:
 
 class FidEvaluator:
   """FID of one-step samples (Inception pool features of uint8 images, data-parallel over the mesh, float64
-  statistics) against ``eval.reference_stats``: an .npz with mu / sigma, or 'teacher' (the teacher's own
-  samples, cached in the workdir). Inactive without ``eval.inception_path``."""
+  statistics) against ``reference_stats``: an .npz with mu / sigma, or 'teacher' (the teacher's own samples,
+  cached in the workdir). Inactive without ``inception_path``."""
 
-  def __init__(self, run, writer):
-    self.ctx, self.writer = run, writer
+  def __init__(self, run, writer, spec, name: str = "fid"):
+    self.ctx, self.writer, self.spec, self.name = run, writer, spec, name
 
   def _stats(self, chunks, num: int):
-    module, params = _inception(self.ctx)
-    e = self.ctx.config.eval
+    e = self.spec
+    module, params = _inception(self.ctx, e.inception_path, f"evals.{self.name}.inception_path")
     stats = fid.FeatureStats()
     progress = loop.Progress("FID:", num, unit="images")
     for x, _ in chunks:   # every process holds the chunk; each feeds its share, the features are gathered
@@ -128,10 +132,10 @@ class FidEvaluator:
     return stats.mu_sigma()
 
   def _reference(self):
-    run, e = self.ctx, self.ctx.config.eval
+    run, e = self.ctx, self.spec
     if not e.reference_stats:
-      raise ValueError("eval.reference_stats is empty: pass an .npz with mu and sigma (e.g. EDM's fid-refs), "
-                       "or 'teacher' for the statistics of the teacher's own samples")
+      raise ValueError(f"evals.{self.name}.reference_stats is empty: pass an .npz with mu and sigma (e.g. EDM's "
+                       f"fid-refs), or 'teacher' for the statistics of the teacher's own samples")
     if e.reference_stats != "teacher":
       ref = fid.load_reference_stats(e.reference_stats)
       return ref["mu"], ref["sigma"]
@@ -145,12 +149,12 @@ class FidEvaluator:
     ref = self._reference()
     mu, sigma = self._stats(sampling.sample_chunks(run, run.sample, params, num,
                                                    streams.key(run.config.seed, "fid"),
-                                                   run.config.eval.batch_size), num)
+                                                   self.spec.batch_size), num)
     return fid.frechet_distance(mu, sigma, *ref)
 
   def run(self, params, step, final):
-    e = self.ctx.config.eval
-    if not e.get("inception_path", ""):
+    e = self.spec
+    if not e.inception_path:
       return {}
     n = e.num_samples if final else e.periodic_num_samples
     if n <= 0:
@@ -165,23 +169,28 @@ class FidEvaluator:
 
 
 class CocoEvaluator:
-  """Text-to-image: COCO FID under the clean-fid protocol and CLIP score of ``eval.num_samples`` captions
-  (``evaluation/text_to_image.py``). Inactive without ``eval.inception_path`` and ``eval.clip_path``."""
+  """Text-to-image: COCO FID under the clean-fid protocol and CLIP score of ``num_samples`` captions
+  (``evaluation/text_to_image.py``). Inactive without ``inception_path`` and ``clip_path``."""
 
-  def __init__(self, run, writer):
-    self.ctx, self.writer = run, writer
+  def __init__(self, run, writer, spec, name: str = "coco"):
+    self.ctx, self.writer, self.spec, self.name = run, writer, spec, name
 
   def _clip(self):
-    if not self.ctx.config.eval.clip_path:
+    path = self.spec.clip_path
+    if not path:
       return None
-    if "clip" not in self.ctx.cache:
-      module, params, tokenizer = pretrained.clip(self.ctx.config, self.ctx.workdir)
-      self.ctx.cache["clip"] = (module, _replicated(self.ctx, params), tokenizer)
-    return self.ctx.cache["clip"]
+    key = ("clip", path)
+    if key not in self.ctx.cache:
+      module, params, tokenizer = pretrained.clip(path, f"evals.{self.name}.clip_path", self.ctx.workdir)
+      self.ctx.cache[key] = (module, _replicated(self.ctx, params), tokenizer)
+    return self.ctx.cache[key]
+
+  def _inception(self):
+    return _inception(self.ctx, self.spec.inception_path, f"evals.{self.name}.inception_path")
 
   def _captions(self) -> list[str]:
     config = self.ctx.config
-    e, n = config.eval, config.eval.num_samples
+    e, n = self.spec, self.spec.num_samples
     if e.captions == "coco_captions":
       return t2i.coco_captions(e.data_dir, e.captions_split, n, self.ctx.workdir)
     if e.captions == "train_prompts":
@@ -191,14 +200,14 @@ class CocoEvaluator:
     return [base[i % len(base)] for i in range(n)]
 
   def _evaluator(self, with_clip: bool):
-    e = self.ctx.config.eval
-    return t2i.CocoEvaluator(self.ctx.mesh, _inception(self.ctx) if e.inception_path else None,
+    e = self.spec
+    return t2i.CocoEvaluator(self.ctx.mesh, self._inception() if e.inception_path else None,
                              self._clip() if with_clip else None, e.batch_size, e.clip_resize_256)
 
   def _reference(self, captions):
-    run, e = self.ctx, self.ctx.config.eval
+    run, e = self.ctx, self.spec
     if e.reference_stats == "tfds":
-      module, params = _inception(run)
+      module, params = self._inception()
       cache = io.join(run.workdir, f"fid_reference_coco_{t2i.split_tag(e.reference_split)}.npz")
       return reference_stats_from_tfds("coco_captions", e.reference_split, e.data_dir or None, module, params,
                                        protocol="clean", batch_size=e.batch_size, mesh=run.mesh, cache_path=cache)
@@ -214,16 +223,16 @@ class CocoEvaluator:
                        "FID reference (teacher)").stats.mu_sigma()
       return _cached_reference(run, cache, compute)
     if not e.reference_stats:
-      raise ValueError("eval.reference_stats is empty: pass an .npz with mu and sigma, 'tfds' (the COCO images "
-                       "of eval.reference_split) or 'teacher' (the teacher's samples for the same captions)")
+      raise ValueError(f"evals.{self.name}.reference_stats is empty: pass an .npz with mu and sigma, 'tfds' (the "
+                       f"COCO images of reference_split) or 'teacher' (the teacher's samples for the same captions)")
     ref = fid.load_reference_stats(e.reference_stats)
     return ref["mu"], ref["sigma"]
 
   def run(self, params, step, final):
-    run, e = self.ctx, self.ctx.config.eval
+    run, e = self.ctx, self.spec
     if not final or not (e.inception_path or e.clip_path) or e.num_samples <= 0:
       if final:
-        logging.info("no eval.inception_path / eval.clip_path: COCO FID and CLIP score skipped")
+        logging.info("no evals.%s.inception_path / clip_path: COCO FID and CLIP score skipped", self.name)
       return {}
     captions = self._captions()
     reference = self._reference(captions) if e.inception_path else None
@@ -243,17 +252,34 @@ EVALUATORS = {"toy": ToyEvaluator, "grid": GridEvaluator, "fid": FidEvaluator, "
               "digits": DigitsEvaluator}
 
 
-def build(run, writer) -> list:
-  """The evaluators named by ``eval.evaluators``, in order."""
-  names = tuple(run.config.eval.get("evaluators", ()))
-  unknown = [n for n in names if n not in EVALUATORS]
-  if unknown:
-    raise ValueError(f"eval.evaluators: unknown {unknown}; known: {sorted(EVALUATORS)}")
-  return [EVALUATORS[n](run, writer) for n in names]
+class Named:
+  """An evaluator with its config name and period (``config.evals.<name>.every_steps``)."""
+
+  def __init__(self, name: str, every_steps: int, evaluator):
+    self.name, self.every_steps, self.evaluator = name, every_steps, evaluator
+
+  def run(self, params, step, final):
+    return self.evaluator.run(params, step, final)
+
+
+def build(run, writer) -> list[Named]:
+  """The evaluators of ``config.evals`` in order, those with an empty ``type`` left out."""
+  out = []
+  for name, spec in run.config.get("evals", {}).items():
+    kind = spec.get("type", "")
+    if not kind:
+      continue
+    if kind not in EVALUATORS:
+      raise ValueError(f"evals.{name}.type={kind!r} is not an evaluator; known: {sorted(EVALUATORS)} ('' = off)")
+    every = int(spec.get("every_steps", 0))
+    if every < 0:
+      raise ValueError(f"evals.{name}.every_steps must be >= 0, got {every}")
+    out.append(Named(name, every, EVALUATORS[kind](run, writer, spec, name)))
+  return out
 
 
 def run_all(run, evaluators, params, step: int, final: bool) -> dict:
-  """Runs every evaluator; the merged results (with the step and both samplers' NFE when final)."""
+  """Runs the evaluators; the merged results (with the step and both samplers' NFE when final)."""
   results = ({"step": step, "generator_nfe": run.generator_nfe, "teacher_nfe": run.teacher.sampler.nfe}
              if final else {})
   for ev in evaluators:

@@ -11,12 +11,12 @@ the host each chunk goes
   (OpenCLIP ViT-g/14 in the DMD papers), optionally after the same Lanczos-256 step as the GigaGAN / DMD2
   evaluation code (``clip_resize_256``).
 
-Captions (``eval.captions``): ``'coco_captions'`` — the first caption of each of the first ``num_samples``
-images of a prepared tfds ``coco_captions/2014`` split, in record order (``eval.captions_split``; the 2014
+Captions (``evals.coco.captions``): ``'coco_captions'`` — the first caption of each of the first ``num_samples``
+images of a prepared tfds ``coco_captions/2014`` split, in record order (``evals.coco.captions_split``; the 2014
 validation images are tfds's ``val+test+restval``, 40,504 images), read once and cached as a text file in the
 workdir; ``'train_prompts'`` — the training prompts, cycled; or a path to a text file, one caption a line (for
-instance the exact 30k-caption list a paper used). Reference statistics (``eval.reference_stats``): an ``.npz``
-with ``mu`` / ``sigma``; ``'tfds'`` — every image of ``eval.reference_split`` of ``coco_captions`` under the
+instance the exact 30k-caption list a paper used). Reference statistics (``evals.coco.reference_stats``): an ``.npz``
+with ``mu`` / ``sigma``; ``'tfds'`` — every image of ``evals.coco.reference_split`` of ``coco_captions`` under the
 same protocol (``reference_stats.reference_stats_from_tfds``, cached); or ``'teacher'`` — the teacher's own
 guided samples for the same captions (FID to the teacher), cached.
 """
@@ -48,8 +48,8 @@ def coco_captions(data_dir: str, split: str, num: int, cache_dir: str | None) ->
 
 
 def read_captions(path: str) -> list[str]:
-  """One caption a line (``eval.captions=FILE``; whitespace stripped, blank lines skipped)."""
-  return read_prompts_file(path, "eval.captions")
+  """One caption a line (``evals.coco.captions=FILE``; whitespace stripped, blank lines skipped)."""
+  return read_prompts_file(path, "evals.coco.captions")
 
 
 def split_tag(split: str) -> str:
