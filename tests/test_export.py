@@ -10,7 +10,6 @@ state with the generator's arrays (parameters and EMA) replaced by random ones, 
 exporting reads checkpoints, and a train step's compilation would only add a minute. A trained LoRA run is
 exported, and loaded through diffusers' LoRA loading, in tests/test_lora.py.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ import pytest
 from fixture_testing import rel_err
 from helpers import ROOT, env_with_devices
 
-from dmd_jax import checkpoint, export, export_lib, modes, train
+from dmd_jax import checkpoint, config_lib, export, export_lib, modes, train
 from dmd_jax.convert.common import flatten_params
 from dmd_jax.families.edm import export as edm_export
 from dmd_jax.families.sd import export as sd_export
@@ -32,14 +31,12 @@ from dmd_jax.families.sd import export as sd_export
 # the cheapest coco:tiny run that still trains and checkpoints: no regression pairs (and no LPIPS), no evaluators;
 # an EMA, so that the export has to pick it
 SD_OVERRIDES = {"num_train_steps": 2, "regression.weight": 0.0, "regression.distance": "mse",
-                "eval.evaluators": (), "ema.decay": 0.5}
+                "evals.grid.type": "", "evals.coco.type": "",
+                "ema.decay": 0.5}
 
 
 def load_config(name: str, variant: str = "", overrides=None):
-  spec = importlib.util.spec_from_file_location(f"export_config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(variant)
+  config = config_lib.load(name, variant)
   for key, value in (overrides or {}).items():
     *parents, leaf = key.split(".")
     node = config
@@ -365,15 +362,15 @@ def test_sd_teacher_src_checks(tmp_path):
   from dmd_jax.schedules import VPSchedule
   config = load_config("coco", "tiny", SD_OVERRIDES)
   (tmp_path / "src" / "vae").mkdir(parents=True)
-  with pytest.raises(FileNotFoundError, match=r"not a diffusers Stable Diffusion folder: no text_encoder/, "
+  with pytest.raises(FileNotFoundError, match=r"not a diffusers StableDiffusionPipeline folder: no text_encoder/, "
                                               r"tokenizer/, scheduler/"):
     export.export(config, str(tmp_path / "run"), str(tmp_path / "out"), teacher_src=str(tmp_path / "src"))
   assert not os.path.exists(tmp_path / "out")
   (tmp_path / "src" / "unet").mkdir()
   (tmp_path / "src" / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 24, "_x": 1}))
   with pytest.raises(ValueError, match="differs from the run's teacher UNet on cross_attention_dim"):
-    sd_export._copy_sd_pipeline(str(tmp_path / "src"), str(tmp_path / "out"), {"cross_attention_dim": 32},
-                             VPSchedule())
+    sd_export._copy_pipeline(str(tmp_path / "src"), str(tmp_path / "out"), {"cross_attention_dim": 32},
+                             VPSchedule(), sd_export.SD)
 
 
 @pytest.mark.parametrize("name", ["edm_ncsnpp_uncond", "edm_adm_cond"])

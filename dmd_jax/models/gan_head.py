@@ -6,6 +6,11 @@
     conv 4×4 stride 2 pad 1 → GroupNorm(32, eps 1e-5) → SiLU → conv 4×4 stride 4 → GroupNorm(32) → SiLU
     → conv 1×1 → one logit
 
+and of the SDXL runs on the mid-block output 1280 × 32 × 32 (tianweiy/DMD2 main/sd_guidance.py,
+``cls_pred_branch`` with ``args.sdxl``): three stride-2 convs (32 → 16 → 8 → 4), each followed by GroupNorm +
+SiLU, then the same stride-4 conv, GroupNorm, SiLU and 1×1 conv. In general a bottleneck of side 8·2^k gets
+1 + k stride-2 convs before the stride-4 one.
+
 Features are cast to float32 first; every conv keeps the feature width (the last maps it to one channel) and
 is initialised like PyTorch's ``nn.Conv2d`` (weights and biases uniform in ``±1/sqrt(fan_in)``, which is what
 its kaiming-uniform with ``a = sqrt(5)`` amounts to). Bottlenecks other than 8 × 8 (the ``:tiny`` configs, other
@@ -61,9 +66,10 @@ def head_groups(channels: int, num_groups: int = 32) -> int:
 
 class ConvGANHead(nn.Module):
   """NHWC features ``[N, H, W, C]`` (H = W ≥ 4) → logits ``[N]`` float32. Parameter names follow the
-  official ``nn.Sequential`` indices (``conv0``, ``norm1``, ``conv3``, ``norm4``, ``conv6``). ``groups`` > 0
-  overrides :func:`head_groups` (diagnostics); the second GroupNorm's output is sown as
-  ``intermediates/norm4_out`` (read with ``mutable=['intermediates']``)."""
+  official ``nn.Sequential`` indices (8 × 8: ``conv0``, ``norm1``, ``conv3``, ``norm4``, ``conv6``; 32 × 32:
+  ``conv0`` … ``norm10``, ``conv12``). ``groups`` > 0 overrides :func:`head_groups` (diagnostics); the last
+  GroupNorm's output (on the 1 × 1 map) is sown as ``intermediates/norm4_out`` (read with
+  ``mutable=['intermediates']``)."""
   num_groups: int = 32
   groups: int = 0
 
@@ -74,14 +80,19 @@ class ConvGANHead(nn.Module):
       raise ValueError(f"ConvGANHead needs NHWC features of at least 4 × 4, got shape {x.shape}")
     c = x.shape[-1]
     groups = self.groups or head_groups(c, self.num_groups)
-    x = _conv(c, 4, 2, 1, c * 16, "conv0")(x)
-    x = nn.silu(GroupNorm(groups, 1e-5, name="norm1")(x))
+    side, i = min(x.shape[1], x.shape[2]), 0
+    while True:   # stride-2 convs down to 4 × 4 (one for an 8 × 8 bottleneck, three for SDXL's 32 × 32)
+      x = _conv(c, 4, 2, 1, c * 16, f"conv{i}")(x)
+      x = nn.silu(GroupNorm(groups, 1e-5, name=f"norm{i + 1}")(x))
+      i, side = i + 3, side // 2
+      if side <= 4:
+        break
     k = min(4, x.shape[1], x.shape[2])
-    x = _conv(c, k, k, 0, c * k * k, "conv3")(x)
-    x = GroupNorm(groups, 1e-5, name="norm4")(x)
+    x = _conv(c, k, k, 0, c * k * k, f"conv{i}")(x)
+    x = GroupNorm(groups, 1e-5, name=f"norm{i + 1}")(x)
     self.sow("intermediates", "norm4_out", x)
     x = nn.silu(x)
-    x = _conv(1, 1, 1, 0, c, "conv6")(x)
+    x = _conv(1, 1, 1, 0, c, f"conv{i + 3}")(x)
     return jnp.mean(x, axis=(1, 2, 3))
 
 

@@ -7,10 +7,11 @@ teacher's original diffusers pipeline folder) also its ``vae/``, ``text_encoder/
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -23,13 +24,33 @@ SD_PIPELINE_PARTS = ("vae", "text_encoder", "tokenizer", "scheduler")   # copied
 SD_OPTIONAL_PARTS = ("feature_extractor", "safety_checker")             # copied when present
 
 
-def check_teacher_src(teacher_src: str) -> None:
-  """``--teacher_src`` must be a local diffusers Stable Diffusion folder (checked before anything is read)."""
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """What differs between the diffusers pipelines this module exports for (SD here, SDXL in
+  ``families/sdxl/export.py``): the pipeline class, the parts copied from ``--teacher_src`` (required and
+  optional), the converted teacher's folder (``teacher_dir(config, workdir)``) and how the UNet is conditioned."""
+  class_name: str
+  parts: tuple
+  optional_parts: tuple
+  teacher_dir: Callable
+  conditioning: str
+
+
+SD = Pipeline(
+    class_name="StableDiffusionPipeline", parts=SD_PIPELINE_PARTS, optional_parts=SD_OPTIONAL_PARTS,
+    teacher_dir=sd_teacher.teacher_dir,
+    conditioning=("encoder_hidden_states: the teacher's CLIP text encoder's last hidden state [B, L, D] for the "
+                  "prompt, tokenized to the tokenizer's model_max_length (padded)"))
+
+
+def check_teacher_src(teacher_src: str, pipeline: Pipeline = SD) -> None:
+  """``--teacher_src`` must be a local diffusers pipeline folder of ``pipeline``'s kind (checked before anything
+  is read)."""
   if io.is_remote(teacher_src):
     raise ValueError(f"--teacher_src={teacher_src}: a local diffusers pipeline folder is needed")
-  missing = [p for p in SD_PIPELINE_PARTS if not os.path.isdir(os.path.join(teacher_src, p))]
+  missing = [p for p in pipeline.parts if not os.path.isdir(os.path.join(teacher_src, p))]
   if missing:
-    raise FileNotFoundError(f"--teacher_src={teacher_src} is not a diffusers Stable Diffusion folder: no "
+    raise FileNotFoundError(f"--teacher_src={teacher_src} is not a diffusers {pipeline.class_name} folder: no "
                             f"{', '.join(m + '/' for m in missing)}")
 
 
@@ -39,12 +60,12 @@ def _sd_timesteps(config) -> list[int]:
   return [int(config.generator.timestep)] + [int(t) for t in steps[1:]]
 
 
-def write(out_dir: str, run, params, teacher_src: str | None = None) -> dict:
+def write(out_dir: str, run, params, teacher_src: str | None = None, pipeline: Pipeline = SD) -> dict:
   """``unet/`` (diffusers ``UNet2DConditionModel``: safetensors + the teacher UNet's config.json); with
   ``teacher_src`` the rest of the teacher's pipeline and a ``model_index.json``."""
   config = run.config
   schedule = sd_teacher.vp_schedule(config)
-  teacher = sd_teacher.teacher_dir(config, run.workdir)
+  teacher = pipeline.teacher_dir(config, run.workdir)
   unet_config = dict(io.read_json(io.join(teacher, "unet", "config.json")))
   unet_config.setdefault("_class_name", "UNet2DConditionModel")
   vae_config = io.read_json(io.join(teacher, "vae", "config.json"))
@@ -56,18 +77,17 @@ def write(out_dir: str, run, params, teacher_src: str | None = None) -> dict:
   export_lib.wrote(weights, out_dir)
   export_lib.write_json(os.path.join(unet_dir, "config.json"), unet_config)
   export_lib.wrote(os.path.join(unet_dir, "config.json"), out_dir)
-  pipeline = False
-  if teacher_src is not None:
-    _copy_sd_pipeline(teacher_src, out_dir, unet_config, schedule)
-    pipeline = True
+  copied = teacher_src is not None
+  if copied:
+    _copy_pipeline(teacher_src, out_dir, unet_config, schedule, pipeline)
 
   timesteps = _sd_timesteps(config)
   abar = schedule.alphas_cumprod
   res, _, ch = run.teacher.sample_shape
   return {
       "files": {"unet": "unet/ (diffusers UNet2DConditionModel: diffusion_pytorch_model.safetensors, config.json)",
-                **({"pipeline": "model_index.json + unet/ vae/ text_encoder/ tokenizer/ scheduler/ "
-                                "(a diffusers StableDiffusionPipeline folder)"} if pipeline else {})},
+                **({"pipeline": f"model_index.json + unet/ {' '.join(p + '/' for p in pipeline.parts)} "
+                                f"(a diffusers {pipeline.class_name} folder)"} if copied else {})},
       "network": "diffusers.UNet2DConditionModel",
       "prediction_type": "epsilon",
       "timesteps": timesteps,
@@ -88,8 +108,7 @@ def write(out_dir: str, run, params, teacher_src: str | None = None) -> dict:
       "teacher_guidance_scale": float(config.guidance_scale),
       "guidance_note": ("classifier-free guidance is distilled into the generator: call the UNet once per "
                         "step with the prompt's embedding only (no unconditional branch)"),
-      "conditioning": ("encoder_hidden_states: the teacher's CLIP text encoder's last hidden state [B, L, D] "
-                       "for the prompt, tokenized to the tokenizer's model_max_length (padded)"),
+      "conditioning": pipeline.conditioning,
       "latent_shape": [int(ch), int(res), int(res)],
       "latent_layout": "NCHW (diffusers); dmd_jax itself works in NHWC",
       "vae_scaling_factor": float(vae_config.get("scaling_factor", 0.18215)),
@@ -105,7 +124,7 @@ def _config_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]
   return sorted(k for k in keys if k in a and k in b and norm(a[k]) != norm(b[k]))
 
 
-def _copy_sd_pipeline(src: str, out_dir: str, unet_config: Mapping[str, Any], schedule) -> None:
+def _copy_pipeline(src: str, out_dir: str, unet_config: Mapping[str, Any], schedule, pipeline: Pipeline) -> None:
   """Copies the non-UNet parts of the diffusers pipeline folder ``src`` into ``out_dir`` and writes its
   ``model_index.json`` (the source's, with the exported UNet; parts not copied set to ``[null, null]``)."""
   src_unet = os.path.join(src, "unet", "config.json")
@@ -120,7 +139,7 @@ def _copy_sd_pipeline(src: str, out_dir: str, unet_config: Mapping[str, Any], sc
     with open(sched) as f:
       sd_teacher.check_schedule(schedule, json.load(f), src)
   copied = []
-  for part in SD_PIPELINE_PARTS + SD_OPTIONAL_PARTS:
+  for part in pipeline.parts + pipeline.optional_parts:
     folder = os.path.join(src, part)
     if not os.path.isdir(folder):
       continue
@@ -132,21 +151,21 @@ def _copy_sd_pipeline(src: str, out_dir: str, unet_config: Mapping[str, Any], sc
     with open(index_path) as f:
       index = json.load(f)
   else:
-    index = _default_model_index(src)
-  index["_class_name"] = index.get("_class_name") or "StableDiffusionPipeline"
+    index = _default_model_index(src, pipeline)
+  index["_class_name"] = index.get("_class_name") or pipeline.class_name
   index["unet"] = ["diffusers", "UNet2DConditionModel"]
   for key, value in list(index.items()):
     if key.startswith("_") or key == "unet" or not isinstance(value, list) or len(value) != 2:
       continue
     if key not in copied and value != [None, None]:
       index[key] = [None, None]
-  if "safety_checker" not in copied:
+  if "safety_checker" in pipeline.optional_parts and "safety_checker" not in copied:
     index["requires_safety_checker"] = False
   export_lib.write_json(os.path.join(out_dir, "model_index.json"), index)
   export_lib.wrote(os.path.join(out_dir, "model_index.json"), out_dir)
 
 
-def _default_model_index(src: str) -> dict:
+def _default_model_index(src: str, pipeline: Pipeline) -> dict:
   """A ``model_index.json`` for a pipeline folder that has none: the classes from the parts' own configs."""
   def class_of(part, file, default):
     path = os.path.join(src, part, file)
@@ -155,15 +174,18 @@ def _default_model_index(src: str) -> dict:
     with open(path) as f:
       cfg = json.load(f)
     return cfg.get("_class_name") or (cfg.get("architectures") or [default])[0]
-  return {
-      "_class_name": "StableDiffusionPipeline",
+  known = {
       "vae": ["diffusers", class_of("vae", "config.json", "AutoencoderKL")],
       "text_encoder": ["transformers", class_of("text_encoder", "config.json", "CLIPTextModel")],
+      "text_encoder_2": ["transformers", class_of("text_encoder_2", "config.json", "CLIPTextModelWithProjection")],
       "tokenizer": ["transformers", "CLIPTokenizer"],
+      "tokenizer_2": ["transformers", "CLIPTokenizer"],
       "scheduler": ["diffusers", class_of("scheduler", "scheduler_config.json", "PNDMScheduler")],
       "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
       "feature_extractor": ["transformers", "CLIPImageProcessor"],
   }
+  return {"_class_name": pipeline.class_name,
+          **{part: known[part] for part in pipeline.parts + pipeline.optional_parts}}
 
 
 SD_LORA_FILE = "pytorch_lora_weights.safetensors"   # the file name diffusers' load_lora_weights looks for
@@ -192,7 +214,7 @@ def sd_lora_state_dict(plan, adapters, module_name) -> dict:
   return out
 
 
-def write_lora(out_dir: str, run, gen_state) -> dict:
+def write_lora(out_dir: str, run, gen_state, pipeline: Pipeline = SD) -> dict:
   """``lora/pytorch_lora_weights.safetensors``: the adapters (the EMA's when kept) for
   ``pipe.load_lora_weights(DIR/lora)`` on the teacher's own pipeline."""
   plan = run.lora["generator"]
@@ -203,5 +225,5 @@ def write_lora(out_dir: str, run, gen_state) -> dict:
   return {"file": f"lora/{SD_LORA_FILE}", "rank": plan.rank, "alpha": plan.alpha,
           "scale_folded_into_lora_B": plan.scale, "targets": list(plan.targets), "num_modules": len(plan.modules),
           "num_params": plan.num_params(),
-          "load": ("pipe = StableDiffusionPipeline.from_pretrained(TEACHER); pipe.load_lora_weights(DIR/lora) "
+          "load": (f"pipe = {pipeline.class_name}.from_pretrained(TEACHER); pipe.load_lora_weights(DIR/lora) "
                    "(the adapters apply to the teacher's UNet; unet/ holds the same network merged)")}

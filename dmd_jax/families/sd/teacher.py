@@ -28,13 +28,19 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv")
 
 
-def real_denoiser(unet, schedule, guidance_scale: float) -> Callable:
+def text_only(cond) -> tuple:
+  """SD 1.x / 2.x: the condition is the text encoder's hidden states, the UNet's one conditioning input."""
+  return (cond,)
+
+
+def real_denoiser(unet, schedule, guidance_scale: float, unet_inputs: Callable = text_only) -> Callable:
   """The real score of an SD teacher as an x0-predictor: ``(p, x_t, t, cond) -> x0`` with
-  ``p = {'unet': params, 'uncond': [1, L, D] empty-prompt embedding}`` and guidance ``g`` (eps → x0 in
-  float32)."""
+  ``p = {'unet': params, 'uncond': [1, ...] unconditional condition}`` and guidance ``g`` (eps → x0 in
+  float32). ``unet_inputs(cond)``: the UNet's conditioning arguments (:func:`text_only`; SDXL adds its
+  pooled embedding and time ids)."""
   def real_denoise(p, x_t, t, cond):
-    eps = classifier_free_guidance(lambda x, tt, c: unet.apply({"params": p["unet"]}, x, tt, c), x_t, t, cond,
-                                   p["uncond"], guidance_scale)
+    eps = classifier_free_guidance(lambda x, tt, c: unet.apply({"params": p["unet"]}, x, tt, *unet_inputs(c)),
+                                   x_t, t, cond, p["uncond"], guidance_scale)
     return schedule.eps_to_x0(x_t, eps, t)
   return real_denoise
 
@@ -59,7 +65,8 @@ def check_schedule(schedule, scheduler_config, path):
                        f"(schedule.* must describe the teacher's training schedule)")
 
 
-def sd_teacher(config, unet_config: dict, vae_config: dict, unet_shapes, conditions) -> base.Teacher:
+def sd_teacher(config, unet_config: dict, vae_config: dict, unet_shapes, conditions, *, name: str = "sd",
+               unet_inputs: Callable = text_only, cond_rows: int = 1) -> base.Teacher:
   """The ``Teacher`` of an SD pipeline, built from modules only (no I/O): what ``build`` returns once the
   converted pipeline and the prompts are at hand (``bench/sd_memory.py`` calls it on abstract values).
 
@@ -69,7 +76,8 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, unet_shapes, conditi
   ``unet_shapes``: the UNet's parameters or their shapes (only the shapes are kept: ``init`` copies the UNet
   from the frozen parameters it is given, ``frozen['teacher']['unet']``, so no closure holds a host copy).
   ``conditions``: a ``base.PromptConditions``. The frozen parameters these functions take are
-  :func:`sd_frozen`'s.
+  :func:`sd_frozen`'s. SDXL (``families/sdxl/teacher.py``) passes ``unet_inputs`` (a condition → the UNet's
+  conditioning arguments), the fewest rows of a condition ``cond_rows`` and its ``name``.
   """
   schedule = vp_schedule(config)
   unet_shapes = base.abstract(unet_shapes)
@@ -87,7 +95,7 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, unet_shapes, conditi
     raise ValueError(f"generator.timestep must be in [0, {schedule.num_timesteps}), got {t_gen}")
 
   def eps_of(module, params):
-    return lambda x, t, c: module.apply({"params": params}, x, t, c)
+    return lambda x, t, c: module.apply({"params": params}, x, t, *unet_inputs(c))
 
   def generate(params, z, cond):
     t = jnp.full((z.shape[0],), t_gen, jnp.int32)
@@ -97,10 +105,11 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, unet_shapes, conditi
     return schedule.eps_to_x0(x_t, eps_of(student, p)(x_t, t, cond), t)
 
   def features(p, x_t, t, cond):   # the mid-block output (DMD2's GAN head input, docs/method.md §7)
-    return student.apply({"params": p}, x_t, t, cond, return_mid_features=True)[1].astype(jnp.float32)
+    return student.apply({"params": p}, x_t, t, *unet_inputs(cond),
+                         return_mid_features=True)[1].astype(jnp.float32)
 
   def feature_shape():
-    cond = jax.ShapeDtypeStruct((1, 1, int(teacher.config.cross_attention_dim[0])), jnp.float32)
+    cond = jax.ShapeDtypeStruct((1, cond_rows, int(teacher.config.cross_attention_dim[0])), jnp.float32)
     return jax.eval_shape(features, unet_shapes, jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32),
                           jax.ShapeDtypeStruct((1,), jnp.int32), cond).shape[1:]
 
@@ -130,11 +139,11 @@ def sd_teacher(config, unet_config: dict, vae_config: dict, unet_shapes, conditi
 
   nfe = (steps + 1 if sampler == "pndm" else steps) * (1 if g == 1.0 else 2)
   return base.Teacher(
-      name="sd",
+      name=name,
       schedule=schedule,
       generate=generate,
       generate_at=fake_denoise,     # the same UNet as a denoiser at t, with the generator's parameters
-      real_denoise=real_denoiser(teacher, schedule, g),
+      real_denoise=real_denoiser(teacher, schedule, g, unet_inputs),
       fake_denoise=fake_denoise,
       sample_noise=lambda rng, n: jax.random.normal(rng, (n, res, res, ch), jnp.float32),
       init=base.teacher_copies(lambda frozen: frozen["teacher"]["unet"]),
