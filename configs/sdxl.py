@@ -42,8 +42,8 @@ aesthetic score ≥ 6.25 and the critic's real images 500k LAION images (SDXL-VA
 ``data.prompts_file`` (or a tfds coco_captions split) and the real images are the COCO 2014 train images,
 centre-cropped to 1024 px and VAE-encoded once (``gan.real_data``, ``data/real.py``). Evaluation: COCO-10k
 (the DMD2 SDXL protocol: 10k val2014 captions and images, ``test_folder_sdxl.py --total_eval_samples 10000``)
-FID under the clean-fid protocol and CLIP score (``evals.coco``; the official code resizes its 1024 px images
-to 512 before the FID Inception's own resizing, ``--eval_res 512``; this evaluator feeds them directly).
+FID under the clean-fid protocol at 512 px (centre crop, Lanczos to 512 — main/coco_eval/coco_evaluator.py with
+``--eval_res 512`` — then clean-fid's resize to 299) and CLIP score (``evals.coco``).
 """
 from dmd_jax.config_lib import coco_eval, cpu_sized, dmd2, evals, grid_eval, lora, parse_variants
 from dmd_jax.families.sd.config import random_pipeline, sd_config
@@ -66,7 +66,8 @@ def get_config(arg: str = ""):
   c.checkpoint_every = 500
   # docs/method.md §8: COCO-10k FID (clean-fid protocol) and CLIP score (OpenCLIP ViT-g/14)
   c.evals = evals(grid=grid_eval(num_samples=4),
-                  coco=coco_eval(num_samples=10_000, batch_size=64))
+                  coco=coco_eval(num_samples=10_000, batch_size=64,
+                                 image_size=512))        # test_folder_sdxl.py --eval_res 512
   # every variant's DMD2 terms: TTUR 5, GAN 5e-3 / 1e-2 on COCO train latents, warm-up over 64 processes
   dmd2(c, ttur=5, lr=5e-7, batch_size=128, num_train_steps=19_000, gan_generator=5e-3, gan_critic=1e-2,
        warmup_processes=64, source="coco_latents", dataset="coco_captions", num_images=82_783)

@@ -163,7 +163,7 @@ def fid_eval(*, num_samples: int, batch_size: int, protocol: str, every_steps: i
       protocol=protocol)                # 'tf1' (EDM / DMD numbers) or 'pytorch_fid'
 
 
-def coco_eval(*, num_samples: int, batch_size: int) -> dict:
+def coco_eval(*, num_samples: int, batch_size: int, image_size: int = 256) -> dict:
   """Text-to-image: COCO FID under the clean-fid protocol and CLIP score (docs/method.md §8;
   ``evaluation/text_to_image.py``), at the end of training."""
   return dict(
@@ -178,6 +178,8 @@ def coco_eval(*, num_samples: int, batch_size: int) -> dict:
       inception_path="",                # a folder written by `python -m dmd_jax.convert inception`
       reference_stats="tfds",           # 'tfds' (reference_split, cached), an .npz with mu / sigma, or 'teacher'
       reference_split="val+test+restval",
+      image_size=image_size,            # FID: centre crop + Lanczos to this size, then clean-fid's 299 resize
+                                        # (the DMD2 evaluation's --eval_res: 256, SDXL 512)
       clip_path="",                     # a folder written by `python -m dmd_jax.convert clip` ('' = no CLIP score)
       clip_resize_256=True)             # Lanczos-256 before CLIP's preprocessing (the GigaGAN / DMD2 eval code)
 

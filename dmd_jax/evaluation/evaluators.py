@@ -202,14 +202,18 @@ class CocoEvaluator:
   def _evaluator(self, with_clip: bool):
     e = self.spec
     return t2i.CocoEvaluator(self.ctx.mesh, self._inception() if e.inception_path else None,
-                             self._clip() if with_clip else None, e.batch_size, e.clip_resize_256)
+                             self._clip() if with_clip else None, e.batch_size, e.clip_resize_256,
+                             e.get("image_size", 256))
 
   def _reference(self, captions):
     run, e = self.ctx, self.spec
     if e.reference_stats == "tfds":
       module, params = self._inception()
-      cache = io.join(run.workdir, f"fid_reference_coco_{t2i.split_tag(e.reference_split)}.npz")
+      size = e.get("image_size", 256)
+      tag = t2i.split_tag(e.reference_split) + ("" if size == 256 else f"_{size}px")
+      cache = io.join(run.workdir, f"fid_reference_coco_{tag}.npz")
       return reference_stats_from_tfds("coco_captions", e.reference_split, e.data_dir or None, module, params,
+                                       image_size=size,
                                        protocol="clean", batch_size=e.batch_size, mesh=run.mesh, cache_path=cache)
     if e.reference_stats == "teacher":
       cache = io.join(run.workdir,

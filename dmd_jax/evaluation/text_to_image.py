@@ -90,8 +90,10 @@ def caption_images(teacher, frozen, mesh, fn: Callable, params, captions: Sequen
 class CocoEvaluator:
   """Accumulates FID statistics and CLIP scores over generated chunks (``update``), then ``result``."""
 
-  def __init__(self, mesh, inception, clip=None, batch_size: int = 64, clip_resize_256: bool = True):
+  def __init__(self, mesh, inception, clip=None, batch_size: int = 64, clip_resize_256: bool = True,
+               image_size: int = coco_fid.COCO_SIZE):
     self.mesh, self.batch_size, self.clip_resize_256 = mesh, batch_size, clip_resize_256
+    self.image_size = image_size   # the FID's centre crop + Lanczos size before the 299 resize (DMD2's --eval_res)
     self.inception, self.clip = inception, clip
     self.stats = fid.FeatureStats()
     self.scores: list[np.ndarray] = []
@@ -100,8 +102,8 @@ class CocoEvaluator:
     if self.inception is not None:   # every process holds the images; each feeds its share (gathered)
       module, params = self.inception
       share = images[sharding.process_share(len(images))]
-      self.stats.update(coco_fid.clean_fid_features(module, params, share, batch_size=self.batch_size,
-                                                    mesh=self.mesh, log_every=0))
+      self.stats.update(coco_fid.clean_fid_features(module, params, share, self.image_size,
+                                                    batch_size=self.batch_size, mesh=self.mesh, log_every=0))
     if self.clip is not None:
       module, params, tokenizer = self.clip
       self.scores.append(clip_lib.clip_scores(module, params, tokenizer, images, list(captions),
