@@ -39,6 +39,7 @@ def get_config(arg: str = ""):
   c.checkpoint_every = 4_000
   c.log_every = 2_000
   c.distributed = "auto"              # 'auto' (from the environment), 'yes', 'no': jax.distributed
+  c.compilation_cache = "auto"        # 'auto' = <workdir>/compilation_cache, a path (gs:// too), '' = off
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                    # -1 = all remaining devices

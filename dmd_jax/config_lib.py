@@ -33,6 +33,7 @@ def base_config(seed: int = 0) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = seed
   c.distributed = "auto"              # 'auto' (from the environment), 'yes', 'no': jax.distributed
+  c.compilation_cache = "auto"        # 'auto' = <workdir>/compilation_cache, a path (gs:// too), '' = off
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2 ** 18))
   c.ema = ml_collections.ConfigDict(dict(decay=0.0))   # the official code keeps no EMA
   c.dmd = ml_collections.ConfigDict(dict(dm_weight=1.0, fake_updates_per_generator_update=1))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from typing import Any
 
@@ -227,7 +228,33 @@ def build(config, teacher: Teacher, frozen: dict, mesh, workdir: str | None = No
 
 
 def start_process(config, workdir: str) -> str:
-  """Multi-host initialisation (``config.distributed``) and the workdir (created; its absolute path)."""
+  """Multi-host initialisation (``config.distributed``), the workdir (created; its absolute path) and the
+  persistent compilation cache (``config.compilation_cache``)."""
+  workdir = _start_process(config, workdir)
+  enable_compilation_cache(config.get("compilation_cache", "auto"), workdir)
+  return workdir
+
+
+def enable_compilation_cache(setting: str, workdir: str) -> str | None:
+  """JAX's persistent compilation cache, so that a restarted run (a preemption, a resume, ``--mode=eval``)
+  loads its compiled programs instead of compiling them again. ``setting``: 'auto' (the default:
+  ``<workdir>/compilation_cache``, unless ``JAX_COMPILATION_CACHE_DIR`` or ``jax_compilation_cache_dir`` already
+  names one), a path (local or ``gs://``, shared by several runs of one config), or '' (off). Returns the
+  folder used."""
+  current = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+  if setting == "auto":
+    if current:
+      return current
+    setting = io.join(workdir, "compilation_cache")
+  if not setting:
+    return None
+  if setting != current:
+    jax.config.update("jax_compilation_cache_dir", setting)
+    logging.info("persistent compilation cache: %s", setting)
+  return setting
+
+
+def _start_process(config, workdir: str) -> str:
   enabled = {"auto": None, "yes": True, "no": False}
   if config.distributed not in enabled:
     raise ValueError(f"config.distributed must be 'auto', 'yes' or 'no', got {config.distributed!r}")
