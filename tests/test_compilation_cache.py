@@ -1,5 +1,6 @@
 """The persistent compilation cache a run keeps in its workdir (``config.compilation_cache``, ``train.start_process``):
-a resumed run loads the train step it compiled instead of compiling it again, and the cache can be turned off. The subprocesses run without the suite's own cache (``JAX_COMPILATION_CACHE_DIR``)."""
+a resumed run loads the train step it compiled instead of compiling it again, and the cache can be turned off.
+The subprocesses run without the suite's own cache (``JAX_COMPILATION_CACHE_DIR``)."""
 import glob
 import os
 import re
