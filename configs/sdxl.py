@@ -64,6 +64,11 @@ def get_config(arg: str = ""):
                 num_prompts=0)                                        # every prompt of data.prompts_file
   c.regression.sampler = "ddim"
   c.checkpoint_every = 500
+  # the train state is 7 float32 copies of the 2.57B-parameter UNet (generator and fake score with AdamW's two
+  # moments, the frozen teacher): 72 GB, so the parameters and optimiser states are sharded over groups of 8
+  # devices (the official runs: FSDP HYBRID_SHARD within each 8-GPU node, main/sdxl/create_sdxl_fsdp_configs.py
+  # --sharding_strategy 4), data parallel across the groups
+  c.mesh.fsdp = 8
   # docs/method.md §8: COCO-10k FID (clean-fid protocol) and CLIP score (OpenCLIP ViT-g/14)
   c.evals = evals(grid=grid_eval(num_samples=4),
                   coco=coco_eval(num_samples=10_000, batch_size=64,
@@ -89,6 +94,7 @@ def get_config(arg: str = ""):
     c.optim.lr = 5e-5
   if tiny:   # the test suite: a random-weight tiny SDXL pipeline written under the workdir, CPU sizes
     random_pipeline(c)
+    c.mesh.fsdp = 1
     cpu_sized(c, batch_size=4, num_train_steps=4, checkpoint_every=100, log_every=1, warmup_steps=2,
               num_pairs=8, pair_shard_size=4, pair_sampler_steps=3)
     c.evals.coco.update(num_samples=8, batch_size=4)
