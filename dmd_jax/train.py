@@ -106,6 +106,16 @@ class Run:
     abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_sharding)
     return ckpt.restore(step, abstract)
 
+  def restore_newest_intact(self, ckpt: checkpoint.Checkpointer) -> checkpoint.Restored | None:
+    """The newest checkpoint of ``ckpt`` that reads back as written and that this run can resume (the same GAN
+    stage, the same LoRA base: errors otherwise), restored into the run's shardings; damaged newer ones are
+    moved aside (``Checkpointer.restore_newest_intact``). None when there is no checkpoint."""
+    def check(step: int, meta: dict) -> None:
+      check_same_stage(self, ckpt, step, meta)
+      self.check_lora_base(ckpt, step, meta)
+    abstract = checkpoint.abstract_with_shardings(self.abstract_state, self.state_sharding)
+    return ckpt.restore_newest_intact(abstract, check)
+
   def checkpoint_meta(self) -> dict:
     """What every checkpoint of this run records beside the state: the config, and for LoRA runs the base
     network's fingerprint (checked by :meth:`restore`)."""
@@ -114,10 +124,12 @@ class Run:
       meta["lora_teacher"] = self.lora_fingerprint
     return meta
 
-  def check_lora_base(self, ckpt: checkpoint.Checkpointer, step: int) -> None:
-    """LoRA adapters restore only onto the teacher they were trained on (a clear error otherwise)."""
+  def check_lora_base(self, ckpt: checkpoint.Checkpointer, step: int, meta: dict | None = None) -> None:
+    """LoRA adapters restore only onto the teacher they were trained on (a clear error otherwise). ``meta``: the
+    step's JSON item when the caller has read it."""
     if self.lora and self.lora_fingerprint is not None:
-      lora.check_fingerprint(ckpt.restore_meta(step).get("lora_teacher"), self.lora_fingerprint,
+      meta = ckpt.restore_meta(step) if meta is None else meta
+      lora.check_fingerprint(meta.get("lora_teacher"), self.lora_fingerprint,
                              f"checkpoint {step} in {ckpt.directory}")
 
   def generator_params(self, gen_state):
@@ -333,14 +345,18 @@ def train(config, workdir: str) -> dict | None:
   writer = writers.create_writer(workdir, run.is_main)
   ckpt = checkpoint.Checkpointer(workdir)
 
-  # ---- state: resume from the latest checkpoint, or start from another run's networks, or fresh ----
-  latest = ckpt.latest_step()
+  # ---- state: resume from the newest intact checkpoint (damaged newer ones are moved aside: checkpoint.py),
+  # or start from another run's networks, or fresh ----
+  restored = run.restore_newest_intact(ckpt)
+  latest = None if restored is None else restored.step
   meta_restored = {}
   init_from = config.get("init_from", {}).get("workdir", "")
-  if latest is not None:
-    check_same_stage(run, ckpt, latest)
-    state, meta_restored = run.restore(ckpt, latest)
+  if restored is not None:
+    state, meta_restored = restored.state, restored.meta
     logging.info("resumed from %s at step %d", ckpt.directory, latest)
+    for step, reason, where in restored.damaged:
+      logging.warning("DAMAGED CHECKPOINT: step %d (%s) was skipped and moved to %s; resumed from step %d instead",
+                      step, reason, where, latest)
   elif init_from:
     state = init_from_run(run, init_from, int(config.init_from.get("step", 0)))
   else:
@@ -458,10 +474,12 @@ def config_has_gan(config_json: str) -> bool:
   return gan.get("generator_weight", 0) > 0 or gan.get("critic_weight", 0) > 0
 
 
-def check_same_stage(run: Run, ckpt: checkpoint.Checkpointer, step: int) -> None:
+def check_same_stage(run: Run, ckpt: checkpoint.Checkpointer, step: int, meta: dict | None = None) -> None:
   """A run resumes only checkpoints of its own kind: one written with the GAN head (or without it) cannot go on
-  as a run without it (or with it). A new stage is a new workdir initialised from this one (``init_from``)."""
-  had = config_has_gan(ckpt.restore_meta(step).get("config", ""))
+  as a run without it (or with it). A new stage is a new workdir initialised from this one (``init_from``).
+  ``meta``: the step's JSON item when the caller has read it."""
+  meta = ckpt.restore_meta(step) if meta is None else meta
+  had = config_has_gan(meta.get("config", ""))
   if had != run.hyper.gan:
     raise ValueError(
         f"checkpoint {step} in {ckpt.directory} was written {'with' if had else 'without'} DMD2's GAN critic head, "
