@@ -260,10 +260,20 @@ def write_npz(p, /, **arrays) -> None:
     np.savez(f, **arrays)
 
 
+class _PythonWrites:
+  """A file that numpy takes for a plain object with a ``write`` method: ``np.save`` then writes the data in
+  chunks through it, so a failed write (a full disk, ENOSPC; a size limit, EFBIG) raises. Handed the real file,
+  ``np.save`` calls ``ndarray.tofile``, whose C-level buffering loses that error: the file is left short, with no
+  exception, and the atomic rename would then make the cut file look complete (measured: docs/reliability.md)."""
+
+  def __init__(self, f):
+    self.write = f.write
+
+
 def write_npy(p, array) -> None:
-  """``np.save`` (no pickles), atomically."""
+  """``np.save`` (no pickles) atomically, every write error raised (:class:`_PythonWrites`)."""
   with atomic_write(p) as f:
-    np.save(f, np.asarray(array), allow_pickle=False)
+    np.save(_PythonWrites(f), np.asarray(array), allow_pickle=False)
 
 
 def _pid_alive(pid: int) -> bool:

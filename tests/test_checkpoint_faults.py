@@ -207,13 +207,13 @@ checkpoint.Checkpointer.save = save
 
 
 PAIR_SHARD_LIMITED = _limited("""
-from dmd_jax.data import pairs
-_write = pairs._write_npy
+from dmd_jax import io
+_write = io.write_npy
 def write_npy(path, array):
-  if path.endswith('shard-00002.x.npy'):
+  if str(path).endswith('shard-00002.x.npy'):
     limit(1000)        # below a 128-pair file (1152 bytes): shard 2's z is written, its x is not
   return _write(path, array)
-pairs._write_npy = write_npy
+io.write_npy = write_npy
 """)
 
 

@@ -5,7 +5,7 @@ shard format) and, for shard ``i``, one ``.npy`` file per array: ``shard-00000.i
 ``shard-00000.z.npy``, ``shard-00000.x.npy`` and ``shard-00000.cond.npy`` (the real-latent store,
 ``data/real.py``, holds ``index`` and ``x``). Each file is written to a temporary name and renamed
 (``io.atomic_write``), ``index`` last: a shard counts once its ``index`` file is there, so a killed run — or one
-whose disk filled up (every write error raises: :func:`_write_npy`) — never leaves a partial shard that looks
+whose disk filled up (every write error raises: ``io.write_npy``) — never leaves a partial shard that looks
 complete, and a rerun builds only the missing shards. Reading memory-maps the
 files (``np.load(mmap_mode='r')``; a ``gs://`` file from its local copy, ``io.local_copy``), and each file's
 length is checked against the shard's, so a damaged file is an error naming it, never a shard's stand-in.
@@ -97,7 +97,7 @@ class PairStore:
                        f"got {sorted(arrays)}")
     for k in sorted(arrays, key=lambda k: k == "index"):
       try:
-        _write_npy(self.shard_path(i, k), arrays[k])
+        io.write_npy(self.shard_path(i, k), arrays[k])
       except OSError as e:   # a full disk, a quota: the shard stays incomplete (no index) and is rebuilt
         msg = (f"writing shard {i} of the {self.what} failed at {self.shard_path(i, k)} ({e.strerror or e}); the "
                "shard has no index file, so it counts as missing and the next run rebuilds it: free space and rerun")
@@ -119,22 +119,6 @@ class PairStore:
     """The complete set in memory (small sets and tests; training reads rows through :meth:`rows`)."""
     index = np.arange(self.num_pairs)
     return {"index": index, **self.rows().take(index)}
-
-
-class _PythonWrites:
-  """A file that numpy takes for a plain object with a ``write`` method: ``np.save`` then writes the data in
-  chunks through it, so a failed write (a full disk, ENOSPC; a size limit, EFBIG) raises. Handed the real file,
-  ``np.save`` calls ``ndarray.tofile``, whose C-level buffering loses that error: the file is left short, with no
-  exception, and the atomic rename would then make the cut file look complete (measured: docs/reliability.md)."""
-
-  def __init__(self, f):
-    self.write = f.write
-
-
-def _write_npy(path: str, array) -> None:
-  """``np.save`` (no pickles) to ``path`` atomically (``io.atomic_write``), every write error raised."""
-  with io.atomic_write(path) as f:
-    np.save(_PythonWrites(f), np.asarray(array), allow_pickle=False)
 
 
 def _map(path: str, rows: int) -> np.memmap:
