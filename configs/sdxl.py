@@ -97,6 +97,6 @@ def get_config(arg: str = ""):
     c.mesh.fsdp = 1
     cpu_sized(c, batch_size=4, num_train_steps=4, checkpoint_every=100, log_every=1, warmup_steps=2,
               num_pairs=8, pair_shard_size=4, pair_sampler_steps=3)
-    c.evals.coco.update(num_samples=8, batch_size=4)
+    c.evals.coco.update(num_samples=8, batch_size=4, image_size=256)   # the 16 px images: no 512 blow-up
     c.gan.real_data.update(num_images=6, shard_size=3)  # the suite's prepared coco_captions train split has 7
   return c

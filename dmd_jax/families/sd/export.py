@@ -34,6 +34,7 @@ class Pipeline:
   optional_parts: tuple
   teacher_dir: Callable
   conditioning: str
+  unet_inputs: str = "encoder_hidden_states=text_embeddings"   # the UNet call's conditioning arguments
 
 
 SD = Pipeline(
@@ -93,8 +94,8 @@ def write(out_dir: str, run, params, teacher_src: str | None = None, pipeline: P
       "timesteps": timesteps,
       "num_steps": len(timesteps),
       "input": "z ~ N(0, I) latents of latent_shape, fed as they are as x_t at timesteps[0] (no scaling)",
-      "sampling": ("x_t = z; for each j: eps = unet(x_t, timesteps[j], encoder_hidden_states=text_embeddings)"
-                   ".sample; x0 = (x_t - sqrt(1 - alphas_cumprod[t]) eps) / sqrt(alphas_cumprod[t]); "
+      "sampling": (f"x_t = z; for each j: eps = unet(x_t, timesteps[j], {pipeline.unet_inputs}).sample; "
+                   "x0 = (x_t - sqrt(1 - alphas_cumprod[t]) eps) / sqrt(alphas_cumprod[t]); "
                    "if j is not the last step: x_t = sqrt(alphas_cumprod[t']) x0 + sqrt(1 - alphas_cumprod[t']) n "
                    "with t' = timesteps[j + 1] and fresh noise n ~ N(0, I). The output is the last x0"),
       "x0_from_epsilon": "x0 = (x_t - sqrt(1 - alphas_cumprod[t]) * eps) / sqrt(alphas_cumprod[t])",

@@ -16,7 +16,9 @@ SDXL = sd_export.Pipeline(
     conditioning=(
         "encoder_hidden_states: both text encoders' penultimate hidden states side by side [B, L, D1 + D2] "
         "(StableDiffusionXLPipeline.encode_prompt's prompt_embeds); added_cond_kwargs: text_embeds = the second "
-        "encoder's projected pooled output [B, P], time_ids = (H, W, 0, 0, H, W) at the generated image size"))
+        "encoder's projected pooled output [B, P], time_ids = (H, W, 0, 0, H, W) at the generated image size"),
+    unet_inputs=("encoder_hidden_states=prompt_embeds, added_cond_kwargs={'text_embeds': pooled_prompt_embeds, "
+                 "'time_ids': time_ids}"))
 
 
 def check_teacher_src(teacher_src: str) -> None:
