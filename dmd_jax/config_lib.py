@@ -207,16 +207,3 @@ def cpu_sized(c, *, batch_size: int, num_train_steps: int, checkpoint_every: int
   c.optim.warmup_steps, c.optim.warmup_processes = warmup_steps, 1
   c.regression.update(num_pairs=num_pairs, shard_size=pair_shard_size, sampler_steps=pair_sampler_steps)
   return c
-
-
-def generator_steps(config) -> tuple[int, ...]:
-  """``generator.steps`` checked: () (one step), or strictly decreasing timesteps that start at the schedule's
-  last one (the generator's own pure-noise level; docs/method.md §7)."""
-  steps = tuple(int(t) for t in config.generator.get("steps", ()))
-  if not steps:
-    return ()
-  last = config.schedule.num_timesteps - 1
-  if steps[0] != last or any(b >= a for a, b in zip(steps, steps[1:])) or steps[-1] < 0:
-    raise ValueError(f"generator.steps must be strictly decreasing timesteps in [0, {last}] starting at {last} "
-                     f"(the generator's pure-noise level), got {steps}")
-  return steps

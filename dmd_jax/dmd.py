@@ -466,3 +466,16 @@ def train_step(state, frozen, batch, key, *, teacher, hyper: DMDHyper):
                "fake_score": keep(fake_state, state["fake_score"])}
   return new_state, {**gen_metrics, **fake_metrics, "skipped_steps": new_state["skipped_steps"],
                      "consecutive_skips": new_state["consecutive_skips"]}
+
+
+def generator_steps(steps, num_timesteps: int) -> tuple[int, ...]:
+  """``generator.steps`` checked: () (one step), or strictly decreasing timesteps that start at the schedule's
+  last one, ``num_timesteps - 1`` (the generator's own pure-noise level; docs/method.md §7)."""
+  steps = tuple(int(t) for t in steps)
+  if not steps:
+    return ()
+  last = num_timesteps - 1
+  if steps[0] != last or any(b >= a for a, b in zip(steps, steps[1:])) or steps[-1] < 0:
+    raise ValueError(f"generator.steps must be strictly decreasing timesteps in [0, {last}] starting at {last} "
+                     f"(the generator's pure-noise level), got {steps}")
+  return steps

@@ -14,7 +14,7 @@ from typing import Any
 import jax
 from absl import logging
 
-from dmd_jax import (checkpoint, config_lib, distributed, dmd, families, io, loop, lora, preemption, sharding,
+from dmd_jax import (checkpoint, distributed, dmd, families, io, loop, lora, preemption, sharding,
                      streams, writers)
 from dmd_jax.data.indexed import StepIndexed
 from dmd_jax.data.pairs import PairRows, PairStore, build_pairs
@@ -149,7 +149,7 @@ def make_hyper(config, mesh) -> dmd.DMDHyper:
   n = config.dmd.fake_updates_per_generator_update
   if n < 1:
     raise ValueError(f"dmd.fake_updates_per_generator_update must be >= 1, got {n}")
-  steps = config_lib.generator_steps(config)
+  steps = dmd.generator_steps(config.generator.get("steps", ()), config.schedule.num_timesteps)
   g = config.gan
   if g.generator_weight < 0 or g.critic_weight < 0:
     raise ValueError(f"gan.generator_weight and gan.critic_weight must be >= 0, got {g.generator_weight} and "

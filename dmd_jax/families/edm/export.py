@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import os
 
-from dmd_jax import config_lib, export_lib, io, schedules
+from dmd_jax import dmd, export_lib, io, schedules
 from dmd_jax.families.edm import convert as edm_convert
 from dmd_jax.families.edm import teacher as edm_teacher
 
 
 def _edm_sigmas(config) -> list[float]:
   """The generator's sigmas: its own at pure noise, then the schedule's at its later timesteps."""
-  steps = config_lib.generator_steps(config)
+  steps = dmd.generator_steps(config.generator.get("steps", ()), config.schedule.num_timesteps)
   table = schedules.from_config(config.schedule).sigmas
   return [float(config.generator.sigma)] + [float(table[t]) for t in steps[1:]]
 

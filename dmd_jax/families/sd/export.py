@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from dmd_jax import config_lib, export_lib, io, lora
+from dmd_jax import dmd, export_lib, io, lora
 from dmd_jax.families.sd import convert as sd_convert
 from dmd_jax.families.sd import teacher as sd_teacher
 
@@ -57,7 +57,7 @@ def check_teacher_src(teacher_src: str, pipeline: Pipeline = SD) -> None:
 
 def _sd_timesteps(config) -> list[int]:
   """The generator's timesteps: its own at pure noise, then its later ones."""
-  steps = config_lib.generator_steps(config)
+  steps = dmd.generator_steps(config.generator.get("steps", ()), config.schedule.num_timesteps)
   return [int(config.generator.timestep)] + [int(t) for t in steps[1:]]
 
 
