@@ -243,7 +243,7 @@ def start_process(config, workdir: str) -> str:
   """Multi-host initialisation (``config.distributed``), the workdir (created; its absolute path) and the
   persistent compilation cache (``config.compilation_cache``)."""
   workdir = _start_process(config, workdir)
-  enable_compilation_cache(config.get("compilation_cache", "auto"), workdir)
+  enable_compilation_cache(getattr(config, "compilation_cache", "auto"), workdir)
   return workdir
 
 
