@@ -23,7 +23,8 @@ HEAVY_FIRST = ("test_sdxl_pipeline", "test_sd_pipeline", "test_checkpoint_faults
 def pytest_configure(config):
   # The slow set: the longest end-to-end runs (the toy default's quality bars, coco:tiny end to end, the image
   # multi-process equalities, the EDM :tiny configs end to end, cifar10:tiny DMD2 end to end, the SDXL :tiny
-  # variants). The README test command and CI run it after the rest (`-m "not slow"`, then `-m slow`);
+  # variants, the SDXL exports in diffusers, the damaged-checkpoint and full-disk runs, the workdir's compilation
+  # cache). The README test command and CI run it after the rest (`-m "not slow"`, then `-m slow`);
   # docs/status.md "The tests" gives both times.
   config.addinivalue_line("markers", "slow: the longest end-to-end runs, run as a second set (docs/status.md)")
   if hasattr(config.option, "loadscopereorder"):

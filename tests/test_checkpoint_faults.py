@@ -130,6 +130,7 @@ DETECTED_BY = {"truncate": "OUT_OF_RANGE: Error reading", "delete": "FileNotFoun
                "flip": "differ from their checksums"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, damage, half_run, reference):
   d = tmp_path / "run"
@@ -149,6 +150,7 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tmp_path, damag
   _assert_same_state(d, reference)
 
 
+@pytest.mark.slow
 def test_two_processes_agree_to_skip_a_checkpoint_only_one_cannot_read(tmp_path, half_run):
   """Process 1 of 2 fails to read checkpoint 20's arrays (an OSError injected through sitecustomize, which only
   this test puts on the path); process 0 reads them fine. Both must skip it, and resume from 10 together."""
@@ -217,6 +219,7 @@ io.write_npy = write_npy
 """)
 
 
+@pytest.mark.slow
 def test_full_disk_during_a_pair_shard_then_during_a_checkpoint_save(tmp_path, reference):
   """The disk fills up while shard 2 of the regression pairs is written; after room is made, it fills up again
   while checkpoint 20 is saved; the third run has room. (One workdir for both faults: three runs, not four.)"""

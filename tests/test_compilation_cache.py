@@ -6,8 +6,11 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from helpers import CACHE_ENV, FAST, ROOT, env_with_devices, main_cmd
 
+pytestmark = pytest.mark.slow   # three toy runs in subprocesses, without the suite's compilation cache
 STEPS = ["--config.checkpoint_every=10", "--config.log_every=10", "--config.evals.toy.type="]
 
 

@@ -175,6 +175,7 @@ def _torch_added(cond, pooled_width, time_ids):
   return torch.from_numpy(np.array(embeds)), {k: torch.from_numpy(np.array(v)) for k, v in added.items()}
 
 
+@pytest.mark.slow
 def test_sdxl_export_reproduces_the_generator_in_diffusers(tmp_path, monkeypatch):
   """The exported ``unet/`` run by diffusers through the manifest's 4-step loop, with our sampler's noises,
   gives our generator's latents; so does ``StableDiffusionXLPipeline`` on the exported folder with the
@@ -255,6 +256,7 @@ def test_sdxl_export_reproduces_the_generator_in_diffusers(tmp_path, monkeypatch
   assert uncond.shape == (1, 17, 48)
 
 
+@pytest.mark.slow
 def test_sdxl_lora_export_loads_on_the_teacher(tmp_path):
   """A ``:lora,tiny`` checkpoint (random adapters, far from zero) exported: the teacher's own
   ``StableDiffusionXLPipeline`` with ``load_lora_weights(export/lora)`` gives the exported merged UNet and our
